@@ -1,0 +1,1 @@
+"""Upstream adapters: one per openai SDK generation, behind :mod:`chatproxy.upstream.base`."""

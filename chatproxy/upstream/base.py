@@ -1,0 +1,65 @@
+"""The small interface every upstream adapter implements.
+
+The stream core talks to an upstream only through :class:`Upstream` and :class:`UpstreamStream`;
+which openai SDK generation (or raw HTTP client) sits behind them is the adapter's business.
+
+Contract for adapters:
+
+* ``await upstream.open(request)`` sends one chat-completion request with ``stream=True`` and
+  returns once the response headers are in. HTTP errors raise here, as :mod:`chatproxy.errors`
+  exceptions. SDK-level retries are always disabled: chatproxy owns retries.
+* Iterating the returned stream yields the text of each content delta as a plain ``str``
+  (empty deltas are skipped), so the per-chunk path builds no wrapper objects. When the
+  iteration ends normally, ``finish_reason`` and ``usage`` hold what the upstream reported.
+  A failure mid-stream raises a :mod:`chatproxy.errors` exception.
+* ``await stream.aclose()`` closes the HTTP response and its connection at once, whether or not it
+  was read to the end; it is idempotent and is always called by the core (also on cancellation).
+* ``await upstream.aclose()`` releases shared clients/sessions at shutdown.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamRequest:
+    """One attempt's request, already validated and resolved."""
+
+    model: str
+    messages: Sequence[Mapping[str, Any]]
+    #: Optional OpenAI parameters (``temperature``, ``max_tokens``, ``seed``), only those given.
+    params: Mapping[str, Any] = field(default_factory=dict)
+    #: Merged into the request body as-is (``CHATPROXY["UPSTREAM"]["EXTRA_BODY"]``).
+    extra_body: Mapping[str, Any] = field(default_factory=dict)
+    #: TCP/TLS connect timeout, seconds.
+    connect_timeout: float = 5.0
+    #: Socket-read safety net in seconds; chatproxy's own watchdog is tighter. None: no limit.
+    read_timeout: float | None = None
+    #: Longest this attempt may take in all (the rest of the stream's deadline), seconds. Adapters
+    #: whose SDK only knows a total timeout use it so a healthy answer is never cut early.
+    total_timeout: float = 300.0
+
+
+class UpstreamStream(Protocol):
+    """The body of one streamed answer."""
+
+    finish_reason: str | None
+    usage: dict[str, Any] | None
+
+    def __aiter__(self) -> AsyncIterator[str]: ...
+
+    async def aclose(self) -> None: ...
+
+
+class Upstream(Protocol):
+    """A source of streamed chat completions."""
+
+    #: Short name for logs and records, e.g. ``"openai-current/httpx"``.
+    name: str
+
+    async def open(self, request: UpstreamRequest) -> UpstreamStream: ...
+
+    async def aclose(self) -> None: ...
