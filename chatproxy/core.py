@@ -1,0 +1,538 @@
+"""The resilient stream: one answer, many attempts, events out.
+
+Plain asyncio: no Django, no SDK, no HTTP here. Give :class:`ChatStream` an
+:class:`~chatproxy.upstream.base.Upstream`, a :class:`ChatRequest` and a
+:class:`~chatproxy.conf.Policy`; iterate it to get :class:`Event` values in order:
+
+    start -> (delta | retry | reset | keepalive)* -> done | error
+
+Exactly one ``done`` or ``error`` ends every stream; every event but ``keepalive`` carries a
+``seq`` that starts at 1 and grows by one.
+
+How it works. ``start()`` launches one *pump* task per stream. The pump runs the attempts: it
+reads the upstream directly and appends events to a buffer that the consumer drains, so a slow or
+departed consumer never stalls the upstream read, and the upstream read never waits on the
+consumer. Per chunk the pump does a timestamp, a list append and a future wake-up: no Task, no
+``wait_for``, no log line.
+
+Deadlines are watched by one lazy timer per stream rather than per chunk: the pump only records
+``loop.time()`` when a chunk arrives; the timer wakes at the earliest moment a deadline *could*
+have passed, re-arms itself if a chunk came in meanwhile, and otherwise expires the attempt's
+``asyncio.timeout`` (so cancellation semantics are asyncio's own). The same timer emits a
+``keepalive`` event whenever nothing was emitted for ``policy.keepalive`` seconds.
+
+Partial output (``policy.on_partial``) when an attempt fails after deltas were emitted:
+
+* ``restart``: a new attempt from scratch. Its text is held back while it equals what was already
+  emitted; once it goes past that, streaming just continues (no ``reset``). If it diverges, a
+  ``reset`` is emitted followed by the new text so far (or, with ``allow_reset=False``, the stream
+  ends with an error since the transport cannot express a reset).
+* ``continue``: the partial text is sent back as a trailing assistant message (``"prefix": True``)
+  so the upstream continues it; an overlap at the join is removed.
+* ``fail``: end with an error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import uuid
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from chatproxy.conf import Policy
+from chatproxy.errors import (
+    FirstTokenTimeout,
+    RateLimited,
+    StallTimeout,
+    UpstreamConnectError,
+    UpstreamError,
+    UpstreamStatusError,
+    UpstreamTimeout,
+)
+from chatproxy.upstream.base import Upstream, UpstreamRequest
+
+logger = logging.getLogger("chatproxy.core")
+
+# How far past chatproxy's own watchdogs the SDK's socket-read timeout sits: it is only a safety net.
+READ_TIMEOUT_MARGIN = 5.0
+
+
+class Event:
+    """One stream event. ``data`` is the JSON-ready payload (None for keepalive)."""
+
+    __slots__ = ("seq", "name", "data")
+
+    def __init__(self, seq: int, name: str, data: dict[str, Any] | None) -> None:
+        self.seq = seq
+        self.name = name
+        self.data = data
+
+    def __repr__(self) -> str:
+        return f"Event({self.seq}, {self.name!r}, {self.data!r})"
+
+
+#: Sent when nothing else was for ``policy.keepalive`` seconds. It has no sequence number.
+KEEPALIVE = Event(0, "keepalive", None)
+
+
+@dataclass(frozen=True, slots=True)
+class ChatRequest:
+    """What the user asked for, validated."""
+
+    model: str
+    messages: Sequence[Mapping[str, Any]]
+    params: Mapping[str, Any] = field(default_factory=dict)
+    extra_body: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class StreamStats:
+    """What happened, for records and signals. Times are seconds."""
+
+    attempts: int = 0
+    retry_reasons: list[str] = field(default_factory=list)
+    time_to_first_token: float | None = None
+    longest_gap: float = 0.0
+    chars_sent: int = 0
+    outcome: str = "running"  # "done" or an error code
+    duration: float = 0.0
+
+
+class _Cancelled(Exception):
+    """Internal: the stream was cancelled by its owner."""
+
+
+class ChatStream:
+    """One resilient streamed answer. See the module docstring.
+
+    ``allow_reset=False`` is for transports that cannot express ``reset`` (OpenAI-compatible):
+    a diverging restart then ends the stream with an error instead.
+    ``on_finish`` is called once with the stream when it ends (records, signals); exceptions
+    from it are logged and never break the stream.
+    """
+
+    def __init__(
+        self,
+        upstream: Upstream,
+        request: ChatRequest,
+        policy: Policy,
+        *,
+        stream_id: str | None = None,
+        allow_reset: bool = True,
+        on_finish: Callable[[ChatStream], Any] | None = None,
+        rng: Callable[[], float] = random.random,
+    ) -> None:
+        self.upstream = upstream
+        self.request = request
+        self.policy = policy
+        self.stream_id = stream_id or uuid.uuid4().hex
+        self.allow_reset = allow_reset
+        self.stats = StreamStats()
+        self._on_finish = on_finish
+        self._rng = rng
+
+        self._buffer: deque[Event] = deque()
+        self._waiter: asyncio.Future[None] | None = None
+        self._seq = 0
+        self._finished = False  # the terminal event was emitted
+        self._pump: asyncio.Task[None] | None = None
+        self._cancel_requested = False
+
+        # Text the consumer has been given in this answer (since the last reset).
+        self._sent: list[str] = []
+        self._sent_len = 0
+
+        # Watchdog state, read by the timer callback.
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._started_at = 0.0
+        self._deadline_at = 0.0
+        self._last_emit = 0.0
+        self._attempt_started = 0.0
+        self._last_chunk = 0.0
+        self._got_chunk = False
+        self._attempt_timeout: asyncio.Timeout | None = None
+        self._expired: str | None = None
+        self._timer: asyncio.TimerHandle | None = None
+
+    # ------------------------------------------------------------------ consumer side
+
+    def start(self) -> ChatStream:
+        """Launch the pump (idempotent). Must be called inside the running loop."""
+        if self._pump is None:
+            self._loop = asyncio.get_running_loop()
+            self._pump = self._loop.create_task(self._run(), name=f"chatproxy-stream-{self.stream_id}")
+        return self
+
+    def __aiter__(self) -> AsyncIterator[Event]:
+        return self
+
+    async def __anext__(self) -> Event:
+        if self._pump is None:
+            self.start()
+        buffer = self._buffer
+        while not buffer:
+            if self._finished:
+                raise StopAsyncIteration
+            assert self._loop is not None
+            self._waiter = self._loop.create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        return buffer.popleft()
+
+    @property
+    def finished(self) -> bool:
+        return self._finished
+
+    def cancel(self) -> None:
+        """Stop generating: the stream ends with ``error`` code ``cancelled``."""
+        if self._pump is not None and not self._pump.done():
+            self._cancel_requested = True
+            self._pump.cancel()
+
+    async def aclose(self) -> None:
+        """Stop (if running) and wait until the upstream connection is closed."""
+        if self._pump is None:
+            return
+        self.cancel()
+        try:
+            await asyncio.shield(self._pump)
+        except asyncio.CancelledError:
+            # Our caller is being cancelled too; the pump still finishes closing on its own.
+            raise
+        except Exception:  # pragma: no cover - _run never raises
+            logger.exception("chatproxy stream %s failed while closing", self.stream_id)
+
+    # ------------------------------------------------------------------ emitting
+
+    def _emit(self, name: str, data: dict[str, Any]) -> None:
+        self._seq += 1
+        self._push(Event(self._seq, name, data))
+
+    def _push(self, event: Event) -> None:
+        self._buffer.append(event)
+        assert self._loop is not None
+        self._last_emit = self._loop.time()
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _emit_text(self, text: str) -> None:
+        self._sent.append(text)
+        self._sent_len += len(text)
+        if self.stats.time_to_first_token is None:
+            assert self._loop is not None
+            self.stats.time_to_first_token = self._loop.time() - self._started_at
+        self._emit("delta", {"text": text})
+
+    def _finish(self, name: str, data: dict[str, Any]) -> None:
+        if self._finished:
+            return
+        self._emit(name, data)
+        self._finished = True
+        self.stats.outcome = "done" if name == "done" else data["code"]
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    # ------------------------------------------------------------------ the timer
+
+    def _arm(self, when: float) -> None:
+        assert self._loop is not None
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = self._loop.call_at(when, self._on_timer)
+
+    def _on_timer(self) -> None:
+        """Wake-up for keepalives and deadlines; re-arms itself for the next possible moment."""
+        assert self._loop is not None
+        self._timer = None
+        if self._finished:
+            return
+        now = self._loop.time()
+        policy = self.policy
+        if now - self._last_emit >= policy.keepalive:
+            self._push(KEEPALIVE)
+        next_wake = self._last_emit + policy.keepalive
+
+        timeout = self._attempt_timeout
+        if timeout is not None and self._expired is None:
+            if self._got_chunk:
+                due, reason = self._last_chunk + policy.stall, "stall"
+            else:
+                due, reason = self._attempt_started + policy.first_token, "first_token"
+            if self._deadline_at <= due:
+                due, reason = self._deadline_at, "deadline"
+            if now >= due:
+                self._expired = reason
+                timeout.reschedule(now)  # expires the attempt's asyncio.timeout right away
+            else:
+                next_wake = min(next_wake, due)
+        self._arm(next_wake)
+
+    # ------------------------------------------------------------------ the pump
+
+    async def _run(self) -> None:
+        assert self._loop is not None
+        loop = self._loop
+        self._started_at = self._last_emit = loop.time()
+        self._deadline_at = self._started_at + self.policy.deadline
+        self._emit(
+            "start",
+            {"stream_id": self.stream_id, "model": self.request.model, "profile": self.policy.profile},
+        )
+        self._arm(self._last_emit + self.policy.keepalive)
+        try:
+            await self._attempts()
+        except asyncio.CancelledError:
+            self._finish("error", {"code": "cancelled"})
+            if not self._cancel_requested:
+                raise
+        except Exception:
+            logger.exception("chatproxy stream %s failed unexpectedly", self.stream_id)
+            self._finish("error", {"code": "internal"})
+        finally:
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            self.stats.duration = loop.time() - self._started_at
+            self.stats.chars_sent = self._sent_len
+            if self._on_finish is not None:
+                try:
+                    self._on_finish(self)
+                except Exception:
+                    logger.exception("chatproxy on_finish hook failed for stream %s", self.stream_id)
+
+    async def _attempts(self) -> None:
+        assert self._loop is not None
+        policy = self.policy
+        attempt = 0
+        while True:
+            attempt += 1
+            self.stats.attempts = attempt
+            try:
+                finish_reason, usage = await self._attempt(attempt)
+            except _Diverged:
+                self._finish("error", {"code": "upstream_unavailable"})
+                return
+            except UpstreamError as exc:
+                delay_or_code = self._plan_retry(exc, attempt)
+                if isinstance(delay_or_code, str):
+                    self._finish("error", {"code": delay_or_code})
+                    return
+                self.stats.retry_reasons.append(exc.reason)
+                self._emit(
+                    "retry",
+                    {
+                        "attempt": attempt + 1,
+                        "max_attempts": policy.max_attempts,
+                        "reason": exc.reason,
+                        "delay": round(delay_or_code, 3),
+                    },
+                )
+                if delay_or_code > 0:
+                    await asyncio.sleep(delay_or_code)
+                continue
+            self._finish("done", {"finish_reason": finish_reason, "attempts": attempt, "usage": usage})
+            return
+
+    def _plan_retry(self, exc: UpstreamError, attempt: int) -> float | str:
+        """The delay before the next attempt, or the error code that ends the stream."""
+        assert self._loop is not None
+        policy = self.policy
+        if self._expired == "deadline":
+            return "deadline_exceeded"
+        if not exc.retryable:
+            return _final_code(exc)
+        if self._sent_len and policy.on_partial == "fail":
+            return _final_code(exc)
+        if attempt >= policy.max_attempts:
+            return _final_code(exc)
+        if exc.retry_after is not None:
+            if exc.retry_after > policy.retry_after_max:
+                return _final_code(exc)
+            delay = exc.retry_after
+        else:
+            cap = min(policy.backoff_max, policy.backoff_initial * (2 ** (attempt - 1)))
+            delay = cap * self._rng()  # full jitter
+        if self._loop.time() + delay >= self._deadline_at:
+            return "deadline_exceeded"
+        return delay
+
+    def _upstream_request(self) -> UpstreamRequest:
+        assert self._loop is not None
+        policy = self.policy
+        request = self.request
+        messages = request.messages
+        if self._sent_len and policy.on_partial == "continue":
+            partial = "".join(self._sent)
+            messages = [*messages, {"role": "assistant", "content": partial, "prefix": True}]
+        remaining = max(0.001, self._deadline_at - self._loop.time())
+        return UpstreamRequest(
+            model=request.model,
+            messages=messages,
+            params=request.params,
+            extra_body=request.extra_body,
+            connect_timeout=min(policy.connect, remaining),
+            read_timeout=max(policy.first_token, policy.stall) + READ_TIMEOUT_MARGIN,
+            total_timeout=remaining + READ_TIMEOUT_MARGIN,
+        )
+
+    async def _attempt(self, attempt: int) -> tuple[str | None, dict[str, Any] | None]:
+        """Run one attempt to its end; emits deltas. Raises UpstreamError on failure."""
+        assert self._loop is not None
+        loop = self._loop
+        request = self._upstream_request()
+        mode = "pass"
+        if self._sent_len:
+            mode = "continue" if self.policy.on_partial == "continue" else "restart"
+        joiner = _Joiner(self, mode) if mode != "pass" else None
+
+        self._attempt_started = self._last_chunk = loop.time()
+        self._got_chunk = False
+        self._expired = None
+        stream = None
+        try:
+            async with asyncio.timeout(None) as timeout:
+                self._attempt_timeout = timeout
+                self._on_timer()  # arms the deadline check for this attempt
+                stream = await self.upstream.open(request)
+                stats = self.stats
+                async for text in stream:
+                    now = loop.time()
+                    if self._got_chunk:
+                        if now - self._last_chunk > stats.longest_gap:
+                            stats.longest_gap = now - self._last_chunk
+                    else:
+                        self._got_chunk = True
+                    self._last_chunk = now
+                    if joiner is None:
+                        self._emit_text(text)
+                    else:
+                        joiner.feed(text)
+                if joiner is not None:
+                    joiner.end()
+                return stream.finish_reason, stream.usage
+        except TimeoutError:
+            if self._expired == "stall":
+                raise StallTimeout(f"no chunk for {self.policy.stall}s") from None
+            if self._expired == "first_token":
+                raise FirstTokenTimeout(f"no first chunk within {self.policy.first_token}s") from None
+            if self._expired == "deadline":
+                raise UpstreamTimeout("deadline") from None
+            raise
+        finally:
+            self._attempt_timeout = None
+            if stream is not None:
+                await stream.aclose()
+
+
+class _Diverged(Exception):
+    """Internal: a restart diverged and the transport cannot express ``reset``."""
+
+
+class _Joiner:
+    """Joins a retry attempt's text onto what the consumer already has (restart / continue)."""
+
+    __slots__ = ("stream", "mode", "prefix", "matched", "held", "joined")
+
+    # A continuation's overlap is looked for in the first this-many characters.
+    OVERLAP_WINDOW = 64
+
+    def __init__(self, stream: ChatStream, mode: str) -> None:
+        self.stream = stream
+        self.mode = mode
+        self.prefix = "".join(stream._sent)
+        self.matched = 0  # restart: characters of prefix the new attempt reproduced
+        self.held: list[str] = []  # continue: text held until the overlap is known
+        self.joined = False  # past the join: plain pass-through
+
+    def feed(self, text: str) -> None:
+        if self.joined:
+            self.stream._emit_text(text)
+        elif self.mode == "restart":
+            self._feed_restart(text)
+        else:
+            self.held.append(text)
+            if sum(map(len, self.held)) >= min(self.OVERLAP_WINDOW, len(self.prefix)):
+                self._join_continuation()
+
+    def end(self) -> None:
+        if self.joined:
+            return
+        if self.mode == "restart":
+            # The new answer stopped inside the old one: it is shorter, so it diverged.
+            self._diverge(self.prefix[: self.matched])
+        else:
+            self._join_continuation()
+
+    def _feed_restart(self, text: str) -> None:
+        prefix, matched = self.prefix, self.matched
+        rest = len(prefix) - matched
+        if len(text) <= rest:
+            if prefix.startswith(text, matched):
+                self.matched = matched + len(text)
+                if self.matched == len(prefix):
+                    self.joined = True
+                return
+        elif prefix.startswith(text[:rest], matched):
+            self.joined = True
+            self.stream._emit_text(text[rest:])
+            return
+        self._diverge(prefix[:matched] + text)
+
+    def _diverge(self, new_text: str) -> None:
+        stream = self.stream
+        if not stream.allow_reset:
+            raise _Diverged()
+        stream._emit("reset", {"reason": "diverged"})
+        stream._sent = []
+        stream._sent_len = 0
+        self.joined = True
+        if new_text:
+            stream._emit_text(new_text)
+
+    def _join_continuation(self) -> None:
+        self.joined = True
+        text = "".join(self.held)
+        self.held = []
+        text = text[_overlap(self.prefix, text) :]
+        if text:
+            self.stream._emit_text(text)
+
+
+def _overlap(before: str, after: str) -> int:
+    """Length of the longest start of ``after`` that ``before`` ends with, at a word boundary.
+
+    Models asked to continue often repeat the last word or two; a one-letter coincidence
+    ("th" + "he ...") must not eat text, so the overlap has to start where a word starts in
+    ``before`` and be at least two characters long.
+    """
+    for size in range(min(len(before), len(after)), 1, -1):
+        if before.endswith(after[:size]):
+            start = len(before) - size
+            if start == 0 or before[start - 1].isspace() or after[0].isspace():
+                return size
+    return 0
+
+
+def _final_code(exc: UpstreamError) -> str:
+    """The ``error`` event code for a failure that ends the stream (SPEC 6.1)."""
+    if isinstance(exc, RateLimited):
+        return "rate_limited"
+    if isinstance(exc, UpstreamTimeout):
+        return "upstream_timeout"
+    if isinstance(exc, UpstreamConnectError):
+        return "upstream_unavailable"
+    if isinstance(exc, UpstreamStatusError) and not exc.retryable:
+        # 401/403 are chatproxy's own credentials: the user cannot fix that.
+        if exc.status in (401, 403):
+            logger.error("upstream refused chatproxy's credentials (HTTP %s): check UPSTREAM.API_KEY", exc.status)
+            return "upstream_unavailable"
+        return "bad_request"
+    return "upstream_unavailable"

@@ -1,0 +1,38 @@
+"""Server-Sent Events framing for the native stream (SPEC 6.1).
+
+Events are written as ``id:``/``event:``/``data:`` blocks with compact JSON; ``keepalive`` is a
+comment line, which EventSource and fetch-based parsers ignore but which resets every proxy's idle
+timer.
+"""
+
+from __future__ import annotations
+
+import orjson
+
+from chatproxy.core import Event
+from chatproxy.messages import friendly_message
+
+#: The first bytes of every stream: they leave at once, so the response headers leave too (Daphne
+#: holds headers until the first body chunk), and tell EventSource-style clients to wait 3 s.
+OPEN = b": open\nretry: 3000\n\n"
+KEEPALIVE = b": keepalive\n\n"
+
+
+def event_data(event: Event) -> dict:
+    """The JSON payload of ``event`` as clients see it (errors get their friendly message)."""
+    data = event.data or {}
+    if event.name == "error":
+        return {"code": data["code"], "message": friendly_message(data["code"])}
+    return data
+
+
+def encode(event: Event) -> bytes:
+    """One event as SSE bytes."""
+    if event.name == "keepalive":
+        return KEEPALIVE
+    if event.name == "delta":
+        # The hot path: skip the generic payload function.
+        payload = orjson.dumps(event.data)
+    else:
+        payload = orjson.dumps(event_data(event))
+    return b"id: %d\nevent: %s\ndata: %s\n\n" % (event.seq, event.name.encode(), payload)

@@ -1,0 +1,126 @@
+"""Validation of chat requests, shared by every way in.
+
+Each failure is a :class:`InvalidRequest` carrying the HTTP status and a message that names the
+problem (which field, what was expected); transports render it in their own error shape.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+from chatproxy.conf import get_config
+from chatproxy.core import ChatRequest
+
+ROLES = frozenset({"system", "user", "assistant"})
+NATIVE_FIELDS = frozenset({"messages", "model", "temperature", "max_tokens", "seed"})
+
+
+class InvalidRequest(Exception):
+    """A request chatproxy refuses; ``status`` is 400 or 413, ``code`` the SPEC error code."""
+
+    def __init__(self, message: str, *, status: int = 400, code: str = "bad_request", param: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.status = status
+        self.code = code
+        self.param = param
+
+
+def max_body_bytes() -> int:
+    """Largest request body accepted: the input cap (UTF-8, worst case 4 bytes/char) plus JSON room."""
+    limits = get_config()["LIMITS"]
+    return int(limits["MAX_INPUT_CHARS"]) * 4 + 64 * 1024
+
+
+def _number(body: Mapping[str, Any], name: str, low: float, high: float, *, integer: bool) -> Any:
+    value = body[name]
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InvalidRequest(f"'{name}' must be a number.", param=name)
+    if integer and not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
+        raise InvalidRequest(f"'{name}' must be a whole number.", param=name)
+    if isinstance(value, float) and not math.isfinite(value):
+        raise InvalidRequest(f"'{name}' must be a finite number.", param=name)
+    if not low <= value <= high:
+        raise InvalidRequest(f"'{name}' must be between {low:g} and {high:g}.", param=name)
+    return int(value) if integer else float(value)
+
+
+def validate_messages(messages: Any) -> list[dict[str, str]]:
+    """The ``messages`` list, checked against roles, types and the ``LIMITS`` caps."""
+    limits = get_config()["LIMITS"]
+    if not isinstance(messages, list) or not messages:
+        raise InvalidRequest("'messages' must be a non-empty list of {role, content} objects.", param="messages")
+    if len(messages) > limits["MAX_MESSAGES"]:
+        raise InvalidRequest(
+            f"Too many messages: {len(messages)}; at most {limits['MAX_MESSAGES']} are allowed.",
+            status=413,
+            param="messages",
+        )
+    cleaned = []
+    total = 0
+    for index, message in enumerate(messages):
+        where = f"messages[{index}]"
+        if not isinstance(message, dict):
+            raise InvalidRequest(f"{where} must be an object with 'role' and 'content'.", param=where)
+        role = message.get("role")
+        content = message.get("content")
+        if role not in ROLES:
+            raise InvalidRequest(f"{where}.role must be one of: system, user, assistant.", param=where)
+        if not isinstance(content, str):
+            raise InvalidRequest(f"{where}.content must be a string.", param=where)
+        total += len(content)
+        cleaned.append({"role": role, "content": content})
+    if total > limits["MAX_INPUT_CHARS"]:
+        raise InvalidRequest(
+            f"The conversation is too long: {total} characters; at most {limits['MAX_INPUT_CHARS']} are allowed.",
+            status=413,
+            param="messages",
+        )
+    if cleaned[-1]["role"] == "assistant":
+        raise InvalidRequest("The last message must come from the user or the system.", param="messages")
+    return cleaned
+
+
+def validate_model(model: Any) -> str:
+    """The model name, defaulting to ``UPSTREAM.MODEL`` and checked against ``UPSTREAM.MODELS``."""
+    upstream = get_config()["UPSTREAM"]
+    if model is None:
+        return str(upstream["MODEL"])
+    if not isinstance(model, str) or not model.strip() or len(model) > 200:
+        raise InvalidRequest("'model' must be a non-empty string.", param="model")
+    allowed = upstream["MODELS"]
+    if allowed is not None and model not in allowed:
+        raise InvalidRequest(f"Model '{model}' is not available. Choose one of: {', '.join(allowed)}.", param="model")
+    return model
+
+
+def validate_params(body: Mapping[str, Any]) -> dict[str, Any]:
+    """Optional sampling parameters, range-checked; only those present are returned."""
+    params: dict[str, Any] = {}
+    if body.get("temperature") is not None:
+        params["temperature"] = _number(body, "temperature", 0, 2, integer=False)
+    if body.get("max_tokens") is not None:
+        params["max_tokens"] = _number(body, "max_tokens", 1, 1_000_000, integer=True)
+    if body.get("seed") is not None:
+        params["seed"] = _number(body, "seed", -(2**63), 2**63 - 1, integer=True)
+    return params
+
+
+def parse_native_request(body: Any) -> ChatRequest:
+    """A :class:`ChatRequest` from the JSON body of ``POST /chat/stream/`` (or a WebSocket frame)."""
+    if not isinstance(body, dict):
+        raise InvalidRequest("The request body must be a JSON object.")
+    unknown = sorted(set(body) - NATIVE_FIELDS)
+    if unknown:
+        raise InvalidRequest(
+            f"Unknown field(s): {', '.join(map(str, unknown))}. Allowed: {', '.join(sorted(NATIVE_FIELDS))}.",
+            param=str(unknown[0]),
+        )
+    return ChatRequest(
+        model=validate_model(body.get("model")),
+        messages=validate_messages(body.get("messages")),
+        params=validate_params(body),
+        extra_body=get_config()["UPSTREAM"]["EXTRA_BODY"] or {},
+    )
