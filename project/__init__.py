@@ -1,0 +1,1 @@
+"""The chatproxy sample project: the demo chat page, the admin and the app, served over ASGI."""

@@ -1,0 +1,29 @@
+"""ASGI entry point: plain Django for HTTP, chatproxy's consumer for WebSocket (SPEC section 4).
+
+Run with ``python manage.py runserver`` (daphne's runserver, which also serves static files when
+DEBUG) or ``daphne project.asgi:application``.
+"""
+
+import os
+
+from django.core.asgi import get_asgi_application
+
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "project.settings")
+
+# Set up Django (apps, settings) before anything that imports models, such as the routing below.
+django_asgi_app = get_asgi_application()
+
+from channels.auth import AuthMiddlewareStack  # noqa: E402
+from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
+from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
+
+import chatproxy.routing  # noqa: E402
+
+application = ProtocolTypeRouter(
+    {
+        "http": django_asgi_app,
+        "websocket": AllowedHostsOriginValidator(
+            AuthMiddlewareStack(URLRouter(chatproxy.routing.websocket_urlpatterns))
+        ),
+    }
+)

@@ -1,0 +1,198 @@
+"""Settings of the chatproxy sample project, read from the environment.
+
+Environment variables (all optional):
+
+================================  ===================================================================
+``DJANGO_DEBUG``                  "1" (default, the demo) or "0"
+``DJANGO_SECRET_KEY``             required when DEBUG is off; an insecure dev key is used otherwise
+``DJANGO_ALLOWED_HOSTS``          comma-separated, default "localhost,127.0.0.1"
+``DJANGO_CSRF_TRUSTED_ORIGINS``   comma-separated origins, e.g. "http://127.0.0.1:8080" behind a proxy
+``DJANGO_LOG_LEVEL``              level of the console log, default "INFO"
+``REDIS_URL``                     e.g. "redis://127.0.0.1:6379/0": Redis channel layer and cache
+                                  (several workers, resumable streams); in-memory otherwise
+``OPENAI_API_KEY``                set: stream from the real API; unset: from the simulator
+``OPENAI_BASE_URL``               an OpenAI-compatible server instead of the SDK's default
+``CHATPROXY_MODEL``               model used with the real API, default "gpt-4o-mini"
+``CHATPROXY_SIMULATOR_URL``       the simulator's base URL, default "http://127.0.0.1:8001/v1"
+``CHATPROXY_TIMEOUTS``            a JSON object merged into CHATPROXY["TIMEOUTS"], e.g.
+                                  '{"STALL": 0.5, "KEEPALIVE": 0.2}' (tests use tiny values)
+================================  ===================================================================
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from django.core.exceptions import ImproperlyConfigured
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+
+
+def _env_flag(name: str, default: str) -> bool:
+    return os.environ.get(name, default).strip().lower() in {"1", "true", "yes", "on"}
+
+
+def _env_list(name: str, default: str) -> list[str]:
+    return [item.strip() for item in os.environ.get(name, default).split(",") if item.strip()]
+
+
+def _env_json_object(name: str) -> dict[str, Any]:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return {}
+    try:
+        value = json.loads(raw)
+    except ValueError as exc:
+        raise ImproperlyConfigured(f"{name} must be a JSON object: {exc}") from exc
+    if not isinstance(value, dict):
+        raise ImproperlyConfigured(f"{name} must be a JSON object, not {type(value).__name__}")
+    return value
+
+
+DEBUG = _env_flag("DJANGO_DEBUG", "1")
+
+SECRET_KEY = os.environ.get("DJANGO_SECRET_KEY", "")
+if not SECRET_KEY:
+    if not DEBUG:
+        raise ImproperlyConfigured("Set DJANGO_SECRET_KEY when DJANGO_DEBUG is off.")
+    # INSECURE: development only, never used with DEBUG off (see above).
+    SECRET_KEY = "django-insecure-chatproxy-demo-key-do-not-use-in-production"
+
+ALLOWED_HOSTS = _env_list("DJANGO_ALLOWED_HOSTS", "localhost,127.0.0.1")
+CSRF_TRUSTED_ORIGINS = _env_list("DJANGO_CSRF_TRUSTED_ORIGINS", "")
+
+INSTALLED_APPS = [
+    "daphne",  # first: its runserver serves ASGI (HTTP + WebSocket)
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "channels",
+    "chatproxy",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "project.urls"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [BASE_DIR / "templates"],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+ASGI_APPLICATION = "project.asgi.application"
+
+DATABASES = {
+    "default": {
+        "ENGINE": "django.db.backends.sqlite3",
+        "NAME": BASE_DIR / "db.sqlite3",
+    }
+}
+
+REDIS_URL = os.environ.get("REDIS_URL", "").strip()
+if REDIS_URL:
+    CHANNEL_LAYERS = {
+        "default": {
+            "BACKEND": "channels_redis.core.RedisChannelLayer",
+            "CONFIG": {"hosts": [REDIS_URL]},
+        }
+    }
+    CACHES = {
+        "default": {
+            "BACKEND": "django.core.cache.backends.redis.RedisCache",
+            "LOCATION": REDIS_URL,
+        }
+    }
+else:
+    # One process only: fine for the demo, not for several workers (SPEC section 9).
+    CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
+    CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
+
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+    {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
+]
+LOGIN_URL = "/admin/login/"
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = True
+USE_TZ = True
+
+STATIC_URL = "static/"
+STATIC_ROOT = BASE_DIR / "staticfiles"
+
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+LOG_LEVEL = os.environ.get("DJANGO_LOG_LEVEL", "INFO").upper()
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {
+        "console": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"},
+    },
+    "handlers": {
+        "console": {"class": "logging.StreamHandler", "formatter": "console"},
+    },
+    "root": {"handlers": ["console"], "level": "WARNING"},
+    "loggers": {
+        "django": {"handlers": ["console"], "level": LOG_LEVEL, "propagate": False},
+        "chatproxy": {"handlers": ["console"], "level": LOG_LEVEL, "propagate": False},
+        "project": {"handlers": ["console"], "level": LOG_LEVEL, "propagate": False},
+    },
+}
+
+# --- chatproxy -----------------------------------------------------------------------------------
+
+OPENAI_API_KEY = os.environ.get("OPENAI_API_KEY", "").strip()
+
+# True when the demo streams from the built-in simulator rather than a real API; the page then
+# offers the fault selector.
+CHATPROXY_USES_SIMULATOR = not OPENAI_API_KEY
+
+if CHATPROXY_USES_SIMULATOR:
+    _upstream: dict[str, Any] = {
+        "BASE_URL": os.environ.get("CHATPROXY_SIMULATOR_URL", "").strip() or "http://127.0.0.1:8001/v1",
+        "API_KEY": "sk-simulator",
+        "MODEL": "gpt-4o-mini",
+    }
+else:
+    _upstream = {
+        "BASE_URL": os.environ.get("OPENAI_BASE_URL", "").strip() or None,
+        "API_KEY": OPENAI_API_KEY,
+        "MODEL": os.environ.get("CHATPROXY_MODEL", "").strip() or "gpt-4o-mini",
+    }
+
+CHATPROXY: dict[str, Any] = {
+    "UPSTREAM": _upstream,
+    # allow_any only for the local demo; anything else needs a logged-in user (SPEC section 10).
+    "PERMISSION": ("chatproxy.permissions.allow_any" if DEBUG else "chatproxy.permissions.authenticated"),
+}
+_timeouts = _env_json_object("CHATPROXY_TIMEOUTS")
+if _timeouts:
+    CHATPROXY["TIMEOUTS"] = _timeouts
