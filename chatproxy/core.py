@@ -408,9 +408,12 @@ class ChatStream:
                     if self._got_chunk:
                         if now - self._last_chunk > stats.longest_gap:
                             stats.longest_gap = now - self._last_chunk
+                        self._last_chunk = now
                     else:
+                        # From now on the (usually shorter) stall deadline applies: re-arm once.
                         self._got_chunk = True
-                    self._last_chunk = now
+                        self._last_chunk = now
+                        self._on_timer()
                     if joiner is None:
                         self._emit_text(text)
                     else:

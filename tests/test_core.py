@@ -101,9 +101,12 @@ def assert_well_formed(run: Run) -> None:
 
 
 async def clean_text(upstream, request: ChatRequest) -> str:
-    """What the simulator answers for ``request`` with no fault (directives do not change text)."""
-    content = request.messages[-1]["content"].split(" [[sim")[0]
+    """What the simulator answers for ``request`` with no fault: the same text and length."""
+    content, _, directive = request.messages[-1]["content"].partition(" [[sim ")
+    length = [word for word in directive.rstrip("]").split() if word.startswith("chunks=")]
     plain = ChatRequest(model=request.model, messages=[{"role": "user", "content": content}])
+    if length:
+        plain = ChatRequest(model=request.model, messages=[{"role": "user", "content": f"{content} [[sim {length[0]}]]"}])
     result = await run(upstream, plain)
     assert result.last.name == "done"
     return result.text

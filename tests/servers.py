@@ -1,0 +1,64 @@
+"""Real ASGI servers for tests: Daphne (or uvicorn) serving the sample project in a child process.
+
+The listening socket is bound here and handed to the server with ``--fd``: no port race, and a
+listen backlog large enough for bursts of clients (Daphne's own default is 50).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class AppServer:
+    """``project.asgi:application`` under ``server`` ("daphne" or "uvicorn") on a loopback port."""
+
+    def __init__(self, env: dict[str, str], *, server: str = "daphne", backlog: int = 1024) -> None:
+        self.server = server
+        self._sock = socket.socket()
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._sock.bind(("127.0.0.1", 0))
+        self._sock.listen(backlog)
+        self.port = self._sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.env = {**os.environ, "DJANGO_SETTINGS_MODULE": "project.settings", "PYTHONUNBUFFERED": "1", **env}
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def command(self) -> list[str]:
+        fd = str(self._sock.fileno())
+        if self.server == "uvicorn":
+            return [sys.executable, "-m", "uvicorn", "--fd", fd, "--no-access-log", "project.asgi:application"]
+        return [sys.executable, "-m", "daphne", "--fd", fd, "project.asgi:application"]
+
+    def start(self, timeout: float = 20.0) -> AppServer:
+        self.proc = subprocess.Popen(
+            self.command(), cwd=ROOT, env=self.env, pass_fds=[self._sock.fileno()],
+            stdout=subprocess.DEVNULL, stderr=None,
+        )
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                with urllib.request.urlopen(self.url + "/", timeout=2):
+                    return self
+            except OSError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    self.stop()
+                    raise RuntimeError(f"{self.server} did not start") from None
+                time.sleep(0.1)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._sock.close()
