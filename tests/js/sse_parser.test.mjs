@@ -10,6 +10,7 @@ import {
   SSEParser,
   getCookie,
   streamChat,
+  withDirective,
 } from "../../chatproxy/static/chatproxy/chatproxy.js";
 
 /** Parse `chunks` and return what the parser reported, in order. */
@@ -479,7 +480,7 @@ describe("ChatProxySocket", () => {
       await new Promise((r) => setTimeout(r, 10));
     }
     const second = FakeWebSocket.instances[1];
-    assert.deepEqual(await nextSent(second), { type: "resume", stream_id: "s1", last_event_id: 2 });
+    assert.deepEqual(await nextSent(second), { type: "resume", request_id: rid, stream_id: "s1", last_event_id: 2 });
     second.push({ type: "delta", stream_id: "s1", seq: 2, text: "a" });
     second.push({ type: "delta", stream_id: "s1", seq: 3, text: "b" });
     second.push({ type: "done", stream_id: "s1", seq: 4, finish_reason: "stop", attempts: 1, usage: null });
@@ -491,6 +492,41 @@ describe("ChatProxySocket", () => {
     );
     assert.ok(events.some((e) => e.type === "resuming"));
     socket.close();
+  });
+});
+
+describe("ChatProxySocket without server-side resume", () => {
+  test("a refused resume frame ends the chat with a friendly error at once", async () => {
+    FakeWebSocket.instances = [];
+    const socket = new ChatProxySocket({ url: "ws://h/ws/chat/", WebSocket: FakeWebSocket });
+    const done = socket.chat({ messages: [] });
+    await tick();
+    const first = FakeWebSocket.instances[0];
+    const { request_id: rid } = await nextSent(first);
+    first.push({ type: "start", request_id: rid, stream_id: "s1", seq: 1 });
+    first.drop();
+    for (let i = 0; i < 200 && FakeWebSocket.instances.length < 2; i += 1) {
+      await new Promise((r) => setTimeout(r, 10));
+    }
+    const second = FakeWebSocket.instances[1];
+    const resume = await nextSent(second);
+    assert.equal(resume.request_id, rid);
+    second.push({ type: "error", code: "bad_request", message: "Unknown frame 'type'.", request_id: rid });
+    const final = await done;
+    assert.equal(final.data.code, "network");
+    assert.doesNotMatch(final.data.message, /frame/);
+    socket.close();
+  });
+});
+
+describe("withDirective", () => {
+  test("appends the directive, with a fresh key when it is limited by times", () => {
+    assert.equal(withDirective("hi", ""), "hi");
+    assert.equal(withDirective("hi", "[[sim chunks=200 gap=0.03]]"), "hi [[sim chunks=200 gap=0.03]]");
+    const a = withDirective("hi", "[[sim status=503 times=1]]");
+    const b = withDirective("hi", "[[sim status=503 times=1]]");
+    assert.match(a, /^hi \[\[sim status=503 times=1\]\] \[\[sim key=ui-[0-9a-z-]+\]\]$/);
+    assert.notEqual(a, b);
   });
 });
 

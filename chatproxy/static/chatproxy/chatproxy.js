@@ -547,7 +547,7 @@ export class ChatProxySocket {
   chat({ messages, model, options, signal, onEvent = () => {}, progress = new StreamProgress(onEvent) }) {
     return new Promise((resolve) => {
       const requestId = newRequestId();
-      const chat = { requestId, progress, resolve, resumes: 0, signal, onAbort: null };
+      const chat = { requestId, progress, resolve, resumes: 0, signal, onAbort: null, awaitingResume: false };
       const finish = () => {
         this._requests.delete(requestId);
         signal?.removeEventListener("abort", chat.onAbort);
@@ -624,17 +624,21 @@ export class ChatProxySocket {
         clearTimeout(timer);
         this._opening = null;
         this._socket = socket;
+        socket.onerror = null; // an error on an open socket is followed by `close`
         socket.onmessage = (message) => this._onMessage(message);
         socket.onclose = () => this._onClose(socket);
         resolve(socket);
       };
-      // Before `open`, a failed handshake reports `error` then `close`: reject once.
-      socket.onerror = () => {};
-      socket.onclose = () => {
+      // A refused handshake reports `error` then `close` (some implementations only `error`).
+      const refused = () => {
         clearTimeout(timer);
+        socket.onerror = null;
+        socket.onclose = null;
         this._opening = null;
         reject(new Error("WebSocket closed before it opened"));
       };
+      socket.onerror = refused;
+      socket.onclose = refused;
     });
     return this._opening;
   }
@@ -672,8 +676,18 @@ export class ChatProxySocket {
     }
     const chat = this._route(frame);
     if (!chat) return; // a finished or cancelled chat's late frames
-    const { type, request_id: _requestId, seq, ...data } = frame;
-    if (type === "start" && typeof frame.stream_id === "string") data.stream_id = frame.stream_id;
+    // The same data as over SSE: the envelope's ids live on the event object, not in data.
+    const { type, request_id: _requestId, stream_id: streamId, seq, ...data } = frame;
+    if (type === "start" && typeof streamId === "string") data.stream_id = streamId;
+    if (chat.awaitingResume) {
+      chat.awaitingResume = false;
+      if (type === "error" && data.code === "bad_request") {
+        // The server refused the resume frame (unknown or expired stream, or no resume support).
+        chat.progress.fail("network", MESSAGES.lost);
+        chat.finish();
+        return;
+      }
+    }
     if (chat.progress.emit(type, data, parseSeq(seq))) chat.finish();
   }
 
@@ -724,11 +738,14 @@ export class ChatProxySocket {
       .then(
         () => {
           if (progress.finished) return;
+          // request_id (beyond SPEC 6.4's fields) lets the server address an error to this chat.
           const sent = this._send({
             type: "resume",
+            request_id: chat.requestId,
             stream_id: progress.streamId,
             last_event_id: progress.lastSeq ?? 0,
           });
+          chat.awaitingResume = sent;
           if (!sent) this._lost(chat);
           this._watchIdle();
         },
@@ -981,6 +998,16 @@ function storageSet(key, value) {
 }
 
 /**
+ * `text` with the simulator's fault directive appended. A directive limited by `times=N` counts
+ * requests per message text, so a fresh `key` makes each send its own case (its retries share it).
+ */
+export function withDirective(text, directive) {
+  if (!directive) return text;
+  if (!/\btimes=/.test(directive)) return `${text} ${directive}`;
+  return `${text} ${directive} [[sim key=ui-${newRequestId().slice(0, 12)}]]`;
+}
+
+/**
  * Wire up the demo chat page (templates/index.html). `root` carries data-stream-url,
  * data-ws-path and data-csrf-token; the controls are found by id: #conversation, #composer,
  * #prompt, #send, #stop, #transport, #fault (optional), #new-chat (optional), #status.
@@ -1078,8 +1105,7 @@ export function mountChat(root, { client } = {}) {
       return;
     }
     if (client.busy) return;
-    const directive = faultSelect?.value ?? "";
-    const messages = history(directive ? `${text} ${directive}` : text);
+    const messages = history(withDirective(text, faultSelect?.value ?? ""));
 
     prompt.value = "";
     addTurn("user", text);
