@@ -15,7 +15,7 @@ from django.core.checks import Error, Warning, register
 from django.utils.module_loading import import_string
 
 from chatproxy import conf
-from chatproxy.errors import ConfigurationError
+from chatproxy.upstream import INSTALL_CURRENT, INSTALL_LEGACY, detect_sdk
 
 
 @register("chatproxy")
@@ -39,13 +39,7 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[Any]:
             hint=f"SDK is one of {conf.SDK_CHOICES}; HTTP_CLIENT one of {conf.HTTP_CLIENT_CHOICES}.",
         ))
     else:
-        from chatproxy.upstream import check_sdk
-
-        try:
-            check_sdk(upstream["SDK"], upstream["HTTP_CLIENT"])
-        except ConfigurationError as exc:
-            problems.append(Error(str(exc), id="chatproxy.E003",
-                                  hint="Install the openai generation named in CHATPROXY['UPSTREAM']['SDK']."))
+        problems += _check_sdk(upstream["SDK"])
     try:
         import_string(config["PERMISSION"])
     except ImportError as exc:
@@ -55,3 +49,18 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[Any]:
         problems.append(Warning("No upstream API key: set OPENAI_API_KEY or CHATPROXY['UPSTREAM']['API_KEY'].",
                                 id="chatproxy.W001"))
     return problems
+
+
+def _check_sdk(wanted: str) -> list[Any]:
+    installed = detect_sdk()
+    if wanted == "auto" and installed is not None:
+        return []
+    if wanted == installed:
+        return []
+    if installed is None:
+        found = "no usable openai package is installed"
+    else:
+        found = f"the installed openai package is the {installed} generation"
+    need = INSTALL_LEGACY if wanted == "legacy" else INSTALL_CURRENT
+    return [Error(f"CHATPROXY['UPSTREAM']['SDK'] is {wanted!r} but {found}.", id="chatproxy.E003",
+                  hint=f"Install it: {need}, or change UPSTREAM.SDK.")]

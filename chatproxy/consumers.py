@@ -8,14 +8,12 @@ Closing the socket closes every stream it opened (and so their upstream connecti
 from __future__ import annotations
 
 import asyncio
-import inspect
 from typing import Any
 
 import orjson
 from channels.generic.websocket import AsyncWebsocketConsumer
-from django.utils.module_loading import import_string
 
-from chatproxy.conf import get_config
+from chatproxy.auth import permitted
 from chatproxy.core import ChatStream
 from chatproxy.service import open_stream
 from chatproxy.sse import event_data
@@ -34,11 +32,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
 
     async def connect(self) -> None:
         self.streams = {}
-        check = import_string(get_config()["PERMISSION"])
-        allowed = check(self.scope)
-        if inspect.isawaitable(allowed):
-            allowed = await allowed
-        if not allowed:
+        if not await permitted(self.scope):
             await self.close(code=CLOSE_FORBIDDEN)
             return
         await self.accept()

@@ -15,6 +15,9 @@ from chatproxy.messages import friendly_message
 #: The first bytes of every stream: they leave at once, so the response headers leave too (Daphne
 #: holds headers until the first body chunk), and tell EventSource-style clients to wait 3 s.
 OPEN = b": open\nretry: 3000\n\n"
+#: The same for OpenAI-style streams: no ``retry:`` field, which the openai SDK's SSE decoder would
+#: turn into an event with empty data.
+OPEN_COMMENT = b": open\n\n"
 KEEPALIVE = b": keepalive\n\n"
 
 

@@ -2,10 +2,12 @@
 
 from django.urls import path
 
-from chatproxy import views
+from chatproxy import openai_views, views
 
 app_name = "chatproxy"
 
 urlpatterns = [
     path("stream/", views.stream_view, name="stream"),
+    path("v1/chat/completions", openai_views.chat_completions, name="openai-chat-completions"),
+    path("v1/models", openai_views.models, name="openai-models"),
 ]

@@ -47,8 +47,22 @@ def _number(body: Mapping[str, Any], name: str, low: float, high: float, *, inte
     return int(value) if integer else float(value)
 
 
-def validate_messages(messages: Any) -> list[dict[str, str]]:
-    """The ``messages`` list, checked against roles, types and the ``LIMITS`` caps."""
+def _text_of_parts(parts: list[Any], where: str) -> str:
+    """OpenAI's content-part list (text parts only) as one string."""
+    texts = []
+    for part in parts:
+        if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+            raise InvalidRequest(f"{where}.content parts must be {{'type': 'text', 'text': str}}.", param=where)
+        texts.append(part["text"])
+    return "".join(texts)
+
+
+def validate_messages(messages: Any, *, openai_shape: bool = False) -> list[dict[str, str]]:
+    """The ``messages`` list, checked against roles, types and the ``LIMITS`` caps.
+
+    ``openai_shape`` also accepts what the OpenAI API does: the ``developer`` role (sent as
+    ``system``) and content as a list of text parts.
+    """
     limits = get_config()["LIMITS"]
     if not isinstance(messages, list) or not messages:
         raise InvalidRequest("'messages' must be a non-empty list of {role, content} objects.", param="messages")
@@ -66,6 +80,11 @@ def validate_messages(messages: Any) -> list[dict[str, str]]:
             raise InvalidRequest(f"{where} must be an object with 'role' and 'content'.", param=where)
         role = message.get("role")
         content = message.get("content")
+        if openai_shape:
+            if role == "developer":
+                role = "system"
+            if isinstance(content, list):
+                content = _text_of_parts(content, where)
         if role not in ROLES:
             raise InvalidRequest(f"{where}.role must be one of: system, user, assistant.", param=where)
         if not isinstance(content, str):
@@ -124,3 +143,50 @@ def parse_native_request(body: Any) -> ChatRequest:
         params=validate_params(body),
         extra_body=get_config()["UPSTREAM"]["EXTRA_BODY"] or {},
     )
+
+
+# Fields of the OpenAI request body chatproxy can honour or safely ignore.
+OPENAI_IGNORED = frozenset({"user", "metadata", "store", "logprobs", "top_logprobs", "service_tier", "parallel_tool_calls"})
+OPENAI_REFUSED = ("tools", "tool_choice", "functions", "function_call", "response_format", "audio", "modalities")
+
+
+def parse_openai_request(body: Any) -> tuple[ChatRequest, bool, bool]:
+    """``(request, stream, include_usage)`` from an OpenAI chat-completions body."""
+    if not isinstance(body, dict):
+        raise InvalidRequest("The request body must be a JSON object.")
+    for name in OPENAI_REFUSED:
+        if body.get(name) is not None:
+            raise InvalidRequest(f"'{name}' is not supported by this endpoint.", param=name)
+    if body.get("n") not in (None, 1):
+        raise InvalidRequest("Only n=1 is supported.", param="n")
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise InvalidRequest("'stream' must be true or false.", param="stream")
+    options = body.get("stream_options") or {}
+    if not isinstance(options, dict):
+        raise InvalidRequest("'stream_options' must be an object.", param="stream_options")
+    if "model" not in body:
+        raise InvalidRequest("'model' is required.", param="model")
+    fields = dict(body)
+    if fields.get("max_tokens") is None and fields.get("max_completion_tokens") is not None:
+        fields["max_tokens"] = fields["max_completion_tokens"]
+    params = validate_params(fields)
+    if body.get("top_p") is not None:
+        params["top_p"] = _number(body, "top_p", 0, 1, integer=False)
+    for name in ("presence_penalty", "frequency_penalty"):
+        if body.get(name) is not None:
+            params[name] = _number(body, name, -2, 2, integer=False)
+    stop = body.get("stop")
+    if stop is not None:
+        if isinstance(stop, str):
+            stop = [stop]
+        if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) for s in stop):
+            raise InvalidRequest("'stop' must be a string or a list of at most 4 strings.", param="stop")
+        params["stop"] = stop
+    request = ChatRequest(
+        model=validate_model(body.get("model")),
+        messages=validate_messages(body.get("messages"), openai_shape=True),
+        params=params,
+        extra_body=get_config()["UPSTREAM"]["EXTRA_BODY"] or {},
+    )
+    return request, stream, bool(options.get("include_usage"))

@@ -8,16 +8,15 @@ closes the stream and its upstream connection).
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
 from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
-from django.utils.module_loading import import_string
+from django.views.decorators.csrf import csrf_exempt
 
 from chatproxy import sse
-from chatproxy.conf import get_config
+from chatproxy.auth import AuthFailure, authorize
 from chatproxy.core import ChatStream
 from chatproxy.service import open_stream
 from chatproxy.validation import InvalidRequest, max_body_bytes, parse_native_request
@@ -31,16 +30,6 @@ def error_response(status: int, code: str, message: str, **headers: str) -> Json
     for name, value in headers.items():
         response[name.replace("_", "-")] = value
     return response
-
-
-async def is_permitted(request: HttpRequest) -> bool:
-    """Apply ``CHATPROXY["PERMISSION"]`` with the user already loaded (no sync DB access later)."""
-    request.user = await request.auser()  # type: ignore[attr-defined]
-    check = import_string(get_config()["PERMISSION"])
-    allowed = check(request)
-    if inspect.isawaitable(allowed):
-        allowed = await allowed
-    return bool(allowed)
 
 
 def read_json_body(request: HttpRequest) -> Any:
@@ -57,14 +46,17 @@ def read_json_body(request: HttpRequest) -> Any:
         raise InvalidRequest(f"The request body is not valid JSON ({exc.msg}).") from None
 
 
+@csrf_exempt  # enforced by authorize() for session users, answered as JSON
 async def stream_view(request: HttpRequest) -> HttpResponse:
     """``POST /chat/stream/``: validate, then stream SSE events of a resilient answer."""
     if request.method != "POST":
         response = error_response(405, "bad_request", "Use POST with a JSON body.")
         response["Allow"] = "POST"
         return response
-    if not await is_permitted(request):
-        return error_response(403, "permission_denied", "You do not have permission to use the chat.")
+    try:
+        await authorize(request)
+    except AuthFailure as exc:
+        return error_response(exc.status, exc.code, exc.message)
     try:
         chat_request = parse_native_request(read_json_body(request))
     except InvalidRequest as exc:

@@ -8,6 +8,7 @@ Environment variables (all optional):
 ``DJANGO_ALLOWED_HOSTS``          comma-separated, default "localhost,127.0.0.1"
 ``DJANGO_CSRF_TRUSTED_ORIGINS``   comma-separated origins, e.g. "http://127.0.0.1:8080" behind a proxy
 ``DJANGO_LOG_LEVEL``              level of the console log, default "INFO"
+``DJANGO_DB_PATH``                the SQLite file, default db.sqlite3 in the repository root
 ``REDIS_URL``                     e.g. "redis://127.0.0.1:6379/0": Redis channel layer and cache
                                   (several workers, resumable streams); in-memory otherwise
 ``OPENAI_API_KEY``                set: stream from the real API; unset: from the simulator
@@ -108,7 +109,7 @@ ASGI_APPLICATION = "project.asgi.application"
 DATABASES = {
     "default": {
         "ENGINE": "django.db.backends.sqlite3",
-        "NAME": BASE_DIR / "db.sqlite3",
+        "NAME": os.environ.get("DJANGO_DB_PATH") or BASE_DIR / "db.sqlite3",
     }
 }
 

@@ -1,1 +1,1 @@
-pytest_plugins = ["tests.fixtures_simulator"]
+pytest_plugins = ["tests.fixtures_simulator", "tests.fixtures_servers"]

@@ -10,6 +10,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -28,8 +29,25 @@ class AppServer:
         self._sock.listen(backlog)
         self.port = self._sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        self.env = {**os.environ, "DJANGO_SETTINGS_MODULE": "project.settings", "PYTHONUNBUFFERED": "1", **env}
+        self._tmp = tempfile.TemporaryDirectory(prefix="chatproxy-test-")
+        self.env = {
+            **os.environ,
+            "DJANGO_SETTINGS_MODULE": "project.settings",
+            "DJANGO_DB_PATH": os.path.join(self._tmp.name, "db.sqlite3"),
+            "PYTHONUNBUFFERED": "1",
+            **env,
+        }
         self.proc: subprocess.Popen[bytes] | None = None
+
+    def manage(self, *args: str, env: dict[str, str] | None = None) -> str:
+        """Run ``manage.py`` against this server's database; returns stdout."""
+        done = subprocess.run(
+            [sys.executable, "manage.py", *args], cwd=ROOT, env={**self.env, **(env or {})},
+            capture_output=True, text=True, check=False,
+        )
+        if done.returncode != 0:
+            raise RuntimeError(f"manage.py {' '.join(args)} failed:\n{done.stderr}")
+        return done.stdout
 
     def command(self) -> list[str]:
         fd = str(self._sock.fileno())
@@ -38,6 +56,7 @@ class AppServer:
         return [sys.executable, "-m", "daphne", "--fd", fd, "project.asgi:application"]
 
     def start(self, timeout: float = 20.0) -> AppServer:
+        self.manage("migrate", "--noinput", "--skip-checks")
         self.proc = subprocess.Popen(
             self.command(), cwd=ROOT, env=self.env, pass_fds=[self._sock.fileno()],
             stdout=subprocess.DEVNULL, stderr=None,
@@ -62,3 +81,4 @@ class AppServer:
                 self.proc.kill()
                 self.proc.wait()
         self._sock.close()
+        self._tmp.cleanup()

@@ -4,53 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import json
 import time
 
 import aiohttp
 import pytest
-import yarl
 
-from tests.servers import AppServer
+from tests.fixtures_servers import LIVE_TIMEOUTS
 from tests.sseclient import read_sse
 
 pytestmark = pytest.mark.upstream
 
-TIMEOUTS = {
-    "CONNECT": 1.0,
-    "FIRST_TOKEN": 1.0,
-    "STALL": 0.5,
-    "DEADLINE": 20.0,
-    "BACKOFF_INITIAL": 0.05,
-    "BACKOFF_MAX": 0.2,
-    "KEEPALIVE": 0.3,
-    "GATEWAY": 2.0,
-}
+TIMEOUTS = LIVE_TIMEOUTS
 _unique = itertools.count()
-
-
-@pytest.fixture(scope="module")
-def daphne(simulator):
-    server = AppServer(
-        {
-            "CHATPROXY_SIMULATOR_URL": simulator.base_url,
-            "CHATPROXY_TIMEOUTS": json.dumps(TIMEOUTS),
-            "DJANGO_DEBUG": "1",
-            "DJANGO_LOG_LEVEL": "WARNING",
-        }
-    ).start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-async def client(daphne):
-    async with aiohttp.ClientSession(daphne.url, cookie_jar=aiohttp.CookieJar(unsafe=True)) as session:
-        async with session.get("/") as response:
-            assert response.status == 200
-        token = session.cookie_jar.filter_cookies(yarl.URL(daphne.url))["csrftoken"].value
-        session.headers["X-CSRFToken"] = token
-        yield session
 
 
 def chat(directive: str = "", text: str = "Tell me about lakes") -> dict:

@@ -1,0 +1,96 @@
+"""Who is asking, and may they: shared by every HTTP way in.
+
+* Session users: the user is loaded asynchronously; CSRF is enforced for them (the views are
+  ``csrf_exempt`` so that a failure is answered in the endpoint's own JSON error shape).
+* ``Authorization: Bearer <key>`` (OpenAI-compatible endpoint): an :class:`AccessKey`; no CSRF,
+  since no cookie is involved.
+* Then ``CHATPROXY["PERMISSION"]`` decides.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+from django.http import HttpRequest, HttpResponse
+from django.middleware.csrf import CsrfViewMiddleware
+from django.utils import timezone
+from django.utils.module_loading import import_string
+
+from chatproxy.conf import get_config
+
+
+class AuthFailure(Exception):
+    """Refused: ``status`` 401 (bad credentials) or 403 (not permitted / CSRF)."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+def _no_response(request: HttpRequest) -> HttpResponse:  # pragma: no cover - never called
+    raise AssertionError
+
+
+_csrf = CsrfViewMiddleware(_no_response)
+
+
+def csrf_failure(request: HttpRequest) -> str | None:
+    """Why ``request`` fails Django's CSRF check (None when it passes)."""
+    rejected = _csrf.process_view(request, None, (), {})  # type: ignore[arg-type]
+    if rejected is None:
+        return None
+    return "CSRF verification failed: send the 'X-CSRFToken' header with the value of the 'csrftoken' cookie."
+
+
+async def permitted(request_or_scope: Any) -> bool:
+    """Apply ``CHATPROXY["PERMISSION"]`` (sync or async callable)."""
+    check = import_string(get_config()["PERMISSION"])
+    allowed = check(request_or_scope)
+    if inspect.isawaitable(allowed):
+        allowed = await allowed
+    return bool(allowed)
+
+
+def bearer_token(request: HttpRequest) -> str | None:
+    header = request.META.get("HTTP_AUTHORIZATION", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer":
+        return None
+    return token.strip()
+
+
+async def user_from_key(plain: str) -> Any:
+    """The owner of a valid, unrevoked key; raises AuthFailure(401) otherwise."""
+    from chatproxy.models import AccessKey
+
+    invalid = AuthFailure(401, "invalid_api_key", "Incorrect or revoked API key.")
+    prefix = AccessKey.split(plain)
+    if prefix is None:
+        raise invalid
+    key = await AccessKey.objects.active().select_related("owner").filter(prefix=prefix).afirst()
+    if key is None or not key.matches(plain):
+        raise invalid
+    if key.needs_touch():
+        await AccessKey.objects.filter(pk=key.pk).aupdate(last_used=timezone.now())
+    return key.owner
+
+
+async def authorize(request: HttpRequest, *, allow_bearer: bool = False) -> None:
+    """Load the user (session or key), check CSRF for sessions, apply PERMISSION.
+
+    Raises :class:`AuthFailure`; on success ``request.user`` is the loaded user.
+    """
+    token = bearer_token(request) if allow_bearer else None
+    if token is not None:
+        request.user = await user_from_key(token)
+    else:
+        request.user = await request.auser()  # type: ignore[attr-defined]
+        if request.method == "POST":
+            reason = csrf_failure(request)
+            if reason:
+                raise AuthFailure(403, "csrf_failed", reason)
+    if not await permitted(request):
+        raise AuthFailure(403, "permission_denied", "You do not have permission to use the chat.")

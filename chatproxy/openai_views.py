@@ -1,0 +1,204 @@
+"""The OpenAI-compatible way in (SPEC 6.3): ``POST /chat/v1/chat/completions``, ``GET /chat/v1/models``.
+
+The official openai client pointed at ``base_url=".../chat/v1"`` works unmodified. The same
+resilient core serves it; only the wire differs:
+
+* ``stream: true``: ``chat.completion.chunk`` lines and ``data: [DONE]``. Retries are invisible;
+  keepalives are SSE comments; a final failure is one in-band ``data: {"error": ...}`` event
+  (the openai client raises ``APIError`` with the friendly message). A restart that diverges
+  from text already sent cannot be expressed here, so it ends with that error too.
+* ``stream: false``: one ``chat.completion`` object. If the answer takes longer than ``KEEPALIVE``
+  the response is committed as 200 and JSON-insignificant whitespace is sent as keepalive, so no
+  gateway times out (a later failure is then a 200 whose body is the error object).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
+from django.views.decorators.csrf import csrf_exempt
+
+from chatproxy import sse
+from chatproxy.auth import AuthFailure, authorize
+from chatproxy.conf import get_config
+from chatproxy.core import ChatStream, Event
+from chatproxy.messages import friendly_message
+from chatproxy.service import open_stream
+from chatproxy.validation import InvalidRequest, parse_openai_request
+from chatproxy.views import SSE_HEADERS, read_json_body
+
+# error code -> (HTTP status, OpenAI error type)
+ERROR_STATUS = {
+    "bad_request": (400, "invalid_request_error"),
+    "invalid_api_key": (401, "authentication_error"),
+    "permission_denied": (403, "permission_error"),
+    "csrf_failed": (403, "permission_error"),
+    "rate_limited": (429, "rate_limit_error"),
+    "upstream_timeout": (504, "timeout_error"),
+    "deadline_exceeded": (504, "timeout_error"),
+    "upstream_unavailable": (503, "api_error"),
+    "cancelled": (499, "api_error"),
+    "internal": (500, "api_error"),
+}
+
+
+def openai_error(status: int, message: str, *, type_: str, code: str | None, param: str | None = None) -> JsonResponse:
+    return JsonResponse({"error": {"message": message, "type": type_, "param": param, "code": code}}, status=status)
+
+
+def _error_object(code: str) -> dict[str, Any]:
+    _, type_ = ERROR_STATUS.get(code, ERROR_STATUS["internal"])
+    return {"error": {"message": friendly_message(code), "type": type_, "param": None, "code": code}}
+
+
+@csrf_exempt  # bearer keys carry no cookie; authorize() enforces CSRF for session users
+async def chat_completions(request: HttpRequest) -> HttpResponse:
+    if request.method != "POST":
+        response = openai_error(405, "Use POST.", type_="invalid_request_error", code="method_not_allowed")
+        response["Allow"] = "POST"
+        return response
+    try:
+        await authorize(request, allow_bearer=True)
+    except AuthFailure as exc:
+        if exc.status == 403 and not request.user.is_authenticated:
+            return openai_error(401, "Send 'Authorization: Bearer <key>'.", type_="authentication_error",
+                                code="missing_api_key")
+        status, type_ = ERROR_STATUS[exc.code]
+        return openai_error(status, exc.message, type_=type_, code=exc.code)
+    try:
+        chat_request, streaming, include_usage = parse_openai_request(read_json_body(request))
+    except InvalidRequest as exc:
+        return openai_error(exc.status, exc.message, type_="invalid_request_error", code=exc.code, param=exc.param)
+
+    stream = open_stream(chat_request, allow_reset=False)
+    wire = _Wire(stream, include_usage)
+    if streaming:
+        return StreamingHttpResponse(wire.chunks(), content_type="text/event-stream", headers=SSE_HEADERS)
+    return await wire.completion()
+
+
+async def models(request: HttpRequest) -> HttpResponse:
+    """``GET /chat/v1/models``: the allowed models (``UPSTREAM.MODELS``, or the default model)."""
+    try:
+        await authorize(request, allow_bearer=True)
+    except AuthFailure as exc:
+        status, type_ = ERROR_STATUS[exc.code]
+        return openai_error(status, exc.message, type_=type_, code=exc.code)
+    upstream = get_config()["UPSTREAM"]
+    names = upstream["MODELS"] or [upstream["MODEL"]]
+    data = [{"id": name, "object": "model", "created": 0, "owned_by": "chatproxy"} for name in names]
+    return JsonResponse({"object": "list", "data": data})
+
+
+class _Wire:
+    """One stream's events in OpenAI's shapes."""
+
+    def __init__(self, stream: ChatStream, include_usage: bool) -> None:
+        self.stream = stream
+        self.include_usage = include_usage
+        self.id = f"chatcmpl-{stream.stream_id}"
+        self.created = int(time.time())
+        self.model = stream.request.model
+        head = {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model}
+        # Every delta chunk is this prefix + the JSON string + this suffix: no dict per chunk.
+        self._delta_prefix = b"data: " + orjson.dumps(head)[:-1] + b',"choices":[{"index":0,"delta":{"content":'
+        self._delta_suffix = b'},"logprobs":null,"finish_reason":null}]}\n\n'
+        self._head = head
+
+    def _chunk(self, choices: list[dict[str, Any]], **extra: Any) -> bytes:
+        return b"data: " + orjson.dumps({**self._head, "choices": choices, **extra}) + b"\n\n"
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        stream = self.stream
+        yield sse.OPEN_COMMENT
+        try:
+            async for event in stream:
+                name = event.name
+                if name == "delta":
+                    yield self._delta_prefix + orjson.dumps(event.data["text"]) + self._delta_suffix  # type: ignore[index]
+                elif name == "keepalive":
+                    yield sse.KEEPALIVE
+                elif name == "start":
+                    yield self._chunk([{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                        "logprobs": None, "finish_reason": None}])
+                elif name == "done":
+                    data = event.data or {}
+                    yield self._chunk([{"index": 0, "delta": {}, "logprobs": None,
+                                        "finish_reason": data.get("finish_reason") or "stop"}])
+                    if self.include_usage:
+                        yield self._chunk([], usage=data.get("usage"))
+                    yield b"data: [DONE]\n\n"
+                elif name == "error":
+                    yield b"data: " + orjson.dumps(_error_object(_code(event))) + b"\n\n"
+                # retry / reset: invisible here (reset cannot happen: allow_reset=False)
+        finally:
+            await stream.aclose()
+
+    async def completion(self) -> HttpResponse:
+        """Collect the answer; answer normally if it is quick, else keep the connection warm."""
+        stream = self.stream
+        keepalive_seen = False
+        parts: list[str] = []
+        final: Event | None = None
+        try:
+            async for event in stream:
+                if event.name == "delta":
+                    parts.append(event.data["text"])  # type: ignore[index]
+                elif event.name == "keepalive":
+                    keepalive_seen = True
+                    break
+                elif event.name in ("done", "error"):
+                    final = event
+            if not keepalive_seen:
+                return self._final_response(final, parts)
+        except BaseException:
+            await stream.aclose()
+            raise
+        # Slow answer: commit to 200 now and send whitespace until it is ready.
+        return StreamingHttpResponse(self._warm_body(parts), content_type="application/json")
+
+    async def _warm_body(self, parts: list[str]) -> AsyncIterator[bytes]:
+        final: Event | None = None
+        yield b" "
+        try:
+            async for event in self.stream:
+                if event.name == "delta":
+                    parts.append(event.data["text"])  # type: ignore[index]
+                elif event.name == "keepalive":
+                    yield b" "
+                elif event.name in ("done", "error"):
+                    final = event
+        finally:
+            await self.stream.aclose()
+        yield self._final_response(final, parts).content
+
+    def _final_response(self, final: Event | None, parts: list[str]) -> JsonResponse:
+        if final is None or final.name == "error":
+            code = _code(final) if final is not None else "internal"
+            status, _ = ERROR_STATUS.get(code, ERROR_STATUS["internal"])
+            return JsonResponse(_error_object(code), status=status)
+        data = final.data or {}
+        body = {
+            "id": self.id,
+            "object": "chat.completion",
+            "created": self.created,
+            "model": self.model,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": "".join(parts), "refusal": None},
+                    "logprobs": None,
+                    "finish_reason": data.get("finish_reason") or "stop",
+                }
+            ],
+            "usage": data.get("usage"),
+        }
+        return JsonResponse(body)
+
+
+def _code(event: Event) -> str:
+    return str((event.data or {}).get("code", "internal"))
