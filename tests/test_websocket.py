@@ -1,0 +1,162 @@
+"""The WebSocket way in: in-process with Channels' communicator, and over a real socket to Daphne."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+
+import pytest
+import websockets
+from channels.testing import WebsocketCommunicator
+from django.test import override_settings
+
+from project.asgi import application
+
+pytestmark = pytest.mark.upstream
+_unique = itertools.count()
+RECEIVE = 5.0  # seconds; a generous cap per frame, never a sleep
+
+
+@pytest.fixture
+def chatproxy_settings(sim, settings):
+    settings.CHATPROXY = {
+        "UPSTREAM": {"BASE_URL": sim.base_url, "API_KEY": "sk-test-ws"},
+        "TIMEOUTS": {"FIRST_TOKEN": 1.0, "STALL": 0.5, "KEEPALIVE": 0.25, "GATEWAY": 2.0,
+                     "BACKOFF_INITIAL": 0.05, "BACKOFF_MAX": 0.2},
+        "PERMISSION": "chatproxy.permissions.allow_any",
+    }
+    return settings
+
+
+@pytest.fixture
+async def ws(chatproxy_settings):
+    communicator = WebsocketCommunicator(application, "/ws/chat/", headers=[(b"origin", b"http://localhost"),
+                                                                              (b"host", b"localhost")])
+    connected, _ = await communicator.connect()
+    assert connected
+    yield communicator
+    await communicator.disconnect()
+
+
+def chat_frame(request_id: str, directive: str = "chunks=6") -> dict:
+    content = f"Tell me about bridges #{next(_unique)} [[sim {directive}]]"
+    return {"type": "chat", "request_id": request_id, "messages": [{"role": "user", "content": content}]}
+
+
+async def frames_until_end(ws, request_ids: set[str]) -> list[dict]:
+    """Frames until every request in ``request_ids`` has ended (done or error)."""
+    frames, open_ids = [], set(request_ids)
+    while open_ids:
+        frame = await ws.receive_json_from(timeout=RECEIVE)
+        frames.append(frame)
+        if frame["type"] in ("done", "error") and frame.get("request_id") in open_ids:
+            open_ids.discard(frame["request_id"])
+    return frames
+
+
+async def test_chat_frames(ws, sim):
+    await ws.send_json_to(chat_frame("r1"))
+    frames = await frames_until_end(ws, {"r1"})
+    assert [f["type"] for f in frames][0] == "start" and frames[-1]["type"] == "done"
+    assert all(f["request_id"] == "r1" and f["stream_id"] == frames[0]["stream_id"] for f in frames)
+    assert [f["seq"] for f in frames] == list(range(1, len(frames) + 1))
+    assert len([f for f in frames if f["type"] == "delta"]) == 6
+
+
+async def test_several_requests_on_one_socket(ws, sim):
+    for rid in ("a", "b", "c"):
+        await ws.send_json_to(chat_frame(rid, "chunks=10 gap=0.01"))
+    frames = await frames_until_end(ws, {"a", "b", "c"})
+    for rid in ("a", "b", "c"):
+        mine = [f for f in frames if f.get("request_id") == rid]
+        assert mine[0]["type"] == "start" and mine[-1]["type"] == "done"
+        assert len([f for f in mine if f["type"] == "delta"]) == 10
+
+
+async def test_stall_recovered_over_websocket(ws, sim):
+    await ws.send_json_to(chat_frame("s", "chunks=10 stall_after=4 stall=30 times=1"))
+    frames = await frames_until_end(ws, {"s"})
+    retries = [f for f in frames if f["type"] == "retry"]
+    assert [r["reason"] for r in retries] == ["stall"] and frames[-1]["type"] == "done"
+
+
+@pytest.mark.parametrize(
+    ("raw", "fragment"),
+    [
+        ("{not json", "not valid JSON"),
+        ("[1, 2]", "JSON object"),
+        (json.dumps({"type": "dance"}), "Unknown frame"),
+        (json.dumps({"type": "chat", "messages": [{"role": "user", "content": "x"}]}), "request_id"),
+        (json.dumps({"type": "chat", "request_id": "x", "messages": []}), "messages"),
+        (json.dumps({"type": "cancel", "request_id": "nope"}), "No running request"),
+    ],
+)
+async def test_bad_frames_keep_the_socket_usable(ws, sim, raw, fragment):
+    await ws.send_to(text_data=raw)
+    error = await ws.receive_json_from(timeout=RECEIVE)
+    assert error["type"] == "error" and error["code"] == "bad_request" and fragment in error["message"]
+    await ws.send_json_to(chat_frame("after"))
+    frames = await frames_until_end(ws, {"after"})
+    assert frames[-1]["type"] == "done"
+
+
+async def test_cancel(ws, sim):
+    await ws.send_json_to(chat_frame("c", "chunks=500 gap=0.02"))
+    while (await ws.receive_json_from(timeout=RECEIVE))["type"] != "delta":
+        pass
+    await ws.send_json_to({"type": "cancel", "request_id": "c"})
+    frames = await frames_until_end(ws, {"c"})
+    assert frames[-1]["type"] == "error" and frames[-1]["code"] == "cancelled"
+    await sim.await_until(lambda s: s["active_requests"] == 0, timeout=1.0)
+
+
+async def test_keepalive_frames_while_upstream_is_silent(ws, sim):
+    await ws.send_json_to(chat_frame("k", "chunks=2 first_delay=0.8"))
+    frames = await frames_until_end(ws, {"k"})
+    assert len([f for f in frames if f == {"type": "keepalive"}]) >= 2
+
+
+async def test_closing_the_socket_closes_upstream(chatproxy_settings, sim):
+    ws = WebsocketCommunicator(application, "/ws/chat/", headers=[(b"origin", b"http://localhost"),
+                                                                   (b"host", b"localhost")])
+    assert (await ws.connect())[0]
+    await ws.send_json_to(chat_frame("x", "chunks=500 gap=0.02"))
+    await ws.send_json_to(chat_frame("y", "chunks=5 stall_after=2 stall=30"))
+    await sim.await_until(lambda s: s["active_requests"] == 2, timeout=2.0)
+    await ws.disconnect()
+    await sim.await_until(lambda s: s["active_requests"] == 0, timeout=1.0)
+
+
+async def test_permission_refused(sim, settings):
+    settings.CHATPROXY = {"UPSTREAM": {"BASE_URL": sim.base_url}, "PERMISSION": "chatproxy.permissions.authenticated"}
+    ws = WebsocketCommunicator(application, "/ws/chat/", headers=[(b"origin", b"http://localhost"),
+                                                                   (b"host", b"localhost")])
+    connected, code = await ws.connect()
+    assert not connected and code == 4403
+
+
+async def test_foreign_origin_refused(chatproxy_settings):
+    ws = WebsocketCommunicator(application, "/ws/chat/", headers=[(b"origin", b"http://evil.example"),
+                                                                   (b"host", b"localhost")])
+    connected, _ = await ws.connect()
+    assert not connected
+
+
+async def test_real_websocket_client_against_daphne(daphne, sim):
+    url = daphne.url.replace("http://", "ws://") + "/ws/chat/"
+    async with websockets.connect(url, origin=daphne.url.replace("127.0.0.1", "localhost")) as socket:
+        await socket.send(json.dumps(chat_frame("live", "chunks=8 stall_after=3 stall=30 times=1")))
+        frames = []
+        while not frames or frames[-1]["type"] not in ("done", "error"):
+            frames.append(json.loads(await asyncio.wait_for(socket.recv(), RECEIVE)))
+    assert frames[-1]["type"] == "done"
+    assert "retry" in [f["type"] for f in frames]
+    await sim.await_until(lambda s: s["active_requests"] == 0, timeout=1.0)
+
+
+async def test_real_client_with_foreign_origin_is_refused(daphne):
+    url = daphne.url.replace("http://", "ws://") + "/ws/chat/"
+    with pytest.raises(websockets.exceptions.InvalidStatus):
+        async with websockets.connect(url, origin="http://evil.example"):
+            pass
