@@ -175,10 +175,14 @@ def settings_policy() -> Policy:
 def resolve_policy(model: str, options: Mapping[str, Any] | None = None) -> Policy:
     """The policy for one request to ``model``.
 
-    Layers, strongest first: ``options`` (per-request, already validated by the caller),
-    ``CHATPROXY["TIMEOUTS"]``, built-in defaults. (Admin profiles slot in between the first two.)
+    Layers, strongest first: ``options`` (per-request, already validated by the caller), the
+    most specific enabled admin ``TimeoutProfile`` for ``model`` (:mod:`chatproxy.profiles`; its
+    name goes to ``Policy.profile``), ``CHATPROXY["TIMEOUTS"]``, built-in defaults. Settings and
+    defaults only apply when no profile can be loaded: the ``default`` profile matches every model.
     """
-    policy = settings_policy()
+    from chatproxy import profiles  # lazy: this module must import before Django is set up
+
+    policy = profiles.policy_for(model) or settings_policy()
     if options:
         policy = policy.with_options(**options)
     return policy

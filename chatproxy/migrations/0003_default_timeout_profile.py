@@ -1,0 +1,42 @@
+"""Create the ``default`` timeout profile from ``CHATPROXY["TIMEOUTS"]`` (or the built-in defaults).
+
+From then on the timeouts are tuned in the admin; settings only seed this row. Values that fail
+validation (system check ``chatproxy.E001``) are not copied: the built-in defaults are used.
+"""
+
+import logging
+
+from django.db import migrations
+
+logger = logging.getLogger("chatproxy.migrations")
+
+
+def create_default(apps, schema_editor):
+    from chatproxy import conf, profiles
+
+    TimeoutProfile = apps.get_model("chatproxy", "TimeoutProfile")
+    try:
+        policy = conf.settings_policy()
+        problems = policy.problems()
+    except (TypeError, ValueError) as exc:
+        problems = [str(exc)]
+    if problems:
+        logger.warning("CHATPROXY['TIMEOUTS'] is invalid (%s): the default profile gets the built-in defaults",
+                       "; ".join(problems))
+        policy = conf.Policy()
+    values = {attr: getattr(policy, field) for attr, field in profiles.PROFILE_TO_POLICY.items()}
+    TimeoutProfile.objects.using(schema_editor.connection.alias).get_or_create(
+        name=profiles.DEFAULT_NAME, defaults={"model_pattern": profiles.DEFAULT_PATTERN, "enabled": True, **values}
+    )
+    profiles.bump_version()
+
+
+class Migration(migrations.Migration):
+
+    dependencies = [
+        ("chatproxy", "0002_timeoutprofile_streamrecord"),
+    ]
+
+    operations = [
+        migrations.RunPython(create_default, migrations.RunPython.noop),
+    ]

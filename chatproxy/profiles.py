@@ -1,0 +1,349 @@
+"""Admin timeout profiles (SPEC 8) as seen by the request path: which one applies, cheaply.
+
+Which profile applies
+---------------------
+Among the *enabled* :class:`~chatproxy.models.TimeoutProfile` rows whose ``model_pattern`` glob
+matches the model name (``fnmatch`` syntax, case-sensitive: ``*``, ``?``, ``[abc]``, ``[!abc]``),
+the most specific wins. Specificity, compared in this order:
+
+1. any profile beats ``default`` (which matches every model);
+2. more literal characters beat fewer (``gpt-4o-mini`` > ``gpt-4o*`` > ``gpt-*`` > ``*``);
+3. fewer wildcards beat more (``o1-mini`` > ``o1-mini*``; ``o1-?ini`` > ``o1-*ini*``);
+4. a tie is broken by the profile name, alphabetically, so the choice is always the same.
+
+A matching profile supplies every timeout; per-request options still win over it, and
+``CHATPROXY["TIMEOUTS"]`` over the built-in defaults only applies when no profile can be loaded
+(before ``migrate``, or while the database is unreachable). The ``default`` profile is seeded
+from ``CHATPROXY["TIMEOUTS"]`` by a data migration, so after ``migrate`` timeouts are tuned in
+the admin, not in settings.
+
+How a change reaches every worker without a query per request
+--------------------------------------------------------------
+Each process keeps a snapshot of the enabled profiles (as ready-made :class:`~chatproxy.conf.Policy`
+values, with a per-model memo) tagged with a *version*: a random token stored under
+:data:`VERSION_KEY` in Django's ``default`` cache, without expiry. Saving or deleting a profile
+writes a new token once the transaction commits (and forgets the local snapshot at once).
+
+Before a stream is opened, :func:`arefresh` compares the cached token with the snapshot's, at most
+once every :data:`CHECK_INTERVAL` seconds per process: one cache read, and a database read only
+when the token changed. So a saved change applies to the next request in every process within
+``CHECK_INTERVAL`` (at once in the process that saved it). Nothing here runs per chunk.
+
+The cache must be shared by all workers (Redis, Memcached, the file or database cache) for
+changes to reach them; a per-process cache (``LocMemCache``) only serves one process (system
+check ``chatproxy.W003``). If the token is missing (evicted, or a ``DummyCache``), snapshots are
+reloaded every :data:`RELOAD_FALLBACK` seconds instead; so is a snapshot whose load failed.
+
+Sync callers (the shell, management commands, sync views) get the same check from
+:func:`policy_for`; in a running event loop :func:`policy_for` never touches the database (Django
+forbids it there) and uses the snapshot :func:`arefresh` prepared.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fnmatch
+import logging
+import math
+import time
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from chatproxy.conf import Policy
+
+logger = logging.getLogger("chatproxy.profiles")
+
+DEFAULT_NAME = "default"
+DEFAULT_PATTERN = "*"
+#: The Django cache alias holding the version token.
+CACHE_ALIAS = "default"
+#: Cache key of the version token.
+VERSION_KEY = "chatproxy:profiles:version"
+#: Seconds between two version checks in one process.
+CHECK_INTERVAL = 0.5
+#: Seconds a snapshot is trusted when no version token can be read, or when loading failed.
+RELOAD_FALLBACK = 5.0
+#: Models remembered per snapshot (the memo is dropped when it grows past this).
+MEMO_SIZE = 1024
+
+# TimeoutProfile field -> Policy field
+PROFILE_TO_POLICY = {
+    "connect_timeout": "connect",
+    "first_token_timeout": "first_token",
+    "stall_timeout": "stall",
+    "deadline": "deadline",
+    "max_attempts": "max_attempts",
+    "backoff_initial": "backoff_initial",
+    "backoff_max": "backoff_max",
+    "retry_after_max": "retry_after_max",
+    "keepalive_interval": "keepalive",
+    "gateway_timeout": "gateway",
+    "on_partial": "on_partial",
+}
+PROFILE_FIELDS = (*PROFILE_TO_POLICY, "name", "model_pattern", "enabled")
+
+
+def specificity(name: str, pattern: str) -> tuple[int, int, int]:
+    """Sort key of a profile: larger is more specific (see the module docstring; ties: by name)."""
+    literal = wildcards = 0
+    i = 0
+    while i < len(pattern):
+        char = pattern[i]
+        if char in "*?":
+            wildcards += 1
+        elif char == "[" and (end := _class_end(pattern, i)) is not None:
+            wildcards += 1
+            i = end
+        else:
+            literal += 1
+        i += 1
+    return (0 if name == DEFAULT_NAME else 1, literal, -wildcards)
+
+
+def _class_end(pattern: str, start: int) -> int | None:
+    """Index of the ``]`` closing the character class opened at ``start`` (fnmatch rules), or None."""
+    i = start + 1
+    if i < len(pattern) and pattern[i] == "!":
+        i += 1
+    if i < len(pattern) and pattern[i] == "]":
+        i += 1
+    end = pattern.find("]", i)
+    return end if end >= 0 else None
+
+
+def matches(name: str, pattern: str, model: str) -> bool:
+    """Whether a profile applies to ``model`` (``default`` applies to every model)."""
+    return name == DEFAULT_NAME or fnmatch.fnmatchcase(model, pattern)
+
+
+def most_specific(candidates: Iterable[Any], model: str) -> Any | None:
+    """The most specific of ``candidates`` (objects with ``name`` and ``model_pattern``) for ``model``."""
+    found = ordered(c for c in candidates if matches(c.name, c.model_pattern, model))
+    return found[0] if found else None
+
+
+def ordered(candidates: Iterable[Any]) -> list[Any]:
+    """``candidates`` most specific first (ties: by name)."""
+    result = sorted(candidates, key=lambda c: c.name)
+    result.sort(key=lambda c: specificity(c.name, c.model_pattern), reverse=True)
+    return result
+
+
+def policy_of(row: Any) -> Policy:
+    """The :class:`Policy` a profile (model instance or ``values()`` dict) stands for."""
+    get = row.get if isinstance(row, dict) else lambda name: getattr(row, name)
+    values: dict[str, Any] = {policy: get(attr) for attr, policy in PROFILE_TO_POLICY.items()}
+    values["max_attempts"] = int(values["max_attempts"])
+    return Policy(profile=str(get("name")), **values)
+
+
+# ------------------------------------------------------------------ the per-process snapshot
+
+
+@dataclass(frozen=True, slots=True)
+class _Entry:
+    name: str
+    model_pattern: str
+    policy: Policy
+
+
+@dataclass(slots=True)
+class Snapshot:
+    """The enabled, valid profiles of one version, most specific first."""
+
+    version: str | None
+    loaded_at: float  # time.monotonic()
+    entries: tuple[_Entry, ...] = ()
+    failed: bool = False
+    memo: dict[str, Policy | None] = field(default_factory=dict)
+
+    def policy_for(self, model: str) -> Policy | None:
+        try:
+            return self.memo[model]
+        except KeyError:
+            pass
+        policy = None
+        for entry in self.entries:
+            if matches(entry.name, entry.model_pattern, model):
+                policy = entry.policy
+                break
+        if len(self.memo) >= MEMO_SIZE:
+            self.memo.clear()
+        self.memo[model] = policy
+        return policy
+
+
+_EMPTY = Snapshot(version=None, loaded_at=-math.inf)
+_snapshot = _EMPTY
+_checked_at = -math.inf
+
+
+def snapshot() -> Snapshot:
+    """The current snapshot (for tests and diagnostics)."""
+    return _snapshot
+
+
+def forget(**kwargs: Any) -> None:
+    """Drop this process's snapshot: the next lookup reloads from the database."""
+    global _snapshot, _checked_at
+    _snapshot = _EMPTY
+    _checked_at = -math.inf
+
+
+def bump_version() -> None:
+    """Tell every process the profiles changed (a new token in the cache)."""
+    from django.core.cache import caches
+
+    try:
+        caches[CACHE_ALIAS].set(VERSION_KEY, uuid.uuid4().hex, None)
+    except Exception:
+        logger.warning("could not publish a timeout-profile change to the cache %r", CACHE_ALIAS, exc_info=True)
+
+
+def changed() -> None:
+    """A profile was saved or deleted: forget the local snapshot now, publish after commit."""
+    from django.db import transaction
+
+    forget()
+    transaction.on_commit(bump_version)
+
+
+def _read_version() -> str | None:
+    from django.core.cache import caches
+
+    cache = caches[CACHE_ALIAS]
+    try:
+        version = cache.get(VERSION_KEY)
+        if version is None:
+            cache.add(VERSION_KEY, uuid.uuid4().hex, None)
+            version = cache.get(VERSION_KEY)
+    except Exception:
+        logger.warning("could not read the timeout-profile version from the cache %r", CACHE_ALIAS, exc_info=True)
+        return None
+    return version if isinstance(version, str) else None
+
+
+def _stale(version: str | None, now: float) -> bool:
+    current = _snapshot
+    if version is not None and version != current.version:
+        return True
+    if version is None or current.failed:
+        return now - current.loaded_at >= RELOAD_FALLBACK
+    return False
+
+
+def _query() -> Any:
+    from django.apps import apps
+    from django.db.models import Q
+
+    TimeoutProfile = apps.get_model("chatproxy", "TimeoutProfile")
+    # ``default`` is always in force, even if someone bypassed validation to disable it.
+    return TimeoutProfile.objects.filter(Q(enabled=True) | Q(name=DEFAULT_NAME)).values(*PROFILE_FIELDS)
+
+
+def _build(version: str | None, rows: Sequence[dict[str, Any]], now: float) -> Snapshot:
+    entries = []
+    for row in rows:
+        policy = policy_of(row)
+        problems = policy.problems()
+        if problems:
+            # Only possible when validation was bypassed (queryset.update, raw SQL).
+            logger.error("timeout profile %r is ignored: %s", row["name"], "; ".join(problems))
+            continue
+        entries.append(_Entry(row["name"], row["model_pattern"], policy))
+    return Snapshot(version=version, loaded_at=now, entries=tuple(ordered(entries)))
+
+
+def _failed(version: str | None, now: float, exc: BaseException) -> Snapshot:
+    if not _snapshot.failed:
+        logger.warning("timeout profiles could not be loaded (%s: %s); using CHATPROXY settings",
+                       type(exc).__name__, exc)
+    return Snapshot(version=version, loaded_at=now, failed=True)
+
+
+def refresh() -> Snapshot:
+    """Sync: re-check the version (throttled) and reload from the database if it changed.
+
+    In a running event loop this does nothing (use :func:`arefresh` there).
+    """
+    global _snapshot, _checked_at
+    if _in_event_loop():
+        return _snapshot
+    now = time.monotonic()
+    if now - _checked_at < CHECK_INTERVAL and _snapshot is not _EMPTY:
+        return _snapshot
+    _checked_at = now
+    version = _read_version()
+    if _stale(version, now):
+        try:
+            rows = list(_query())
+        except Exception as exc:
+            _snapshot = _failed(version, now, exc)
+        else:
+            _snapshot = _build(version, rows, now)
+    return _snapshot
+
+
+async def arefresh() -> Snapshot:
+    """Async :func:`refresh`: the version check is a cache read, the reload goes through the async ORM."""
+    global _snapshot, _checked_at
+    now = time.monotonic()
+    if now - _checked_at < CHECK_INTERVAL and _snapshot is not _EMPTY:
+        return _snapshot
+    _checked_at = now
+    version = await _aread_version()
+    if _stale(version, now):
+        try:
+            rows = [row async for row in _query()]
+        except Exception as exc:
+            _snapshot = _failed(version, now, exc)
+        else:
+            _snapshot = _build(version, rows, now)
+    return _snapshot
+
+
+async def _aread_version() -> str | None:
+    from django.core.cache import caches
+    from django.core.cache.backends.locmem import LocMemCache
+
+    if isinstance(caches[CACHE_ALIAS], LocMemCache):
+        return _read_version()  # in-process and non-blocking: no thread hop needed
+    from asgiref.sync import sync_to_async
+
+    result: str | None = await sync_to_async(_read_version, thread_sensitive=False)()
+    return result
+
+
+def _in_event_loop() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
+def policy_for(model: str) -> Policy | None:
+    """The policy of the profile that applies to ``model``, or None (no profile could be loaded).
+
+    Never queries the database from a running event loop: there it uses the snapshot that
+    :func:`arefresh` keeps current (and, if that is due for a check, starts one in the background
+    for the requests that follow).
+    """
+    if _in_event_loop():
+        if time.monotonic() - _checked_at >= CHECK_INTERVAL:
+            _refresh_soon()
+        return _snapshot.policy_for(model)
+    return refresh().policy_for(model)
+
+
+_background: asyncio.Task[Snapshot] | None = None
+
+
+def _refresh_soon() -> None:
+    global _background
+    loop = asyncio.get_running_loop()
+    if _background is not None and not _background.done() and _background.get_loop() is loop:
+        return
+    _background = loop.create_task(arefresh())
