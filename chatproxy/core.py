@@ -112,7 +112,8 @@ class ChatStream:
     ``allow_reset=False`` is for transports that cannot express ``reset`` (OpenAI-compatible):
     a diverging restart then ends the stream with an error instead.
     ``on_finish`` is called once with the stream when it ends (records, signals); exceptions
-    from it are logged and never break the stream.
+    from it are logged and never break the stream. ``on_retry(stream, reason, attempt, delay)`` is
+    called as each ``retry`` event is emitted (signals); it must not raise.
     """
 
     def __init__(
@@ -124,6 +125,7 @@ class ChatStream:
         stream_id: str | None = None,
         allow_reset: bool = True,
         on_finish: Callable[[ChatStream], Any] | None = None,
+        on_retry: Callable[[ChatStream, str, int, float], Any] | None = None,
         rng: Callable[[], float] = random.random,
     ) -> None:
         self.upstream = upstream
@@ -133,6 +135,7 @@ class ChatStream:
         self.allow_reset = allow_reset
         self.stats = StreamStats()
         self._on_finish = on_finish
+        self._on_retry = on_retry
         self._rng = rng
 
         self._buffer: deque[Event] = deque()
@@ -335,6 +338,8 @@ class ChatStream:
                         "delay": round(delay_or_code, 3),
                     },
                 )
+                if self._on_retry is not None:
+                    self._on_retry(self, exc.reason, attempt + 1, delay_or_code)
                 if delay_or_code > 0:
                     await asyncio.sleep(delay_or_code)
                 continue
