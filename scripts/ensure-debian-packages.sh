@@ -8,6 +8,8 @@ need=()
 command -v node >/dev/null 2>&1 || need+=(nodejs)
 command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || need+=(nginx)
 command -v redis-server >/dev/null 2>&1 || [ -x /usr/bin/redis-server ] || need+=(redis-server)
+# The browser tests drive /usr/bin/chromium (never a browser downloaded by playwright).
+[ -x /usr/bin/chromium ] || need+=(chromium)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" != 0 ]; then echo "missing Debian packages: ${need[*]} (run as root or install them)" >&2; exit 1; fi
   export DEBIAN_FRONTEND=noninteractive

@@ -81,7 +81,8 @@ def unique_message(topic: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def daphne(simulator):
+def app_server(simulator):
+    """Daphne with this module's timeouts (STALL 1 s: a clear stall, yet no false alarm on a busy CI)."""
     server = AppServer(
         {
             "CHATPROXY_SIMULATOR_URL": simulator.base_url,
@@ -97,7 +98,10 @@ def daphne(simulator):
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def browser():
     if not os.access(CHROMIUM, os.X_OK):
-        pytest.skip(f"{CHROMIUM} is missing: run scripts/ensure-debian-packages.sh (Debian package chromium)")
+        reason = f"{CHROMIUM} is missing: run scripts/ensure-debian-packages.sh (Debian package chromium)"
+        if os.environ.get("CI"):
+            pytest.fail(reason)  # CI installs it: a skip there would hide a broken install step
+        pytest.skip(reason)
     async with playwright_api.async_playwright() as pw:
         # launch() gives every browser a fresh temporary user-data dir, deleted on close.
         browser = await pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
@@ -132,14 +136,14 @@ class Console:
         else:
             self.problems.append(entry)
 
-    def _on_dialog(self, dialog) -> None:
+    async def _on_dialog(self, dialog) -> None:
         self.problems.append(f"dialog {dialog.type}: {dialog.message}")
-        asyncio.ensure_future(dialog.dismiss())
+        await dialog.dismiss()
 
 
 @pytest_asyncio.fixture(loop_scope="module")
-async def page(browser, daphne, sim, request):
-    context = await browser.new_context(base_url=daphne.url, viewport={"width": 900, "height": 900})
+async def page(browser, app_server, sim, request):
+    context = await browser.new_context(base_url=app_server.url, viewport={"width": 900, "height": 900})
     context.set_default_timeout(UI_TIMEOUT_MS)
     page = await context.new_page()
     console = Console(page)
@@ -161,21 +165,33 @@ async def page(browser, daphne, sim, request):
 # Helpers
 # --------------------------------------------------------------------------------------------
 
-# Watches the conversation; resolves window.__cpFinished with the log once the newest answer is
-# done or in error. Log entries: {t (ms, performance.now()), state, text, note}.
+# Watches the conversation; resolves window.__cpFinished once the newest answer is done or in
+# error, with {log, texts}. log: a snapshot {t (ms, performance.now()), state, text, note} per
+# observed change. texts: every value the answer's text took, in order, with the time it was seen;
+# it includes values that lasted less than one observer callback (read from the records'
+# oldValue), such as the empty text between a reset and the first new delta in the same chunk.
 WATCH_JS = """
 () => {
   const conversation = document.getElementById("conversation");
   const log = [];
+  const texts = [];
   window.__cpLog = log;
+  const pushText = (t, text) => {
+    if (texts.length === 0 || texts[texts.length - 1].text !== text) texts.push({ t, text });
+  };
   window.__cpFinished = new Promise((resolve) => {
-    const snapshot = () => {
+    const snapshot = (records) => {
       const answers = conversation.querySelectorAll(".msg.assistant");
       const answer = answers[answers.length - 1];
       if (!answer) return;
+      const t = performance.now();
+      for (const record of records) {
+        if (record.type === "characterData" && answer.contains(record.target)) pushText(t, record.oldValue);
+      }
+      pushText(t, answer.textContent);
       const note = answer.parentElement.querySelector(".msg-note");
       const entry = {
-        t: performance.now(),
+        t,
         state: answer.dataset.state || "",
         text: answer.textContent,
         note: note && !note.hidden ? note.textContent : "",
@@ -186,12 +202,12 @@ WATCH_JS = """
       }
       if (entry.state === "done" || entry.state === "error") {
         observer.disconnect();
-        resolve(log);
+        resolve({ log, texts });
       }
     };
     const observer = new MutationObserver(snapshot);
     observer.observe(conversation, {
-      subtree: true, childList: true, characterData: true,
+      subtree: true, childList: true, characterData: true, characterDataOldValue: true,
       attributes: true, attributeFilter: ["data-state", "hidden"],
     });
   });
@@ -217,13 +233,13 @@ async def send(page, text: str, *, typed: bool = False) -> None:
     await prompt.press("Enter")
 
 
-async def finished(page, timeout: float = ANSWER_TIMEOUT_S) -> list[dict]:
-    """The watcher's log once the answer is done or in error."""
+async def finished(page, within: float = ANSWER_TIMEOUT_S) -> dict[str, list[dict]]:
+    """The watcher's {log, texts} once the answer is done or in error (at most `within` s)."""
     try:
-        return await asyncio.wait_for(page.evaluate("window.__cpFinished"), timeout)
+        return await asyncio.wait_for(page.evaluate("window.__cpFinished"), within)
     except TimeoutError:
-        log = await page.evaluate("window.__cpLog")
-        raise AssertionError(f"the answer did not finish within {timeout} s; last states: {log[-5:]}") from None
+        log = await page.evaluate("window.__cpLog")  # the snapshots so far
+        raise AssertionError(f"the answer did not finish within {within} s; last states: {log[-5:]}") from None
 
 
 async def clean_answer(page, text: str) -> str:
@@ -264,9 +280,9 @@ def stall_timing(log: list[dict]) -> dict[str, float]:
     }
 
 
-def assert_no_reset(log: list[dict]) -> None:
-    texts = [e["text"] for e in log]
-    for earlier, later in itertools.pairwise(texts):
+def assert_no_reset(texts: list[dict]) -> None:
+    values = [e["text"] for e in texts]
+    for earlier, later in itertools.pairwise(values):
         assert later.startswith(earlier), f"the answer was rewritten: {earlier!r} -> {later!r}"
 
 
@@ -280,13 +296,14 @@ async def test_enter_streams_the_full_answer(page, transport):
     text = unique_message("lakes")
     await choose(page, transport=transport)
     await send(page, text, typed=True)
-    log = await finished(page)
+    seen = await finished(page)
+    log = seen["log"]
 
     state, answer = await answer_state(page)
     assert state == "done", log[-3:]
     assert answer == await clean_answer(page, text)
     assert answer.strip()
-    assert_no_reset(log)
+    assert_no_reset(seen["texts"])
     assert any(e["state"] == "streaming" and e["text"] for e in log)  # it did stream
     assert await page.locator(".msg.user").last.text_content() == text
     await page.wait_for_function("document.getElementById('status').textContent === 'Done.'")
@@ -299,13 +316,14 @@ async def test_stall_mid_answer_recovers_seamlessly(page, sim, transport):
     text = unique_message("rivers")
     await choose(page, transport=transport, fault=STALL_MID_ANSWER)
     await send(page, text)
-    log = await finished(page)
+    seen = await finished(page)
+    log = seen["log"]
 
     state, answer = await answer_state(page)
     assert state == "done", log[-3:]
     assert any(e["state"] == "reconnecting" for e in log), "the reconnecting state was never shown"
     assert any(e["note"] == "Reconnecting…" for e in log)
-    assert_no_reset(log)
+    assert_no_reset(seen["texts"])
     assert answer == await clean_answer(page, text)
     assert await page.locator(".msg-note").last.is_hidden()
     await page.wait_for_function(
@@ -317,8 +335,8 @@ async def test_stall_mid_answer_recovers_seamlessly(page, sim, transport):
         f" (reconnecting shown at +{timing['reconnecting_at_ms']:.0f} ms; last text before the stall"
         f" -> resumed {timing['gap_ms']:.0f} ms; STALL = {TIMEOUTS['STALL']} s)"
     )
-    # Noticed by the stall deadline, not by some longer timeout; the bound allows for a slow CI.
-    assert TIMEOUTS["STALL"] * 1000 * 0.9 <= timing["first_text_to_resumed_ms"] < 6000
+    # Recovered by the stall deadline (STALL), not by some longer timeout; loose for a busy CI.
+    assert TIMEOUTS["STALL"] * 1000 * 0.5 <= timing["gap_ms"] <= timing["first_text_to_resumed_ms"] < 6000
     upstream = [r for r in sim.requests() if r["faults"].get("stall_after")]
     assert [r["attempt"] for r in upstream] == [1, 2], upstream
 
@@ -326,15 +344,17 @@ async def test_stall_mid_answer_recovers_seamlessly(page, sim, transport):
 async def test_divergent_restart_replaces_the_partial_answer(page):
     await choose(page, fault=DIVERGENT_RESTART)
     await send(page, unique_message("harbours"))
-    log = await finished(page)
+    seen = await finished(page)
+    log = seen["log"]
 
     state, answer = await answer_state(page)
     assert state == "done", log[-3:]
-    reconnecting = next(i for i, e in enumerate(log) if e["state"] == "reconnecting")
-    before = log[reconnecting]["text"]
+    reconnecting = next(e for e in log if e["state"] == "reconnecting")
+    before = reconnecting["text"]
     assert before.strip(), "no partial answer was shown before the retry"
     # The reset cleared the partial text, then the new answer streamed in its place.
-    assert any(e["text"] == "" for e in log[reconnecting:]), "the partial text was never cleared"
+    values = [e["text"] for e in seen["texts"]]
+    assert (before, "") in itertools.pairwise(values), f"the partial text was never cleared: {values}"
     assert answer.strip() and answer != before
     assert not answer.startswith(before)
     await page.wait_for_function(
@@ -357,7 +377,7 @@ async def test_stop_button_ends_the_stream_and_the_upstream_request(page, sim, t
     await page.click("#stop")
     await sim.await_until(lambda s: s["active_requests"] == 0, 1.0)
 
-    log = await finished(page, timeout=5)
+    log = (await finished(page, within=5))["log"]
     assert log[-1]["state"] == "error"
     assert await answer.get_attribute("data-error-code") == "cancelled"
     assert await page.locator(".msg-note").last.text_content() == "Stopped."
@@ -372,7 +392,7 @@ async def test_html_in_messages_is_shown_as_text(page):
     payload = "<img src=x onerror=alert(1)> <b>bold</b>"
     text = f"{unique_message('tags')} {payload}"
     await send(page, text)
-    log = await finished(page)
+    log = (await finished(page))["log"]
 
     assert log[-1]["state"] == "done"
     user = page.locator(".msg.user").last
