@@ -1,0 +1,321 @@
+"""Adapter for the current openai SDK (``openai.AsyncOpenAI``, openai >= 1).
+
+The SDK sends the request (auth, headers, base URL, HTTP status errors are all the SDK's), but the
+streamed body is read as raw SSE lines and parsed with orjson: building the SDK's chunk objects
+costs more CPU per chunk than everything else on the path together.
+
+Contract, beyond :mod:`chatproxy.upstream.base`:
+
+* One ``AsyncOpenAI`` client per event loop (connection pooling; pools cannot cross loops), built
+  with ``max_retries=0``. ``http_client="aiohttp"`` uses ``openai.DefaultAioHttpClient()``.
+* Per request: ``timeout=Timeout(connect=connect_timeout, read=read_timeout, write=connect_timeout,
+  pool=connect_timeout)``; ``stream_options={"include_usage": True}`` unless ``EXTRA_BODY`` says
+  otherwise; ``params`` and ``extra_body`` go into the body as-is.
+* Yields each non-empty ``choices[0].delta.content``. ``finish_reason`` / ``usage`` are recorded.
+  The stream ends at ``data: [DONE]`` (the rest of the body is drained briefly so the connection
+  can be reused), or at the end of the body if a ``finish_reason`` was seen; an end of body with
+  neither is a truncated answer.
+* Errors, as :mod:`chatproxy.errors`:
+
+  =====================================================  ============================================
+  ``APIStatusError`` at open                              ``status_error(status, retry_after=...)``
+  ``APITimeoutError`` / ``APIConnectionError`` at open    ``UpstreamConnectError``
+  a 200 answer that is not ``text/event-stream``         ``UpstreamDisconnected``
+  socket read timeout in the body                        ``StallTimeout``
+  reset / protocol error / closed mid-body               ``UpstreamDisconnected``
+  a line that is not JSON (or not a chunk object)        ``UpstreamDisconnected``
+  an in-stream ``{"error": {...}}`` object                ``UpstreamStatusError(0)`` (retryable)
+  =====================================================  ============================================
+
+  Status and API errors are raised ``from None``: their SDK exceptions carry response bodies, which
+  may echo (masked) keys; transport errors keep their cause for the logs.
+* ``stream.aclose()`` closes the HTTP response, which closes the socket at once if the body was not
+  read to the end. It may be called from another task while a read is pending: that read then
+  fails with ``UpstreamDisconnected``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib
+import weakref
+from collections.abc import AsyncGenerator, AsyncIterator
+from types import AsyncGeneratorType
+from typing import Any, cast
+
+import openai  # imported only when this adapter is chosen (build_upstream imports this module)
+import orjson
+
+from chatproxy.errors import (
+    ConfigurationError,
+    StallTimeout,
+    UpstreamConnectError,
+    UpstreamDisconnected,
+    UpstreamError,
+    UpstreamStatusError,
+    parse_retry_after,
+    status_error,
+)
+from chatproxy.upstream import (
+    INSTALL_CURRENT_AIOHTTP,
+    describe,
+    describe_chain,
+    error_code,
+    request_body,
+    resolve_api_key,
+)
+from chatproxy.upstream.base import UpstreamRequest
+
+__all__ = ["CurrentUpstream"]
+
+# After ``data: [DONE]`` the body normally ends within the same read; waiting this long for the end
+# lets the connection go back to the pool, and a server that keeps the body open costs no more.
+_DRAIN_SECONDS = 0.25
+# A chunk is a few hundred bytes; an event or line beyond this is a broken (or hostile) server.
+_MAX_EVENT_BYTES = 4 * 1024 * 1024
+
+
+def _transport_errors() -> tuple[tuple[type[BaseException], ...], tuple[type[BaseException], ...]]:
+    """(timeout classes, all transport error classes) that can escape a body read.
+
+    Timeouts are also transport errors. httpx wraps httpcore's exceptions, and openai's aiohttp
+    transport wraps aiohttp's, keeping the original as ``__cause__``: both generations are listed.
+    """
+    timeouts: list[type[BaseException]] = [TimeoutError]  # aiohttp's timeouts subclass it
+    errors: list[type[BaseException]] = [OSError, asyncio.IncompleteReadError]
+    # openai 3 uses httpx2/httpcore2; openai 1 and 2 use httpx/httpcore.
+    for httpx_name, httpcore_name in (("httpx2", "httpcore2"), ("httpx", "httpcore")):
+        try:
+            httpx_module = importlib.import_module(httpx_name)
+            httpcore_module = importlib.import_module(httpcore_name)
+        except ImportError:
+            continue
+        timeouts += [httpx_module.TimeoutException, httpcore_module.TimeoutException]
+        errors += [httpx_module.TransportError, httpx_module.StreamError, httpx_module.DecodingError]
+        errors += [httpcore_module.NetworkError, httpcore_module.ProtocolError]
+    try:
+        import aiohttp
+    except ImportError:
+        pass
+    else:
+        errors.append(aiohttp.ClientError)
+    return tuple(timeouts), tuple(errors + timeouts)
+
+
+class CurrentUpstream:
+    """:class:`~chatproxy.upstream.base.Upstream` over ``openai.AsyncOpenAI``."""
+
+    def __init__(self, *, http_client: str = "httpx", base_url: str | None, api_key: str | None) -> None:
+        if http_client == "aiohttp":
+            fix = INSTALL_CURRENT_AIOHTTP
+            try:
+                import aiohttp  # noqa: F401  (only checking that the extra is installed)
+            except ImportError:
+                raise ConfigurationError(f'HTTP_CLIENT "aiohttp" needs aiohttp: {fix}') from None
+            if not hasattr(openai, "DefaultAioHttpClient"):
+                raise ConfigurationError(
+                    f'HTTP_CLIENT "aiohttp" needs a newer openai ({openai.__version__}): {fix}'
+                )
+        self.name = f"openai-current/{http_client}"
+        self._http_client = http_client
+        self._base_url = base_url
+        self._api_key = resolve_api_key(api_key, base_url, None)
+        self._clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, openai.AsyncOpenAI] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._timeouts, self._transport_errors = _transport_errors()
+        # Built now so that a bad setting (say an invalid base URL) fails at startup; the first loop
+        # that opens a stream adopts it (building it binds no loop: connections are made lazily).
+        self._spare: openai.AsyncOpenAI | None = self._new_client()
+
+    def __repr__(self) -> str:
+        return f"<CurrentUpstream {self.name} base_url={self._base_url!r}>"
+
+    def _new_client(self) -> openai.AsyncOpenAI:
+        http_client = openai.DefaultAioHttpClient() if self._http_client == "aiohttp" else None
+        try:
+            return openai.AsyncOpenAI(
+                api_key=self._api_key, base_url=self._base_url, max_retries=0, http_client=http_client
+            )
+        except openai.OpenAIError as exc:
+            raise ConfigurationError(f"cannot build the openai client: {describe(exc)}") from None
+
+    def _client(self) -> openai.AsyncOpenAI:
+        loop = asyncio.get_running_loop()
+        client = self._clients.get(loop)
+        if client is None:
+            client, self._spare = (self._spare or self._new_client()), None
+            self._clients[loop] = client
+        return client
+
+    async def open(self, request: UpstreamRequest) -> CurrentStream:
+        client = self._client()
+        connect = request.connect_timeout
+        # write/pool: sending a small body and waiting for a pooled connection are connect-like.
+        timeout = openai.Timeout(
+            None, connect=connect, read=request.read_timeout, write=connect, pool=connect
+        )
+        body, want_usage = request_body(request.params, request.extra_body)
+        kwargs: dict[str, Any] = {"extra_body": body} if body else {}
+        if want_usage:
+            kwargs["stream_options"] = {"include_usage": True}
+        call = client.chat.completions.with_streaming_response.create(
+            model=request.model,
+            messages=list(request.messages),  # type: ignore[arg-type]  # plain dicts, as the API takes
+            stream=True,
+            timeout=timeout,
+            **kwargs,
+        )
+        try:
+            api_response = await call.__aenter__()
+        except openai.APIStatusError as exc:
+            raise status_error(
+                exc.status_code,
+                describe(exc, exc.status_code, error_code(exc.body)),
+                retry_after=parse_retry_after(exc.response.headers),
+            ) from None
+        except openai.APIConnectionError as exc:  # APITimeoutError included: no headers yet
+            raise UpstreamConnectError(describe_chain(exc)) from exc.__cause__
+        except openai.APIError as exc:
+            raise UpstreamStatusError(0, describe(exc, None, error_code(exc.body))) from None
+        response = api_response.http_response
+        if "text/event-stream" not in response.headers.get("content-type", ""):
+            await response.aclose()
+            raise UpstreamDisconnected(f"HTTP {response.status_code} answer is not text/event-stream")
+        return CurrentStream(response, self._timeouts, self._transport_errors)
+
+    async def aclose(self) -> None:
+        """Close this loop's client. Clients of other loops cannot be awaited from here."""
+        self._spare = None
+        client = self._clients.pop(asyncio.get_running_loop(), None)
+        if client is not None:
+            await client.close()
+
+
+class CurrentStream:
+    """The body of one streamed answer, read as SSE lines."""
+
+    __slots__ = ("_closed", "_errors", "_gen", "_response", "_timeouts", "finish_reason", "usage")
+
+    def __init__(
+        self,
+        response: Any,  # httpx2.Response (or httpx.Response on openai 1/2)
+        timeouts: tuple[type[BaseException], ...],
+        errors: tuple[type[BaseException], ...],
+    ) -> None:
+        self.finish_reason: str | None = None
+        self.usage: dict[str, Any] | None = None
+        self._response = response
+        self._timeouts = timeouts
+        self._errors = errors
+        self._closed = False
+        # AsyncGeneratorType (not the AsyncGenerator protocol) knows ag_running, used by aclose().
+        self._gen = cast("AsyncGeneratorType[str, None]", self._iterate())
+
+    def __aiter__(self) -> AsyncIterator[str]:
+        return self._gen
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        # Response first: this is what closes the socket, even while another task is blocked
+        # reading it (that read then fails). The generator can only be closed when not running.
+        with contextlib.suppress(Exception):  # the socket is gone either way; nothing to report
+            await self._response.aclose()
+        if not self._gen.ag_running:
+            await self._gen.aclose()
+
+    def _body_error(self, exc: BaseException) -> UpstreamError:
+        """The chatproxy error for a transport error raised while reading the body."""
+        if self._closed:
+            return UpstreamDisconnected("stream closed by caller")
+        cause = exc.__cause__
+        if isinstance(exc, self._timeouts) and (cause is None or isinstance(cause, self._timeouts)):
+            return StallTimeout(f"{describe_chain(exc)} while reading the body")
+        # Not a timeout, whatever the class says: openai's aiohttp transport reports a server
+        # disconnect (aiohttp ServerDisconnectedError) as httpx ConnectTimeout.
+        return UpstreamDisconnected(describe_chain(exc))
+
+    async def _iterate(self) -> AsyncGenerator[str, None]:
+        # Hot path: per chunk one find/slice per line, one orjson.loads and a few dict lookups.
+        loads = orjson.loads
+        malformed = (orjson.JSONDecodeError, AttributeError, TypeError, IndexError, KeyError)
+        chunks = self._response.aiter_bytes()
+        buf = b""
+        data: bytes | None = None  # the data field of the event being read
+        done = False
+        try:
+            async for raw in chunks:
+                search = len(buf)  # what is left of buf holds no newline
+                buf = buf + raw if buf else raw
+                start = 0
+                while (end := buf.find(b"\n", search)) >= 0:
+                    line = buf[start:end]
+                    start = search = end + 1
+                    if line.endswith(b"\r"):
+                        line = line[:-1]
+                    if line.startswith(b"data:"):
+                        value = line[6:] if line.startswith(b"data: ") else line[5:]
+                        if data is None:
+                            data = value
+                        else:  # SSE: several data lines make one event, joined by newlines
+                            data += b"\n" + value
+                            if len(data) > _MAX_EVENT_BYTES:
+                                raise UpstreamDisconnected("event too large")
+                        continue
+                    if line or data is None:
+                        continue  # a comment (":..."), another field, or a blank line between events
+                    # A blank line ends the event: dispatch its data.
+                    payload, data = data, None
+                    if payload == b"[DONE]":
+                        done = True
+                        break
+                    try:
+                        chunk = loads(payload)
+                        if chunk.get("error"):
+                            raise UpstreamStatusError(0, "in-stream error" + _code_suffix(chunk))
+                        usage = chunk.get("usage")
+                        if usage:
+                            self.usage = usage
+                        choices = chunk.get("choices")
+                        if not choices:
+                            continue  # e.g. the usage chunk
+                        choice = choices[0]
+                        reason = choice.get("finish_reason")
+                        if reason:
+                            self.finish_reason = reason
+                        delta = choice.get("delta")
+                        text = delta.get("content") if delta else None
+                    except malformed:
+                        raise UpstreamDisconnected("malformed chunk") from None
+                    if text and type(text) is str:
+                        yield text
+                if done:
+                    break
+                buf = buf[start:]
+                if len(buf) > _MAX_EVENT_BYTES:
+                    raise UpstreamDisconnected("line too long")
+            if done or data == b"[DONE]":
+                await self._drain(chunks)
+                return
+            if self.finish_reason is None:
+                raise UpstreamDisconnected("body ended without [DONE] or finish_reason")
+        except UpstreamError:
+            raise
+        except self._errors as exc:
+            raise self._body_error(exc) from exc
+
+    async def _drain(self, chunks: AsyncIterator[bytes]) -> None:
+        try:
+            async with asyncio.timeout(_DRAIN_SECONDS):
+                async for _ in chunks:
+                    pass
+        except self._errors:  # TimeoutError included
+            pass  # the answer is complete; aclose() closes whatever is left
+
+
+def _code_suffix(chunk: dict[str, Any]) -> str:
+    code = error_code(chunk)
+    return f" ({code})" if code else ""
