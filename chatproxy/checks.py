@@ -1,35 +1,54 @@
 """System checks (``python manage.py check``). Ids are stable and never reused.
 
 * ``chatproxy.E001`` a ``CHATPROXY["TIMEOUTS"]`` value is invalid or the values contradict each other
+  (e.g. ``KEEPALIVE >= GATEWAY``, ``STALL >= DEADLINE``)
 * ``chatproxy.E002`` ``UPSTREAM.SDK`` / ``UPSTREAM.HTTP_CLIENT`` is not a known choice
 * ``chatproxy.E003`` the openai SDK generation asked for is not installed
 * ``chatproxy.E004`` ``PERMISSION`` cannot be imported
+* ``chatproxy.E005`` ``CHATPROXY`` (or one of its sections) is not a dict
+* ``chatproxy.E006`` a ``LIMITS`` value is not a positive whole number
+* ``chatproxy.E007`` ``RESUME``: ``CACHE`` is not a configured cache alias, or ``TTL`` / ``GRACE`` is invalid
+* ``chatproxy.E008`` ``UPSTREAM.MODEL`` / ``MODELS`` / ``EXTRA_BODY`` has the wrong shape, or ``MODEL`` is not
+  among ``MODELS``
+* ``chatproxy.E009`` no ``ASGI_APPLICATION``: streaming needs ASGI (under WSGI responses are buffered)
+* ``chatproxy.E010`` chatproxy's WebSocket consumer is routed but Channels is not configured
+* ``chatproxy.E011`` a ``RECORDS`` value is invalid
 * ``chatproxy.W001`` no upstream API key is configured
+* ``chatproxy.W002`` an unknown key in ``CHATPROXY`` (probably a typo: it is ignored)
+* ``chatproxy.W003`` timeout-profile changes cannot reach other worker processes (per-process cache)
+* ``chatproxy.W004`` ``manage.py runserver`` would serve WSGI (``daphne`` is not in ``INSTALLED_APPS``)
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
 from typing import Any
 
+from django.conf import settings
 from django.core.checks import Error, Warning, register
 from django.utils.module_loading import import_string
 
-from chatproxy import conf
+from chatproxy import conf, profiles
+from chatproxy.records import RECORDS_DEFAULTS
 from chatproxy.upstream import INSTALL_CURRENT, INSTALL_LEGACY, detect_sdk
+
+SECTIONS = {**{k: v for k, v in conf.DEFAULTS.items() if isinstance(v, dict)}, "RECORDS": RECORDS_DEFAULTS}
+PER_PROCESS_CACHES = (
+    "django.core.cache.backends.locmem.LocMemCache",
+    "django.core.cache.backends.dummy.DummyCache",
+)
+CHAT_CONSUMER = "chatproxy.consumers.ChatConsumer"
 
 
 @register("chatproxy")
 def check_settings(app_configs: Any = None, **kwargs: Any) -> list[Any]:
-    problems: list[Any] = []
+    structure = _check_structure()
+    if structure:
+        return structure  # nothing else can be read
+    problems: list[Any] = _check_unknown_keys()
     config = conf.get_config()
-    try:
-        policy = conf.settings_policy()
-    except (TypeError, ValueError) as exc:
-        return [Error(f"CHATPROXY['TIMEOUTS'] has a value of the wrong type: {exc}", id="chatproxy.E001",
-                      hint="Timeouts are numbers of seconds; MAX_ATTEMPTS is a whole number.")]
-    for problem in policy.problems():
-        problems.append(Error(f"CHATPROXY['TIMEOUTS']: {problem}.", id="chatproxy.E001",
-                              hint="Fix the value in settings.CHATPROXY['TIMEOUTS'] (SPEC section 5)."))
+    problems += _check_timeouts()
 
     upstream = config["UPSTREAM"]
     if upstream["SDK"] not in conf.SDK_CHOICES or upstream["HTTP_CLIENT"] not in conf.HTTP_CLIENT_CHOICES:
@@ -48,6 +67,95 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[Any]:
     if not conf.upstream_api_key():
         problems.append(Warning("No upstream API key: set OPENAI_API_KEY or CHATPROXY['UPSTREAM']['API_KEY'].",
                                 id="chatproxy.W001"))
+    problems += _check_limits(config["LIMITS"])
+    problems += _check_resume(config["RESUME"])
+    problems += _check_models(upstream)
+    problems += _check_records({**RECORDS_DEFAULTS, **(config.get("RECORDS") or {})})
+    return problems
+
+
+@register("chatproxy")
+def check_deployment(app_configs: Any = None, **kwargs: Any) -> list[Any]:
+    problems: list[Any] = []
+    if not getattr(settings, "ASGI_APPLICATION", None):
+        problems.append(Error(
+            "ASGI_APPLICATION is not set: chatproxy streams need an ASGI server.",
+            id="chatproxy.E009",
+            hint="Under WSGI a streaming response is buffered whole and keepalives never leave. Set "
+                 "ASGI_APPLICATION = 'yourproject.asgi.application' and serve it with daphne or uvicorn.",
+        ))
+    elif _consumer_routed() and not _channels_configured():
+        problems.append(Error(
+            f"{CHAT_CONSUMER} is routed in {settings.ASGI_APPLICATION} but Channels is not configured.",
+            id="chatproxy.E010",
+            hint="Add 'channels' to INSTALLED_APPS and set CHANNEL_LAYERS (channels_redis for several workers, "
+                 "InMemoryChannelLayer for one process).",
+        ))
+    if settings.DEBUG and "daphne" not in settings.INSTALLED_APPS:
+        problems.append(Warning(
+            "'daphne' is not in INSTALLED_APPS: `manage.py runserver` serves WSGI, which buffers chat streams.",
+            id="chatproxy.W004",
+            hint="Put 'daphne' first in INSTALLED_APPS, or run an ASGI server (daphne, uvicorn) in development.",
+        ))
+    if not settings.DEBUG:
+        backend = settings.CACHES.get(profiles.CACHE_ALIAS, {}).get("BACKEND", "")
+        if backend in PER_PROCESS_CACHES:
+            reach = (f"only after up to {profiles.RELOAD_FALLBACK:g} s" if backend.endswith("DummyCache")
+                     else "never (each process has its own LocMemCache)")
+            problems.append(Warning(
+                f"The {profiles.CACHE_ALIAS!r} cache is {backend.rsplit('.', 1)[-1]}: a timeout-profile change made "
+                f"in the admin reaches other worker processes {reach}.",
+                id="chatproxy.W003",
+                hint=f"Use a cache shared by all workers for the {profiles.CACHE_ALIAS!r} alias (Redis, Memcached, "
+                     "the database or file cache). A single-process deployment can silence this check.",
+            ))
+    return problems
+
+
+def _check_structure() -> list[Any]:
+    user = getattr(settings, "CHATPROXY", None)
+    if user is None:
+        return []
+    if not isinstance(user, Mapping):
+        return [Error(f"settings.CHATPROXY must be a dict, not {type(user).__name__}.", id="chatproxy.E005",
+                      hint="CHATPROXY = {'UPSTREAM': {...}, 'TIMEOUTS': {...}} (SPEC section 5).")]
+    return [
+        Error(f"CHATPROXY[{name!r}] must be a dict, not {type(user[name]).__name__}.", id="chatproxy.E005",
+              hint=f"Known keys of CHATPROXY[{name!r}]: {', '.join(SECTIONS[name])}.")
+        for name in SECTIONS
+        if user.get(name) is not None and not isinstance(user[name], Mapping)
+    ]
+
+
+def _check_unknown_keys() -> list[Any]:
+    user = getattr(settings, "CHATPROXY", None) or {}
+    known_top = set(conf.DEFAULTS) | set(SECTIONS)
+    problems = []
+    for key in sorted(set(user) - known_top, key=str):
+        problems.append(Warning(f"Unknown key CHATPROXY[{key!r}] is ignored.", id="chatproxy.W002",
+                                hint=f"Known keys: {', '.join(sorted(known_top))}."))
+    for section, defaults in SECTIONS.items():
+        for key in sorted(set(user.get(section) or {}) - set(defaults), key=str):
+            problems.append(Warning(f"Unknown key CHATPROXY[{section!r}][{key!r}] is ignored.", id="chatproxy.W002",
+                                    hint=f"Known keys: {', '.join(defaults)}."))
+    return problems
+
+
+def _check_timeouts() -> list[Any]:
+    try:
+        policy = conf.settings_policy()
+    except (TypeError, ValueError) as exc:
+        return [Error(f"CHATPROXY['TIMEOUTS'] has a value of the wrong type: {exc}", id="chatproxy.E001",
+                      hint="Timeouts are numbers of seconds; MAX_ATTEMPTS is a whole number.")]
+    problems = []
+    for problem in policy.problems():
+        hint = "Fix the value in settings.CHATPROXY['TIMEOUTS'] (SPEC section 5)."
+        if problem.startswith("keepalive"):
+            hint = (f"Set KEEPALIVE well below GATEWAY (now {policy.gateway:g} s), e.g. "
+                    f"{policy.gateway / 4:g} s, or raise GATEWAY to your proxy's real idle timeout.")
+        elif problem.startswith(("stall", "first_token")):
+            hint = f"Lower it below DEADLINE (now {policy.deadline:g} s) or raise DEADLINE."
+        problems.append(Error(f"CHATPROXY['TIMEOUTS']: {problem}.", id="chatproxy.E001", hint=hint))
     return problems
 
 
@@ -64,3 +172,101 @@ def _check_sdk(wanted: str) -> list[Any]:
     need = INSTALL_LEGACY if wanted == "legacy" else INSTALL_CURRENT
     return [Error(f"CHATPROXY['UPSTREAM']['SDK'] is {wanted!r} but {found}.", id="chatproxy.E003",
                   hint=f"Install it: {need}, or change UPSTREAM.SDK.")]
+
+
+def _whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_limits(limits: Mapping[str, Any]) -> list[Any]:
+    return [
+        Error(f"CHATPROXY['LIMITS'][{key!r}] is {limits[key]!r}.", id="chatproxy.E006",
+              hint=f"Use a whole number of at least 1 (default {conf.DEFAULTS['LIMITS'][key]}).")
+        for key in conf.DEFAULTS["LIMITS"]
+        if not (_whole(limits.get(key)) and limits[key] >= 1)
+    ]
+
+
+def _check_resume(resume: Mapping[str, Any]) -> list[Any]:
+    problems = []
+    if resume.get("CACHE") not in settings.CACHES:
+        problems.append(Error(f"CHATPROXY['RESUME']['CACHE'] is {resume.get('CACHE')!r}, not a cache alias.",
+                              id="chatproxy.E007",
+                              hint=f"Use one of the aliases in settings.CACHES: {', '.join(settings.CACHES)}."))
+    if not (_whole(resume.get("TTL")) and resume["TTL"] >= 1):
+        problems.append(Error(f"CHATPROXY['RESUME']['TTL'] is {resume.get('TTL')!r}.", id="chatproxy.E007",
+                              hint="Use a whole number of seconds, at least 1 (default 600)."))
+    if not (_number(resume.get("GRACE")) and resume["GRACE"] >= 0):
+        problems.append(Error(f"CHATPROXY['RESUME']['GRACE'] is {resume.get('GRACE')!r}.", id="chatproxy.E007",
+                              hint="Use a number of seconds, 0 or more (default 30)."))
+    return problems
+
+
+def _check_models(upstream: Mapping[str, Any]) -> list[Any]:
+    problems = []
+    model, models = upstream.get("MODEL"), upstream.get("MODELS")
+    if not isinstance(model, str) or not model.strip():
+        problems.append(Error(f"CHATPROXY['UPSTREAM']['MODEL'] is {model!r}.", id="chatproxy.E008",
+                              hint="Name the model used when a request names none, e.g. 'gpt-4o-mini'."))
+    if models is not None:
+        if isinstance(models, str) or not isinstance(models, (list, tuple)) or not all(
+            isinstance(m, str) and m.strip() for m in models
+        ):
+            problems.append(Error(f"CHATPROXY['UPSTREAM']['MODELS'] is {models!r}.", id="chatproxy.E008",
+                                  hint="Use a list of model names, or None to allow any model."))
+        elif isinstance(model, str) and model not in models:
+            problems.append(Error(f"CHATPROXY['UPSTREAM']['MODEL'] {model!r} is not among MODELS.",
+                                  id="chatproxy.E008",
+                                  hint="Add it to MODELS, or requests that name no model are refused."))
+    if not isinstance(upstream.get("EXTRA_BODY"), Mapping):
+        problems.append(Error(f"CHATPROXY['UPSTREAM']['EXTRA_BODY'] is {upstream.get('EXTRA_BODY')!r}.",
+                              id="chatproxy.E008", hint="Use a dict (merged into every upstream request), or {}."))
+    return problems
+
+
+def _check_records(records: Mapping[str, Any]) -> list[Any]:
+    problems = []
+    if not isinstance(records.get("ENABLED"), bool):
+        problems.append(Error(f"CHATPROXY['RECORDS']['ENABLED'] is {records.get('ENABLED')!r}.",
+                              id="chatproxy.E011", hint="Use True or False."))
+    days = records.get("RETENTION_DAYS")
+    if not (_number(days) and days > 0):
+        problems.append(Error(f"CHATPROXY['RECORDS']['RETENTION_DAYS'] is {days!r}.", id="chatproxy.E011",
+                              hint="Use a positive number of days (default 30)."))
+    return problems
+
+
+def _consumer_routed() -> bool:
+    """Whether ASGI_APPLICATION routes chatproxy's ChatConsumer (False if it cannot be imported)."""
+    try:
+        app = import_string(settings.ASGI_APPLICATION)
+    except Exception:
+        return False
+    return _routes_consumer(app, depth=0, seen=set())
+
+
+def _routes_consumer(node: Any, depth: int, seen: set[int]) -> bool:
+    if node is None or depth > 12 or id(node) in seen:
+        return False
+    seen.add(id(node))
+    consumer = getattr(node, "consumer_class", None)
+    if consumer is not None and f"{consumer.__module__}.{consumer.__qualname__}" == CHAT_CONSUMER:
+        return True
+    children: list[Any] = []
+    mapping = getattr(node, "application_mapping", None)
+    if isinstance(mapping, Mapping):
+        children += mapping.values()
+    for attr in ("application", "inner", "app"):
+        children.append(getattr(node, attr, None))
+    for route in getattr(node, "routes", None) or ():
+        children.append(getattr(route, "callback", None))
+    return any(_routes_consumer(child, depth + 1, seen) for child in children)
+
+
+def _channels_configured() -> bool:
+    layers = getattr(settings, "CHANNEL_LAYERS", None)
+    return "channels" in settings.INSTALLED_APPS and isinstance(layers, Mapping) and "default" in layers

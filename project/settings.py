@@ -11,6 +11,8 @@ Environment variables (all optional):
 ``DJANGO_DB_PATH``                the SQLite file, default db.sqlite3 in the repository root
 ``REDIS_URL``                     e.g. "redis://127.0.0.1:6379/0": Redis channel layer and cache
                                   (several workers, resumable streams); in-memory otherwise
+``DJANGO_CACHE_DIR``              without REDIS_URL: a directory for a file-based cache shared by the
+                                  processes of one machine (e.g. two test servers); in-memory otherwise
 ``OPENAI_API_KEY``                set: stream from the real API; unset: from the simulator
 ``OPENAI_BASE_URL``               an OpenAI-compatible server instead of the SDK's default
 ``CHATPROXY_MODEL``               model used with the real API, default "gpt-4o-mini"
@@ -131,6 +133,13 @@ else:
     # One process only: fine for the demo, not for several workers (SPEC section 9).
     CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
     CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
+    if os.environ.get("DJANGO_CACHE_DIR", "").strip():
+        CACHES = {
+            "default": {
+                "BACKEND": "django.core.cache.backends.filebased.FileBasedCache",
+                "LOCATION": os.environ["DJANGO_CACHE_DIR"].strip(),
+            }
+        }
 
 AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
