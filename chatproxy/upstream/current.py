@@ -82,8 +82,10 @@ def _transport_errors() -> tuple[tuple[type[BaseException], ...], tuple[type[Bas
     Timeouts are also transport errors. httpx wraps httpcore's exceptions, and openai's aiohttp
     transport wraps aiohttp's, keeping the original as ``__cause__``: both generations are listed.
     """
-    timeouts: list[type[BaseException]] = [TimeoutError]  # aiohttp's timeouts subclass it
-    errors: list[type[BaseException]] = [OSError, asyncio.IncompleteReadError]
+    # TimeoutError: aiohttp's timeouts subclass it. The SDK's own classes only appear if a future
+    # SDK wraps raw body reads the way it wraps its parsed streams.
+    timeouts: list[type[BaseException]] = [TimeoutError, openai.APITimeoutError]
+    errors: list[type[BaseException]] = [OSError, asyncio.IncompleteReadError, openai.APIConnectionError]
     # openai 3 uses httpx2/httpcore2; openai 1 and 2 use httpx/httpcore.
     for httpx_name, httpcore_name in (("httpx2", "httpcore2"), ("httpx", "httpcore")):
         try:
