@@ -8,13 +8,15 @@ Closing the socket closes every stream it opened (and so their upstream connecti
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
 from channels.generic.websocket import AsyncWebsocketConsumer
 
+from chatproxy import resume
 from chatproxy.auth import permitted
-from chatproxy.core import ChatStream
+from chatproxy.core import ChatStream, Event
 from chatproxy.service import open_stream
 from chatproxy.sse import event_data
 from chatproxy.validation import InvalidRequest, parse_native_request
@@ -28,21 +30,24 @@ KEEPALIVE_FRAME = '{"type":"keepalive"}'
 class ChatConsumer(AsyncWebsocketConsumer):
     """``ws/chat/``: ``chat`` / ``cancel`` frames in, stream events out."""
 
-    streams: dict[str, tuple[ChatStream, asyncio.Task[None]]]
+    #: request_id -> (the stream, or None for a resumed remote one; the relay task)
+    streams: dict[str, tuple[ChatStream | None, asyncio.Task[None]]]
 
     async def connect(self) -> None:
         self.streams = {}
+        self.stream_ids: dict[str, str] = {}
         if not await permitted(self.scope):
             await self.close(code=CLOSE_FORBIDDEN)
             return
         await self.accept()
 
     async def disconnect(self, code: int) -> None:
-        streams = list(getattr(self, "streams", {}).values())
+        # Stop relaying; each stream then waits RESUME.GRACE seconds for a resume before it stops.
+        relays = [task for _, task in getattr(self, "streams", {}).values()]
         self.streams = {}
-        for stream, task in streams:
+        for task in relays:
             task.cancel()
-            await stream.aclose()
+        await asyncio.gather(*relays, return_exceptions=True)
 
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
         raw = text_data if text_data is not None else bytes_data
@@ -62,13 +67,43 @@ class ChatConsumer(AsyncWebsocketConsumer):
         if kind == "chat":
             await self.start_chat(frame)
         elif kind == "cancel":
-            entry = self.streams.get(request_id) if isinstance(request_id, str) else None
-            if entry is None:
-                await self.send_error("No running request with that 'request_id'.", request_id)
-            else:
-                entry[0].cancel()  # the stream ends with error/cancelled, relayed as usual
+            await self.cancel_request(request_id)
+        elif kind == "resume":
+            await self.resume_stream(frame)
         else:
-            await self.send_error("Unknown frame 'type': use 'chat' or 'cancel'.", request_id)
+            await self.send_error("Unknown frame 'type': use 'chat', 'cancel' or 'resume'.", request_id)
+
+    async def cancel_request(self, request_id: Any) -> None:
+        entry = self.streams.get(request_id) if isinstance(request_id, str) else None
+        if entry is None:
+            await self.send_error("No running request with that 'request_id'.", request_id)
+        elif entry[0] is not None:
+            entry[0].cancel()  # the stream ends with error/cancelled, relayed as usual
+        else:
+            await resume.cancel(self.stream_ids[request_id], self.scope.get("user"))
+
+    async def resume_stream(self, frame: dict[str, Any]) -> None:
+        stream_id, after = frame.get("stream_id"), frame.get("last_event_id", 0)
+        request_id = frame.get("request_id")
+        if not isinstance(stream_id, str) or isinstance(after, bool) or not isinstance(after, int) or after < 0:
+            await self.send_error("'resume' needs 'stream_id' (string) and 'last_event_id' (whole number).", request_id)
+            return
+        if not isinstance(request_id, str) or not request_id:
+            request_id = stream_id
+        if request_id in self.streams:
+            await self.send_error("A request with this 'request_id' is already running.", request_id)
+            return
+        try:
+            events = await resume.open_replay(stream_id, self.scope.get("user"), after)
+        except resume.StreamNotFound:
+            frame_out = {"type": "error", "code": "not_found", "request_id": request_id, "stream_id": stream_id,
+                         "message": "That answer can no longer be resumed."}
+            await self.send(text_data=orjson.dumps(frame_out).decode())
+            return
+        local = resume.journal().local(stream_id)
+        self.stream_ids[request_id] = stream_id
+        task = asyncio.get_running_loop().create_task(self.relay(request_id, stream_id, events))
+        self.streams[request_id] = (local, task)
 
     async def start_chat(self, frame: dict[str, Any]) -> None:
         request_id = frame.get("request_id")
@@ -84,24 +119,32 @@ class ChatConsumer(AsyncWebsocketConsumer):
         except InvalidRequest as exc:
             await self.send_error(exc.message, request_id)
             return
-        stream = open_stream(chat_request)
-        task = asyncio.get_running_loop().create_task(self.relay(request_id, stream))
+        reader = await open_stream(chat_request, user=self.scope.get("user"), resumable=True)
+        stream = reader.stream
+        self.stream_ids[request_id] = stream.stream_id
+        task = asyncio.get_running_loop().create_task(self.relay(request_id, stream.stream_id, reader))
         self.streams[request_id] = (stream, task)
 
-    async def relay(self, request_id: str, stream: ChatStream) -> None:
+    async def relay(self, request_id: str, stream_id: str, events: AsyncIterator[Event]) -> None:
         """Send one stream's events as frames until it ends."""
-        head = {"request_id": request_id, "stream_id": stream.stream_id}
+        head = {"request_id": request_id, "stream_id": stream_id}
         try:
-            async for event in stream:
+            async for event in events:
                 if event.name == "keepalive":
                     await self.send(text_data=KEEPALIVE_FRAME)
                     continue
                 frame = {"type": event.name, **head, "seq": event.seq, **event_data(event)}
                 await self.send(text_data=orjson.dumps(frame).decode())
         finally:
-            if self.streams.get(request_id, (None,))[0] is stream:
+            entry = self.streams.get(request_id)
+            if entry is not None and entry[1] is asyncio.current_task():
                 del self.streams[request_id]
-            await stream.aclose()
+                self.stream_ids.pop(request_id, None)
+            close = getattr(events, "close", None) or getattr(events, "aclose", None)
+            if close is not None:
+                result = close()
+                if asyncio.iscoroutine(result):
+                    await result
 
     async def send_error(self, message: str, request_id: Any = None) -> None:
         frame: dict[str, Any] = {"type": "error", "code": "bad_request", "message": message}

@@ -38,7 +38,6 @@ import asyncio
 import logging
 import random
 import uuid
-from collections import deque
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -57,6 +56,10 @@ from chatproxy.upstream.base import Upstream, UpstreamRequest
 
 logger = logging.getLogger("chatproxy.core")
 
+# Memory holds at most about this many events beyond what every reader and the store have.
+_TRIM_AT = 256
+_NO_PERSISTENCE = 1 << 62  # "everything is persisted": readers alone decide what memory keeps
+
 # How far past chatproxy's own watchdogs the SDK's socket-read timeout sits: it is only a safety net.
 READ_TIMEOUT_MARGIN = 5.0
 
@@ -64,7 +67,7 @@ READ_TIMEOUT_MARGIN = 5.0
 class Event:
     """One stream event. ``data`` is the JSON-ready payload (None for keepalive)."""
 
-    __slots__ = ("seq", "name", "data")
+    __slots__ = ("data", "name", "seq")
 
     def __init__(self, seq: int, name: str, data: dict[str, Any] | None) -> None:
         self.seq = seq
@@ -102,10 +105,6 @@ class StreamStats:
     duration: float = 0.0
 
 
-class _Cancelled(Exception):
-    """Internal: the stream was cancelled by its owner."""
-
-
 class ChatStream:
     """One resilient streamed answer. See the module docstring.
 
@@ -114,6 +113,12 @@ class ChatStream:
     ``on_finish`` is called once with the stream when it ends (records, signals); exceptions
     from it are logged and never break the stream. ``on_retry(stream, reason, attempt, delay)`` is
     called as each ``retry`` event is emitted (signals); it must not raise.
+
+    Readers: iterating the stream itself reads through one default subscription; more readers
+    (a resumed client, an event store) call :meth:`subscribe`. When the last *client*
+    subscription closes before the end, generation goes on for ``grace`` seconds waiting for a
+    new client, then the stream is cancelled (``grace=0``: at once). ``persistent=True`` keeps
+    every event in memory until :meth:`mark_persisted` says an event store has it.
     """
 
     def __init__(
@@ -126,6 +131,8 @@ class ChatStream:
         allow_reset: bool = True,
         on_finish: Callable[[ChatStream], Any] | None = None,
         on_retry: Callable[[ChatStream, str, int, float], Any] | None = None,
+        grace: float = 0.0,
+        persistent: bool = False,
         rng: Callable[[], float] = random.random,
     ) -> None:
         self.upstream = upstream
@@ -138,8 +145,16 @@ class ChatStream:
         self._on_retry = on_retry
         self._rng = rng
 
-        self._buffer: deque[Event] = deque()
-        self._waiter: asyncio.Future[None] | None = None
+        # The event log: events with seq > _log_base, in order (keepalives are not logged).
+        self._log: list[Event] = []
+        self._log_base = 0
+        # Events up to this seq are safe elsewhere (an event store) and may be dropped from memory.
+        self._persisted_seq = 0 if persistent else _NO_PERSISTENCE
+        self._subscriptions: set[Subscription] = set()
+        self._clients = 0  # subscriptions that are clients (not the event store)
+        self._grace = grace
+        self._grace_timer: asyncio.TimerHandle | None = None
+        self._default: Subscription | None = None
         self._seq = 0
         self._finished = False  # the terminal event was emitted
         self._pump: asyncio.Task[None] | None = None
@@ -174,19 +189,72 @@ class ChatStream:
         return self
 
     async def __anext__(self) -> Event:
+        if self._default is None:
+            self._default = self.subscribe()
+        return await self._default.__anext__()
+
+    def subscribe(self, after: int = 0, *, client: bool = True) -> Subscription:
+        """A reader of the events with ``seq > after``, then live ones (and keepalives, for clients).
+
+        Raises :class:`EventsDropped` if some of those events are no longer in memory (they were
+        persisted: read them from the store first, then subscribe after the last one read).
+        """
         if self._pump is None:
             self.start()
-        buffer = self._buffer
-        while not buffer:
-            if self._finished:
-                raise StopAsyncIteration
+        if after < self._log_base:
+            raise EventsDropped(self._log_base)
+        subscription = Subscription(self, after, client)
+        self._subscriptions.add(subscription)
+        if client:
+            self._clients += 1
+            if self._grace_timer is not None:
+                self._grace_timer.cancel()
+                self._grace_timer = None
+        return subscription
+
+    def _detach(self, subscription: Subscription) -> None:
+        if subscription not in self._subscriptions:
+            return
+        self._subscriptions.discard(subscription)
+        if not subscription.client:
+            return
+        self._clients -= 1
+        if self._clients or self._finished:
+            return
+        if self._grace > 0:
             assert self._loop is not None
-            self._waiter = self._loop.create_future()
-            try:
-                await self._waiter
-            finally:
-                self._waiter = None
-        return buffer.popleft()
+            self._grace_timer = self._loop.call_later(self._grace, self._grace_expired)
+        else:
+            self.cancel()
+
+    def _grace_expired(self) -> None:
+        self._grace_timer = None
+        if not self._clients:
+            self.cancel()
+
+    @property
+    def last_seq(self) -> int:
+        return self._seq
+
+    def events_after(self, after: int) -> list[Event]:
+        """The logged events with ``seq > after`` still in memory."""
+        return self._log[max(0, after - self._log_base) :]
+
+    def mark_persisted(self, seq: int) -> None:
+        """Events up to ``seq`` are in the store; memory may drop them once every reader has them."""
+        self._persisted_seq = max(self._persisted_seq, seq)
+        self._trim()
+
+    def _trim(self) -> None:
+        if not self._subscriptions:
+            return  # nobody has read anything yet
+        keep_from = self._persisted_seq
+        for subscription in self._subscriptions:
+            keep_from = min(keep_from, subscription.next_seq - 1)
+        drop = keep_from - self._log_base
+        if drop > 0:
+            del self._log[:drop]
+            self._log_base += drop
 
     @property
     def finished(self) -> bool:
@@ -218,12 +286,20 @@ class ChatStream:
         self._push(Event(self._seq, name, data))
 
     def _push(self, event: Event) -> None:
-        self._buffer.append(event)
         assert self._loop is not None
         self._last_emit = self._loop.time()
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        if event is KEEPALIVE:
+            for subscription in self._subscriptions:
+                if subscription.client:
+                    subscription.keepalive = True
+                    subscription.wake()
+            return
+        log = self._log
+        log.append(event)
+        for subscription in self._subscriptions:
+            subscription.wake()
+        if len(log) > _TRIM_AT:
+            self._trim()
 
     def _emit_text(self, text: str) -> None:
         self._sent.append(text)
@@ -236,12 +312,12 @@ class ChatStream:
     def _finish(self, name: str, data: dict[str, Any]) -> None:
         if self._finished:
             return
-        self._emit(name, data)
         self._finished = True
         self.stats.outcome = "done" if name == "done" else data["code"]
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        if self._grace_timer is not None:
+            self._grace_timer.cancel()
+            self._grace_timer = None
+        self._emit(name, data)
 
     # ------------------------------------------------------------------ the timer
 
@@ -440,6 +516,78 @@ class ChatStream:
                 await stream.aclose()
 
 
+class EventsDropped(Exception):
+    """The asked-for events were persisted and dropped from memory; ``first_seq - 1`` is the last dropped."""
+
+    def __init__(self, log_base: int) -> None:
+        super().__init__(f"events up to seq {log_base} are no longer in memory")
+        self.log_base = log_base
+
+
+class Subscription:
+    """One reader's cursor into a :class:`ChatStream`'s events. Iterate it; :meth:`close` when done."""
+
+    __slots__ = ("_waiter", "client", "keepalive", "next_seq", "stream")
+
+    def __init__(self, stream: ChatStream, after: int, client: bool) -> None:
+        self.stream = stream
+        self.next_seq = after + 1
+        self.client = client
+        self.keepalive = False
+        self._waiter: asyncio.Future[None] | None = None
+
+    def wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def __aiter__(self) -> Subscription:
+        return self
+
+    async def __anext__(self) -> Event:
+        stream = self.stream
+        while True:
+            index = self.next_seq - stream._log_base - 1
+            if index < len(stream._log):
+                self.next_seq += 1
+                self.keepalive = False  # a real event makes a pending keepalive moot
+                return stream._log[index]
+            if self.keepalive:
+                self.keepalive = False
+                return KEEPALIVE
+            if stream._finished:
+                raise StopAsyncIteration
+            assert stream._loop is not None
+            self._waiter = stream._loop.create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+
+    def pending(self) -> list[Event]:
+        """Take every event available now without waiting (for batching readers)."""
+        stream = self.stream
+        events = stream._log[self.next_seq - stream._log_base - 1 :]
+        self.next_seq += len(events)
+        return events
+
+    async def wait(self) -> None:
+        """Wait until an event is available or the stream has finished."""
+        stream = self.stream
+        if self.next_seq - stream._log_base - 1 < len(stream._log) or stream._finished:
+            return
+        assert stream._loop is not None
+        self._waiter = stream._loop.create_future()
+        try:
+            await self._waiter
+        finally:
+            self._waiter = None
+
+    def close(self) -> None:
+        """Stop reading. The last client leaving starts the stream's grace period."""
+        self.stream._detach(self)
+
+
 class _Diverged(Exception):
     """Internal: a restart diverged and the transport cannot express ``reset``."""
 
@@ -447,7 +595,7 @@ class _Diverged(Exception):
 class _Joiner:
     """Joins a retry attempt's text onto what the consumer already has (restart / continue)."""
 
-    __slots__ = ("stream", "mode", "prefix", "matched", "held", "joined")
+    __slots__ = ("held", "joined", "matched", "mode", "prefix", "stream")
 
     # A continuation's overlap is looked for in the first this-many characters.
     OVERLAP_WINDOW = 64

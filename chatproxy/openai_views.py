@@ -25,7 +25,7 @@ from django.views.decorators.csrf import csrf_exempt
 from chatproxy import sse
 from chatproxy.auth import AuthFailure, authorize
 from chatproxy.conf import get_config
-from chatproxy.core import ChatStream, Event
+from chatproxy.core import Event, Subscription
 from chatproxy.messages import friendly_message
 from chatproxy.service import open_stream
 from chatproxy.validation import InvalidRequest, parse_openai_request
@@ -74,8 +74,8 @@ async def chat_completions(request: HttpRequest) -> HttpResponse:
     except InvalidRequest as exc:
         return openai_error(exc.status, exc.message, type_="invalid_request_error", code=exc.code, param=exc.param)
 
-    stream = open_stream(chat_request, allow_reset=False)
-    wire = _Wire(stream, include_usage)
+    reader = await open_stream(chat_request, user=request.user, allow_reset=False)
+    wire = _Wire(reader, include_usage)
     if streaming:
         return StreamingHttpResponse(wire.chunks(), content_type="text/event-stream", headers=SSE_HEADERS)
     return await wire.completion()
@@ -97,8 +97,9 @@ async def models(request: HttpRequest) -> HttpResponse:
 class _Wire:
     """One stream's events in OpenAI's shapes."""
 
-    def __init__(self, stream: ChatStream, include_usage: bool) -> None:
-        self.stream = stream
+    def __init__(self, reader: Subscription, include_usage: bool) -> None:
+        self.reader = reader
+        stream = reader.stream
         self.include_usage = include_usage
         self.id = f"chatcmpl-{stream.stream_id}"
         self.created = int(time.time())
@@ -113,10 +114,9 @@ class _Wire:
         return b"data: " + orjson.dumps({**self._head, "choices": choices, **extra}) + b"\n\n"
 
     async def chunks(self) -> AsyncIterator[bytes]:
-        stream = self.stream
         yield sse.OPEN_COMMENT
         try:
-            async for event in stream:
+            async for event in self.reader:
                 name = event.name
                 if name == "delta":
                     yield self._delta_prefix + orjson.dumps(event.data["text"]) + self._delta_suffix  # type: ignore[index]
@@ -136,16 +136,15 @@ class _Wire:
                     yield b"data: " + orjson.dumps(_error_object(_code(event))) + b"\n\n"
                 # retry / reset: invisible here (reset cannot happen: allow_reset=False)
         finally:
-            await stream.aclose()
+            self.reader.close()  # not resumable: the stream stops and closes its upstream now
 
     async def completion(self) -> HttpResponse:
         """Collect the answer; answer normally if it is quick, else keep the connection warm."""
-        stream = self.stream
         keepalive_seen = False
         parts: list[str] = []
         final: Event | None = None
         try:
-            async for event in stream:
+            async for event in self.reader:
                 if event.name == "delta":
                     parts.append(event.data["text"])  # type: ignore[index]
                 elif event.name == "keepalive":
@@ -156,7 +155,7 @@ class _Wire:
             if not keepalive_seen:
                 return self._final_response(final, parts)
         except BaseException:
-            await stream.aclose()
+            self.reader.close()
             raise
         # Slow answer: commit to 200 now and send whitespace until it is ready.
         return StreamingHttpResponse(self._warm_body(parts), content_type="application/json")
@@ -165,7 +164,7 @@ class _Wire:
         final: Event | None = None
         yield b" "
         try:
-            async for event in self.stream:
+            async for event in self.reader:
                 if event.name == "delta":
                     parts.append(event.data["text"])  # type: ignore[index]
                 elif event.name == "keepalive":
@@ -173,7 +172,7 @@ class _Wire:
                 elif event.name in ("done", "error"):
                     final = event
         finally:
-            await self.stream.aclose()
+            self.reader.close()
         yield self._final_response(final, parts).content
 
     def _final_response(self, final: Event | None, parts: list[str]) -> JsonResponse:

@@ -8,11 +8,13 @@ dropped when ``CHATPROXY`` changes.
 from __future__ import annotations
 
 import asyncio
+import functools
 import weakref
 from typing import Any
 
+from chatproxy import profiles, records, signals
 from chatproxy.conf import get_config, resolve_policy, upstream_api_key
-from chatproxy.core import ChatRequest, ChatStream
+from chatproxy.core import ChatRequest, ChatStream, Subscription
 from chatproxy.upstream import build_upstream
 from chatproxy.upstream.base import Upstream
 
@@ -41,7 +43,44 @@ def forget_upstreams(**kwargs: Any) -> None:
         _upstreams.clear()
 
 
-def open_stream(request: ChatRequest, *, allow_reset: bool = True, options: dict[str, Any] | None = None) -> ChatStream:
-    """A started :class:`ChatStream` for ``request`` under the policy resolved for its model."""
+async def open_stream(
+    request: ChatRequest,
+    *,
+    user: Any = None,
+    allow_reset: bool = True,
+    resumable: bool = False,
+    options: dict[str, Any] | None = None,
+) -> Subscription:
+    """Start a :class:`ChatStream` for ``user``'s ``request``; returns its first client's reader.
+
+    The reader exists before any event does, so it sees them all (``reader.stream`` is the
+    stream; closing the reader is how the client leaves).
+
+    ``resumable``: its events are journaled (``RESUME.CACHE``) so the owner can replay them from
+    any worker, and when its last client leaves it keeps generating for ``RESUME.GRACE`` seconds
+    waiting for a resume. Otherwise the stream stops as soon as its client leaves.
+    """
+    await profiles.arefresh()  # at most one cache read; a query only after a profile changed
     policy = resolve_policy(request.model, options)
-    return ChatStream(get_upstream(), request, policy, allow_reset=allow_reset).start()
+    grace = float(get_config()["RESUME"]["GRACE"]) if resumable else 0.0
+    stream = ChatStream(
+        get_upstream(), request, policy, allow_reset=allow_reset, grace=grace, persistent=resumable,
+        on_finish=functools.partial(_finished, user), on_retry=_retried,
+    )
+    reader = stream.subscribe()  # before any event exists, so the first client sees them all
+    signals.send(signals.stream_started, stream, user=user)
+    if resumable:
+        from chatproxy import resume
+
+        await resume.track(stream, user)
+    return reader
+
+
+def _retried(stream: ChatStream, reason: str, attempt: int, delay: float) -> None:
+    signals.send(signals.stream_retry, stream, attempt=attempt, reason=reason, delay=delay)
+
+
+def _finished(user: Any, stream: ChatStream) -> None:
+    # In the stream's pump task, after its last event: queue the record, dispatch the signal.
+    records.record_stream(stream, user)
+    signals.send(signals.stream_finished, stream, user=user, stats=stream.stats)

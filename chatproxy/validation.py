@@ -145,8 +145,7 @@ def parse_native_request(body: Any) -> ChatRequest:
     )
 
 
-# Fields of the OpenAI request body chatproxy can honour or safely ignore.
-OPENAI_IGNORED = frozenset({"user", "metadata", "store", "logprobs", "top_logprobs", "service_tier", "parallel_tool_calls"})
+# Fields of the OpenAI request body that change the answer's shape and so cannot be honoured here.
 OPENAI_REFUSED = ("tools", "tool_choice", "functions", "function_call", "response_format", "audio", "modalities")
 
 

@@ -15,9 +15,9 @@ import orjson
 from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
 from django.views.decorators.csrf import csrf_exempt
 
-from chatproxy import sse
+from chatproxy import resume, sse
 from chatproxy.auth import AuthFailure, authorize
-from chatproxy.core import ChatStream
+from chatproxy.core import Event, Subscription
 from chatproxy.service import open_stream
 from chatproxy.validation import InvalidRequest, max_body_bytes, parse_native_request
 
@@ -62,17 +62,68 @@ async def stream_view(request: HttpRequest) -> HttpResponse:
     except InvalidRequest as exc:
         return error_response(exc.status, exc.code, exc.message)
 
-    stream = open_stream(chat_request)
-    response = StreamingHttpResponse(_sse_body(stream), content_type="text/event-stream", headers=SSE_HEADERS)
-    return response
+    reader = await open_stream(chat_request, user=request.user, resumable=True)
+    return sse_response(_live_events(reader))
 
 
-async def _sse_body(stream: ChatStream) -> AsyncIterator[bytes]:
-    yield sse.OPEN
+async def _live_events(reader: Subscription) -> AsyncIterator[Event]:
     try:
-        encode = sse.encode
-        async for event in stream:
-            yield encode(event)
+        async for event in reader:
+            yield event
     finally:
-        # Normal end, client gone (Django cancels us), or server shutdown: the upstream closes now.
-        await stream.aclose()
+        # Normal end, client gone (Django cancels us), or server shutdown. A resumable stream
+        # keeps generating for RESUME.GRACE seconds waiting for a resume, then stops.
+        reader.close()
+
+
+def sse_response(events: AsyncIterator[Event]) -> StreamingHttpResponse:
+    return StreamingHttpResponse(_sse_body(events), content_type="text/event-stream", headers=SSE_HEADERS)
+
+
+async def _sse_body(events: AsyncIterator[Event]) -> AsyncIterator[bytes]:
+    yield sse.OPEN
+    encode = sse.encode
+    async for event in events:
+        yield encode(event)
+
+
+def _last_event_id(request: HttpRequest) -> int | None:
+    raw = request.headers.get("Last-Event-ID") or request.GET.get("last_event_id") or "0"
+    return int(raw) if raw.isdigit() and len(raw) < 12 else None
+
+
+async def resume_view(request: HttpRequest, stream_id: str) -> HttpResponse:
+    """``GET /chat/stream/<id>/``: the events after ``Last-Event-ID``, then live ones."""
+    if request.method != "GET":
+        response = error_response(405, "bad_request", "Use GET, with a Last-Event-ID header.")
+        response["Allow"] = "GET"
+        return response
+    try:
+        await authorize(request)
+    except AuthFailure as exc:
+        return error_response(exc.status, exc.code, exc.message)
+    after = _last_event_id(request)
+    if after is None:
+        return error_response(400, "bad_request", "Last-Event-ID must be a whole number (the last 'id' you received).")
+    try:
+        events = await resume.open_replay(stream_id, request.user, after)
+    except resume.StreamNotFound:
+        return error_response(404, "not_found", "No such stream: it ended more than RESUME.TTL ago, or never existed.")
+    return sse_response(events)
+
+
+@csrf_exempt  # enforced by authorize() for session users, answered as JSON
+async def cancel_view(request: HttpRequest, stream_id: str) -> HttpResponse:
+    """``POST /chat/stream/<id>/cancel/``: stop generating (the stream ends with ``cancelled``)."""
+    if request.method != "POST":
+        response = error_response(405, "bad_request", "Use POST.")
+        response["Allow"] = "POST"
+        return response
+    try:
+        await authorize(request)
+        await resume.cancel(stream_id, request.user)
+    except AuthFailure as exc:
+        return error_response(exc.status, exc.code, exc.message)
+    except resume.StreamNotFound:
+        return error_response(404, "not_found", "No such stream.")
+    return JsonResponse({"stream_id": stream_id, "status": "cancelling"}, status=202)

@@ -17,6 +17,7 @@ Environment variables (all optional):
 ``OPENAI_BASE_URL``               an OpenAI-compatible server instead of the SDK's default
 ``CHATPROXY_MODEL``               model used with the real API, default "gpt-4o-mini"
 ``CHATPROXY_SIMULATOR_URL``       the simulator's base URL, default "http://127.0.0.1:8001/v1"
+``CHATPROXY_RESUME``              a JSON object merged into CHATPROXY["RESUME"], e.g. '{"GRACE": 0.5}'
 ``CHATPROXY_TIMEOUTS``            a JSON object merged into CHATPROXY["TIMEOUTS"], e.g.
                                   '{"STALL": 0.5, "KEEPALIVE": 0.2}' (tests use tiny values)
 ================================  ===================================================================
@@ -209,3 +210,6 @@ CHATPROXY: dict[str, Any] = {
 _timeouts = _env_json_object("CHATPROXY_TIMEOUTS")
 if _timeouts:
     CHATPROXY["TIMEOUTS"] = _timeouts
+_resume = _env_json_object("CHATPROXY_RESUME")
+if _resume:
+    CHATPROXY["RESUME"] = _resume

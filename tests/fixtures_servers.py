@@ -24,6 +24,7 @@ LIVE_TIMEOUTS = {
     "KEEPALIVE": 0.3,
     "GATEWAY": 2.0,
 }
+LIVE_RESUME = {"GRACE": 0.6, "TTL": 60}
 
 
 @pytest.fixture(scope="session")
@@ -32,6 +33,7 @@ def daphne(simulator):
         {
             "CHATPROXY_SIMULATOR_URL": simulator.base_url,
             "CHATPROXY_TIMEOUTS": json.dumps(LIVE_TIMEOUTS),
+            "CHATPROXY_RESUME": json.dumps(LIVE_RESUME),
             "DJANGO_DEBUG": "1",
             "DJANGO_LOG_LEVEL": "WARNING",
         }

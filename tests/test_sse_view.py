@@ -9,7 +9,7 @@ import time
 import aiohttp
 import pytest
 
-from tests.fixtures_servers import LIVE_TIMEOUTS
+from tests.fixtures_servers import LIVE_RESUME, LIVE_TIMEOUTS
 from tests.sseclient import read_sse
 
 pytestmark = pytest.mark.upstream
@@ -80,17 +80,22 @@ async def test_upstream_failure_is_one_friendly_error(client, sim):
     assert "sk-" not in result.body.decode()
 
 
-async def test_client_disconnect_closes_the_upstream(client, sim):
+async def test_client_disconnect_stops_the_upstream_after_the_grace_period(client, sim):
     async with client.post("/chat/stream/", json=chat("chunks=400 gap=0.02")) as response:
         await read_sse(response, time.monotonic(), stop_after="delta")
-    # Leaving the block closed the connection: Django cancels the view, which closes upstream.
-    await sim.await_until(lambda s: s["total_requests"] == 1 and s["active_requests"] == 0, timeout=1.0)
+    left = time.monotonic()
+    # Generation goes on for RESUME.GRACE waiting for a resume, then the upstream closes at once.
+    await asyncio.sleep(LIVE_RESUME["GRACE"] / 2)
+    assert sim.stats()["active_requests"] == 1
+    await sim.await_until(lambda s: s["total_requests"] == 1 and s["active_requests"] == 0, timeout=2.0)
+    closed = sim.stats()["requests"][0]["closed"] - sim.stats()["requests"][0]["started"]
+    assert time.monotonic() - left <= LIVE_RESUME["GRACE"] + 1.0 and closed < 8.0
 
 
-async def test_cancelled_during_a_stall_closes_the_upstream(client, sim):
+async def test_cancelled_during_a_stall_stops_the_upstream(client, sim):
     async with client.post("/chat/stream/", json=chat("chunks=10 stall_after=2 stall=30 times=1")) as response:
         await read_sse(response, time.monotonic(), stop_after="delta")
-    await sim.await_until(lambda s: s["active_requests"] == 0, timeout=1.0)
+    await sim.await_until(lambda s: s["active_requests"] == 0, timeout=LIVE_RESUME["GRACE"] + 1.0)
 
 
 async def test_concurrent_streams(client, sim):

@@ -16,6 +16,7 @@ from project.asgi import application
 pytestmark = pytest.mark.upstream
 _unique = itertools.count()
 RECEIVE = 5.0  # seconds; a generous cap per frame, never a sleep
+GRACE = 0.4  # RESUME.GRACE: how long a stream outlives its socket waiting for a resume
 
 
 @pytest.fixture
@@ -25,6 +26,7 @@ def chatproxy_settings(sim, settings):
         "TIMEOUTS": {"FIRST_TOKEN": 1.0, "STALL": 0.5, "KEEPALIVE": 0.25, "GATEWAY": 2.0,
                      "BACKOFF_INITIAL": 0.05, "BACKOFF_MAX": 0.2},
         "PERMISSION": "chatproxy.permissions.allow_any",
+        "RESUME": {"GRACE": GRACE},
     }
     return settings
 
@@ -117,7 +119,7 @@ async def test_keepalive_frames_while_upstream_is_silent(ws, sim):
     assert len([f for f in frames if f == {"type": "keepalive"}]) >= 2
 
 
-async def test_closing_the_socket_closes_upstream(chatproxy_settings, sim):
+async def test_closing_the_socket_stops_upstream_after_the_grace_period(chatproxy_settings, sim):
     ws = WebsocketCommunicator(application, "/ws/chat/", headers=[(b"origin", b"http://localhost"),
                                                                    (b"host", b"localhost")])
     assert (await ws.connect())[0]
@@ -125,7 +127,9 @@ async def test_closing_the_socket_closes_upstream(chatproxy_settings, sim):
     await ws.send_json_to(chat_frame("y", "chunks=5 stall_after=2 stall=30"))
     await sim.await_until(lambda s: s["active_requests"] == 2, timeout=2.0)
     await ws.disconnect()
-    await sim.await_until(lambda s: s["active_requests"] == 0, timeout=1.0)
+    await asyncio.sleep(GRACE / 2)
+    assert sim.stats()["active_requests"] == 2  # still generating, waiting for a resume
+    await sim.await_until(lambda s: s["active_requests"] == 0, timeout=GRACE + 1.0)
 
 
 async def test_permission_refused(sim, settings):

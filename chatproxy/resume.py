@@ -1,0 +1,314 @@
+"""Resumable streams (SPEC 9): an event log any worker can replay, and live events across workers.
+
+Writing. Each resumable stream is *tracked* by this process's :class:`Journal`: one task per
+process (not per stream, not per chunk) that every ``FLUSH_INTERVAL`` takes the new events of
+every tracked stream and writes them to the Django cache ``RESUME.CACHE`` in a single
+``set_many`` (one thread hop and, with Redis, one round trip for all streams), with ``TTL``.
+Keys, for stream ``S``::
+
+    chatproxy:s:S          meta: owner, model, batches written, keepalive, deadline (epoch)
+    chatproxy:s:S:N        batch N: [[seq, name, data], ...]
+    chatproxy:s:S:listen   set by a resuming worker: publish S's batches on the channel layer
+    chatproxy:s:S:cancel   set by a cancelling worker: stop S
+
+Every ``CONTROL_INTERVAL`` the journal reads the listen/cancel flags of all its streams in one
+``get_many``. Batches of streams someone listens to are also sent to the Channels group
+``chatproxy.s.S`` so a client resumed on another worker gets them live.
+
+Reading. :func:`replay` yields the events after a given seq, then live ones until the end:
+from the stream itself when it runs in this process (no latency), else from the store plus the
+channel layer, re-reading the store whenever a seq gap shows a batch was missed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import weakref
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from asgiref.sync import sync_to_async
+from django.core.cache import caches
+
+from chatproxy.conf import get_config
+from chatproxy.core import KEEPALIVE, ChatStream, Event, EventsDropped, Subscription
+
+logger = logging.getLogger("chatproxy.resume")
+
+FLUSH_INTERVAL = 0.1  # seconds between journal writes (also the cross-worker live latency)
+CONTROL_INTERVAL = 0.5  # seconds between reads of listen/cancel flags
+TERMINAL = ("done", "error")
+
+
+class StreamNotFound(Exception):
+    """Unknown, expired, or someone else's stream (the same answer, so ids leak nothing)."""
+
+
+def meta_key(stream_id: str) -> str:
+    return f"chatproxy:s:{stream_id}"
+
+
+def batch_key(stream_id: str, index: int) -> str:
+    return f"chatproxy:s:{stream_id}:{index}"
+
+
+def flag_key(stream_id: str, flag: str) -> str:
+    return f"chatproxy:s:{stream_id}:{flag}"
+
+
+def group_name(stream_id: str) -> str:
+    return f"chatproxy.s.{stream_id}"
+
+
+def owner_of(user: Any) -> str:
+    """Who may resume or cancel: the user's pk, or "anon" (the 128-bit stream id is the secret)."""
+    if user is not None and getattr(user, "is_authenticated", False):
+        return f"u:{user.pk}"
+    return "anon"
+
+
+def _cache() -> Any:
+    return caches[get_config()["RESUME"]["CACHE"]]
+
+
+def _ttl() -> int:
+    return int(get_config()["RESUME"]["TTL"])
+
+
+def _encode(events: list[Event]) -> list[list[Any]]:
+    return [[e.seq, e.name, e.data] for e in events]
+
+
+def _decode(rows: list[list[Any]]) -> list[Event]:
+    return [Event(seq, name, data) for seq, name, data in rows]
+
+
+def _channel_layer() -> Any:
+    try:
+        from channels.layers import get_channel_layer
+
+        return get_channel_layer()
+    except Exception:  # no CHANNEL_LAYERS configured: single-process only
+        return None
+
+
+@dataclass(eq=False)
+class _Tracked:
+    stream: ChatStream
+    reader: Subscription
+    meta: dict[str, Any]
+    batches: int = 0
+    listened: bool = False
+
+
+class Journal:
+    """This process's writer of stream events to the store (one per event loop)."""
+
+    def __init__(self) -> None:
+        self.tracked: dict[str, _Tracked] = {}
+        self._task: asyncio.Task[None] | None = None
+        self._next_control = 0.0
+
+    def track(self, stream: ChatStream, owner: str) -> None:
+        meta = {
+            "owner": owner,
+            "model": stream.request.model,
+            "batches": 0,
+            "keepalive": stream.policy.keepalive,
+            "deadline": time.time() + stream.policy.deadline + 5.0,
+        }
+        self.tracked[stream.stream_id] = _Tracked(stream, stream.subscribe(client=False), meta)
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="chatproxy-journal")
+
+    def local(self, stream_id: str) -> ChatStream | None:
+        tracked = self.tracked.get(stream_id)
+        return tracked.stream if tracked is not None else None
+
+    async def _run(self) -> None:
+        try:
+            while self.tracked:
+                await asyncio.sleep(FLUSH_INTERVAL)
+                try:
+                    await self.flush()
+                except Exception:
+                    logger.exception("chatproxy could not write stream events to the cache")
+        finally:
+            self._task = None
+
+    async def flush(self) -> None:
+        now = time.monotonic()
+        if now >= self._next_control:
+            self._next_control = now + CONTROL_INTERVAL
+            await self._read_flags()
+        writes: dict[str, Any] = {}
+        published: list[tuple[_Tracked, list[list[Any]]]] = []
+        ended: list[_Tracked] = []
+        for tracked in list(self.tracked.values()):
+            events = tracked.reader.pending()
+            if events:
+                rows = _encode(events)
+                stream_id = tracked.stream.stream_id
+                writes[batch_key(stream_id, tracked.batches)] = rows
+                tracked.batches += 1
+                tracked.meta["batches"] = tracked.batches
+                writes[meta_key(stream_id)] = tracked.meta
+                published.append((tracked, rows))
+            elif tracked.stream.finished:
+                ended.append(tracked)
+        if writes:
+            await sync_to_async(_cache().set_many, thread_sensitive=False)(writes, _ttl())
+        layer = _channel_layer() if any(t.listened for t, _ in published) else None
+        for tracked, rows in published:
+            tracked.stream.mark_persisted(rows[-1][0])
+            if layer is not None and tracked.listened:
+                await layer.group_send(group_name(tracked.stream.stream_id), {"type": "chatproxy.events", "rows": rows})
+        for tracked in ended:
+            tracked.reader.close()
+            del self.tracked[tracked.stream.stream_id]
+
+    async def _read_flags(self) -> None:
+        keys = []
+        for stream_id in self.tracked:
+            keys += [flag_key(stream_id, "listen"), flag_key(stream_id, "cancel")]
+        if not keys:
+            return
+        flags = await sync_to_async(_cache().get_many, thread_sensitive=False)(keys)
+        for stream_id, tracked in self.tracked.items():
+            tracked.listened = flag_key(stream_id, "listen") in flags
+            if flag_key(stream_id, "cancel") in flags:
+                tracked.stream.cancel()
+
+
+_journals: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Journal] = weakref.WeakKeyDictionary()
+
+
+def journal() -> Journal:
+    loop = asyncio.get_running_loop()
+    found = _journals.get(loop)
+    if found is None:
+        found = _journals[loop] = Journal()
+    return found
+
+
+async def track(stream: ChatStream, user: Any) -> None:
+    """Make ``stream`` resumable: its meta is written now, its events as they come."""
+    j = journal()
+    j.track(stream, owner_of(user))
+    await _cache().aset(meta_key(stream.stream_id), j.tracked[stream.stream_id].meta, _ttl())
+
+
+async def _meta_for(stream_id: str, user: Any) -> dict[str, Any]:
+    if not stream_id.isalnum() or len(stream_id) > 64:
+        raise StreamNotFound(stream_id)
+    meta = await _cache().aget(meta_key(stream_id))
+    if meta is None or meta.get("owner") != owner_of(user):
+        raise StreamNotFound(stream_id)
+    return meta
+
+
+async def cancel(stream_id: str, user: Any) -> None:
+    """Stop a stream of ``user``'s, wherever it runs. Raises StreamNotFound."""
+    await _meta_for(stream_id, user)
+    local = journal().local(stream_id)
+    if local is not None:
+        local.cancel()
+    else:
+        await _cache().aset(flag_key(stream_id, "cancel"), 1, _ttl())
+
+
+async def _stored_events(stream_id: str, after: int, first_batch: int = 0) -> tuple[list[Event], int]:
+    """Events with seq > after from the store, and the number of batches read."""
+    cache = _cache()
+    meta = await cache.aget(meta_key(stream_id)) or {"batches": 0}
+    keys = [batch_key(stream_id, i) for i in range(first_batch, meta["batches"])]
+    found = await cache.aget_many(keys) if keys else {}
+    events = [e for key in keys for e in _decode(found.get(key, [])) if e.seq > after]
+    return events, meta["batches"]
+
+
+async def open_replay(stream_id: str, user: Any, after: int) -> AsyncIterator[Event]:
+    """The events of ``user``'s stream after seq ``after``, then live ones (and keepalives).
+
+    Raises :class:`StreamNotFound` here, before any event, for an unknown, expired or foreign id.
+    """
+    meta = await _meta_for(stream_id, user)
+    local = journal().local(stream_id)
+    if local is not None:
+        return _replay_local(local, stream_id, after)
+    return _replay_remote(stream_id, after, meta)
+
+
+async def _replay_local(stream: ChatStream, stream_id: str, after: int) -> AsyncIterator[Event]:
+    try:
+        reader = stream.subscribe(after)
+    except EventsDropped as dropped:
+        # Older events are only in the store now; they were written before being dropped.
+        stored, _ = await _stored_events(stream_id, after)
+        for event in stored:
+            if event.seq <= dropped.log_base:
+                yield event
+        reader = stream.subscribe(max(after, dropped.log_base))
+    try:
+        async for event in reader:
+            yield event
+    finally:
+        reader.close()
+
+
+async def _replay_remote(stream_id: str, after: int, meta: dict[str, Any]) -> AsyncIterator[Event]:
+    cache = _cache()
+    layer = _channel_layer()
+    channel = await layer.new_channel() if layer is not None else None
+    group = group_name(stream_id)
+    if channel is not None:
+        await layer.group_add(group, channel)
+        await cache.aset(flag_key(stream_id, "listen"), 1, _ttl())
+    last = after
+    try:
+        stored, batches = await _stored_events(stream_id, after)
+        for event in stored:
+            if event.seq > last:
+                last = event.seq
+                yield event
+                if event.name in TERMINAL:
+                    return
+        loop = asyncio.get_running_loop()
+        keepalive = float(meta.get("keepalive", 10.0))
+        poll = min(keepalive, CONTROL_INTERVAL)
+        quiet_since = loop.time()
+        while time.time() < meta["deadline"]:
+            rows = None
+            if channel is not None:
+                with contextlib.suppress(TimeoutError):
+                    message = await asyncio.wait_for(layer.receive(channel), poll)
+                    rows = message.get("rows")
+            else:
+                await asyncio.sleep(FLUSH_INTERVAL)
+            events = _decode(rows) if rows else []
+            if not events or events[0].seq > last + 1:
+                # Nothing live, or a gap: the store has whatever was written meanwhile.
+                stored, batches = await _stored_events(stream_id, last, max(0, batches - 1))
+                newest = stored[-1].seq if stored else last
+                events = stored + [e for e in events if e.seq > newest]
+            fresh = [e for e in events if e.seq > last]
+            if not fresh:
+                if loop.time() - quiet_since >= keepalive:
+                    quiet_since = loop.time()
+                    yield KEEPALIVE
+                continue
+            quiet_since = loop.time()
+            for event in fresh:
+                last = event.seq
+                yield event
+                if event.name in TERMINAL:
+                    return
+        yield Event(last + 1, "error", {"code": "upstream_unavailable"})
+    finally:
+        if channel is not None:
+            with contextlib.suppress(Exception):
+                await layer.group_discard(group, channel)
