@@ -16,16 +16,18 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from chatproxy.conf import Policy  # noqa: E402
-from chatproxy.core import ChatRequest, ChatStream  # noqa: E402
-from chatproxy.simulator.process import SimulatorProcess  # noqa: E402
-from chatproxy.upstream import build_upstream, detect_sdk  # noqa: E402
+from chatproxy.conf import Policy
+from chatproxy.core import ChatRequest, ChatStream
+from chatproxy.simulator.process import SimulatorProcess
+from chatproxy.upstream import build_upstream, detect_sdk
 
 
 async def one_run(upstream, policy: Policy, index: int) -> float:
     request = ChatRequest(
         model="gpt-4o-mini",
-        messages=[{"role": "user", "content": f"bench {index} [[sim chunks=30 gap=0.02 stall_after=10 stall=60 times=1]]"}],
+        messages=[
+            {"role": "user", "content": f"bench {index} [[sim chunks=30 gap=0.02 stall_after=10 stall=60 times=1]]"}
+        ],
     )
     loop = asyncio.get_running_loop()
     stream = ChatStream(upstream, request, policy).start()

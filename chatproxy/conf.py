@@ -15,7 +15,7 @@ import copy
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
-from functools import lru_cache
+from functools import cache, lru_cache
 from typing import Any
 
 ON_PARTIAL_CHOICES = ("restart", "continue", "fail")
@@ -61,7 +61,7 @@ def _merge(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
     return merged
 
 
-@lru_cache(maxsize=None)
+@cache
 def get_config() -> dict[str, Any]:
     """``DEFAULTS`` with ``settings.CHATPROXY`` merged over it (nested dicts merge key by key).
 

@@ -10,6 +10,6 @@ import os
 os.environ.pop("OPENAI_API_KEY", None)  # tests never reach the real API
 os.environ.setdefault("DJANGO_DEBUG", "1")
 
-from project.settings import *  # noqa: E402,F403
+from project.settings import *  # noqa: F403
 
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]  # fast user creation

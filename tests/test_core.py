@@ -106,7 +106,8 @@ async def clean_text(upstream, request: ChatRequest) -> str:
     length = [word for word in directive.rstrip("]").split() if word.startswith("chunks=")]
     plain = ChatRequest(model=request.model, messages=[{"role": "user", "content": content}])
     if length:
-        plain = ChatRequest(model=request.model, messages=[{"role": "user", "content": f"{content} [[sim {length[0]}]]"}])
+        content = f"{content} [[sim {length[0]}]]"
+        plain = ChatRequest(model=request.model, messages=[{"role": "user", "content": content}])
     result = await run(upstream, plain)
     assert result.last.name == "done"
     return result.text

@@ -56,7 +56,8 @@ async def test_mid_stream_stall_is_invisible_to_the_client(oai, sim):
     faulty, clean = ask("stall_after=4 stall=30 times=1")
     text, _ = await streamed_text(oai, faulty)
     assert text == (await streamed_text(oai, clean))[0]
-    attempts = [r["attempt"] for r in sim.stats()["requests"] if r["fingerprint"] == sim.stats()["requests"][0]["fingerprint"]]
+    requests = sim.stats()["requests"]
+    attempts = [r["attempt"] for r in requests if r["fingerprint"] == requests[0]["fingerprint"]]
     assert attempts == [1, 2]
 
 

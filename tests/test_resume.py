@@ -73,8 +73,9 @@ def assert_exact(events: list[SSEItem], clean_text: str) -> None:
 
 async def clean_text_for(session, directive: str, body: dict) -> str:
     content = body["messages"][0]["content"].split(" [[")[0]
-    length = [w for w in directive.split() if w.startswith("chunks=")][0]
-    events = await read_until(session, {"messages": [{"role": "user", "content": f"{content} [[sim {length}]]"}]}, 10**6)
+    length = next(w for w in directive.split() if w.startswith("chunks="))
+    body = {"messages": [{"role": "user", "content": f"{content} [[sim {length}]]"}]}
+    events = await read_until(session, body, 10**6)
     return "".join(e.data["text"] for e in events if e.event == "delta")
 
 

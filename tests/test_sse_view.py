@@ -37,7 +37,7 @@ async def test_headers_and_wire_format(client, sim):
     assert result.headers["X-Accel-Buffering"] == "no"
     assert result.body.startswith(b": open\nretry: 3000\n\n")
     events = result.events
-    assert [e.event for e in events][0] == "start" and events[-1].event == "done"
+    assert events[0].event == "start" and events[-1].event == "done"
     assert [e.id for e in events] == list(range(1, len(events) + 1))
     assert set(events[0].data) == {"stream_id", "model", "profile"}
     assert len(result.named("delta")) == 8 and result.text.strip()

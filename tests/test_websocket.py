@@ -9,7 +9,6 @@ import json
 import pytest
 import websockets
 from channels.testing import WebsocketCommunicator
-from django.test import override_settings
 
 from project.asgi import application
 
@@ -60,7 +59,7 @@ async def frames_until_end(ws, request_ids: set[str]) -> list[dict]:
 async def test_chat_frames(ws, sim):
     await ws.send_json_to(chat_frame("r1"))
     frames = await frames_until_end(ws, {"r1"})
-    assert [f["type"] for f in frames][0] == "start" and frames[-1]["type"] == "done"
+    assert frames[0]["type"] == "start" and frames[-1]["type"] == "done"
     assert all(f["request_id"] == "r1" and f["stream_id"] == frames[0]["stream_id"] for f in frames)
     assert [f["seq"] for f in frames] == list(range(1, len(frames) + 1))
     assert len([f for f in frames if f["type"] == "delta"]) == 6
