@@ -109,6 +109,10 @@ class _Wire:
         self._delta_prefix = b"data: " + orjson.dumps(head)[:-1] + b',"choices":[{"index":0,"delta":{"content":'
         self._delta_suffix = b'},"logprobs":null,"finish_reason":null}]}\n\n'
         self._head = head
+        # The stream sends a keepalive after this much silence, but it counts every event as
+        # output; events this wire does not show (retries, and deltas held for a JSON answer)
+        # must not leave the client silent for longer, or a gateway times out (504).
+        self._keepalive = stream.policy.keepalive
 
     def _chunk(self, choices: list[dict[str, Any]], **extra: Any) -> bytes:
         return b"data: " + orjson.dumps({**self._head, "choices": choices, **extra}) + b"\n\n"
@@ -134,7 +138,10 @@ class _Wire:
                     yield b"data: [DONE]\n\n"
                 elif name == "error":
                     yield b"data: " + orjson.dumps(_error_object(_code(event))) + b"\n\n"
-                # retry / reset: invisible here (reset cannot happen: allow_reset=False)
+                elif name == "retry":
+                    # Invisible here, but it restarted the stream's keepalive clock: a comment
+                    # keeps the client's connection warm instead. (reset cannot happen here.)
+                    yield sse.KEEPALIVE
         finally:
             self.reader.close()  # not resumable: the stream stops and closes its upstream now
 
@@ -143,6 +150,7 @@ class _Wire:
         keepalive_seen = False
         parts: list[str] = []
         final: Event | None = None
+        started = time.monotonic()
         try:
             async for event in self.reader:
                 if event.name == "delta":
@@ -152,6 +160,10 @@ class _Wire:
                     break
                 elif event.name in ("done", "error"):
                     final = event
+                if final is None and time.monotonic() - started >= self._keepalive:
+                    # Deltas and retries keep coming, so no keepalive event will: still slow.
+                    keepalive_seen = True
+                    break
             if not keepalive_seen:
                 return self._final_response(final, parts)
         except BaseException:
@@ -163,14 +175,17 @@ class _Wire:
     async def _warm_body(self, parts: list[str]) -> AsyncIterator[bytes]:
         final: Event | None = None
         yield b" "
+        last_sent = time.monotonic()
         try:
             async for event in self.reader:
                 if event.name == "delta":
                     parts.append(event.data["text"])  # type: ignore[index]
-                elif event.name == "keepalive":
-                    yield b" "
                 elif event.name in ("done", "error"):
                     final = event
+                now = time.monotonic()
+                if final is None and (event.name == "keepalive" or now - last_sent >= self._keepalive):
+                    yield b" "
+                    last_sent = now
         finally:
             self.reader.close()
         yield self._final_response(final, parts).content
