@@ -286,12 +286,28 @@ def refresh() -> Snapshot:
     return _snapshot
 
 
+_checking: asyncio.Task[Snapshot] | None = None
+
+
 async def arefresh() -> Snapshot:
-    """Async :func:`refresh`: the version check is a cache read, the reload goes through the async ORM."""
-    global _snapshot, _checked_at
+    """Async :func:`refresh`: the version check is a cache read, the reload goes through the async ORM.
+
+    Requests arriving while a check is under way wait for its result rather than take the snapshot
+    it is replacing (otherwise all but one of a burst of requests would miss a fresh change).
+    """
+    global _checking
+    checking = _checking
+    if checking is not None and not checking.done() and checking.get_loop() is asyncio.get_running_loop():
+        return await asyncio.shield(checking)
     now = time.monotonic()
     if now - _checked_at < CHECK_INTERVAL and _snapshot is not _EMPTY:
         return _snapshot
+    _checking = asyncio.get_running_loop().create_task(_check(now))
+    return await asyncio.shield(_checking)
+
+
+async def _check(now: float) -> Snapshot:
+    global _snapshot, _checked_at
     _checked_at = now
     version = await _aread_version()
     if _stale(version, now):
