@@ -72,6 +72,13 @@ MIN_SAMPLES = 20
 FIRST_TOKEN_FLOOR = 2.0  # seconds
 STALL_FLOOR = 2.0  # seconds
 ROUND_TO = 0.5  # seconds
+#: The formulas above, for display (admin statistics page, ``chatproxy_probe``).
+FORMULAS = (
+    ("first_token_timeout", f"max({FIRST_TOKEN_FLOOR:g} s, 2 × p95 time to first token)"),
+    ("stall_timeout", f"max({STALL_FLOOR:g} s, 3 × p95 longest gap)"),
+    ("keepalive_interval", "min(current, gateway_timeout / 4)"),
+    ("deadline", "max(current, 2 × p95 duration, first_token_timeout + 1, stall_timeout + 1)"),
+)
 #: Windows offered by the admin statistics page.
 WINDOWS = {"1h": timedelta(hours=1), "24h": timedelta(days=1), "7d": timedelta(days=7), "30d": timedelta(days=30)}
 DEFAULT_WINDOW = "24h"
@@ -257,9 +264,9 @@ class Suggestion:
         return out
 
 
-def suggest(samples: Sequence[Sample], current: Policy) -> Suggestion | None:
-    """Suggested values for a profile now at ``current``, or None with fewer than MIN_SAMPLES."""
-    if len(samples) < MIN_SAMPLES:
+def suggest(samples: Sequence[Sample], current: Policy, *, min_samples: int = MIN_SAMPLES) -> Suggestion | None:
+    """Suggested values for a profile now at ``current``, or None with fewer than ``min_samples``."""
+    if len(samples) < max(1, min_samples):
         return None
     ttfts = [s.first_attempt_ttft for s in samples if s.first_attempt_ttft is not None]
     gaps = [s.longest_gap for s in samples if s.time_to_first_token is not None]
@@ -354,6 +361,22 @@ class ModelStats:
     suggestion: Suggestion | None
     changes: dict[str, tuple[float, float]] = field(default_factory=dict)
     charts: tuple[Chart, ...] = ()
+
+    @property
+    def outcome_counts(self) -> list[tuple[str, int]]:
+        return self.outcomes.most_common()
+
+    @property
+    def retry_reason_counts(self) -> list[tuple[str, int]]:
+        return self.retry_reasons.most_common()
+
+    @property
+    def retry_percent(self) -> float:
+        return 100 * self.retry_rate
+
+    @property
+    def error_percent(self) -> float:
+        return 100 * self.error_rate
 
     @property
     def first_token_retry_rate(self) -> float:
