@@ -276,7 +276,11 @@ async def openai_json(session: aiohttp.ClientSession, api_key: str, body: dict[s
                 out.body += chunk
                 if not chunk.strip():
                     out.events.append("keepalive")
-    payload = json.loads(out.body)
+    try:
+        payload = json.loads(out.body)
+    except ValueError:
+        out.final = {"event": "not JSON", "body": out.body[:300]}
+        return out
     if "error" in payload:
         out.final = {"event": "error", **payload["error"]}
     else:

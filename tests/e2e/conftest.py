@@ -18,6 +18,7 @@ import asyncio
 import concurrent.futures
 import re
 import shutil
+import signal
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -46,14 +47,21 @@ KINDS = ("daphne", "uvicorn")
 LOG_DIR = ROOT / "test-artifacts" / "e2e-logs"
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 @pytest.fixture(scope="session")
 def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
     tmp = tmp_path_factory.mktemp("e2e")
+    # A CI timeout usually sends SIGTERM: turn it into KeyboardInterrupt so the finalizer runs.
+    previous = signal.signal(signal.SIGTERM, _interrupt)
     dep = deploy(tmp, KINDS)
     try:
         yield dep
     finally:
         dep.stop()
+        signal.signal(signal.SIGTERM, previous)
         shutil.rmtree(LOG_DIR, ignore_errors=True)
         LOG_DIR.mkdir(parents=True, exist_ok=True)
         for path in tmp.iterdir():

@@ -12,7 +12,8 @@ temporary directory:
   ``proxy_read_timeout 3s``.
 
 :class:`Proc` stops its child by PID (SIGTERM, then SIGKILL of its process group after a grace
-period) and registers that with :mod:`atexit` as a last resort; fixtures call it in finalizers.
+period); fixtures call it in finalizers, :mod:`atexit` is the fallback, and on Linux a child is
+also killed when the test process dies without either (``PR_SET_PDEATHSIG``).
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ SLOW_MODEL = "sim-slow"
 SLOW_FIRST_TOKEN = 6.0
 
 ADMIN_USER = "e2e-admin"
+API_USER = "e2e-api"
 ADMIN_PASSWORD = "e2e-admin-pass-7319"
 
 # Talk to local servers directly even when HTTP(S)_PROXY is set.
@@ -80,6 +82,16 @@ def find_program(name: str) -> str:
     if path is None:
         raise RuntimeError(f"{name} is not installed: run `make sysdeps` (scripts/ensure-debian-packages.sh)")
     return path
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGKILL it if the test process dies without cleaning up (Linux)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 class Proc:
@@ -117,6 +129,7 @@ class Proc:
                 # Its own process group: a Ctrl-C in the terminal reaches pytest only, so the
                 # finalizers stop everything in order; and a last-resort kill takes nginx's workers too.
                 start_new_session=True,
+                preexec_fn=_die_with_parent,
             )
         atexit.register(self.stop)
         return self
@@ -276,10 +289,15 @@ def manage(env: dict[str, str], *args: str, extra_env: dict[str, str] | None = N
 
 
 def create_admin(env: dict[str, str]) -> str:
-    """Create the admin user in a migrated database; returns a new API key for it."""
-    manage(env, "createsuperuser", "--noinput", "--username", ADMIN_USER, "--email", "e2e@example.com",
-           extra_env={"DJANGO_SUPERUSER_PASSWORD": ADMIN_PASSWORD})
-    return manage(env, "chatproxy_key", "create", ADMIN_USER, "--name", "e2e").strip()
+    """Create the users in a migrated database; returns a new API key for :data:`API_USER`.
+
+    Two users, so that the streams a test runs at once stay well inside the per-user limit
+    (``LIMITS["MAX_STREAMS_PER_USER"]``): the session streams are the admin's, the API ones not.
+    """
+    for username in (ADMIN_USER, API_USER):
+        manage(env, "createsuperuser", "--noinput", "--username", username, "--email", f"{username}@example.com",
+               extra_env={"DJANGO_SUPERUSER_PASSWORD": ADMIN_PASSWORD})
+    return manage(env, "chatproxy_key", "create", API_USER, "--name", "e2e").strip()
 
 
 # ---------------------------------------------------------------------------------------------- nginx
