@@ -66,7 +66,9 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[Any]:
                               hint="Use a dotted path such as 'chatproxy.permissions.authenticated'."))
     if not conf.upstream_api_key():
         problems.append(Warning("No upstream API key: set OPENAI_API_KEY or CHATPROXY['UPSTREAM']['API_KEY'].",
-                                id="chatproxy.W001"))
+                                id="chatproxy.W001",
+                                hint="The official API refuses every request without a key; a server of your own "
+                                     "at UPSTREAM.BASE_URL may not need one."))
     problems += _check_limits(config["LIMITS"])
     problems += _check_resume(config["RESUME"])
     problems += _check_models(upstream)
@@ -100,11 +102,12 @@ def check_deployment(app_configs: Any = None, **kwargs: Any) -> list[Any]:
     if not settings.DEBUG:
         backend = settings.CACHES.get(profiles.CACHE_ALIAS, {}).get("BACKEND", "")
         if backend in PER_PROCESS_CACHES:
-            reach = (f"only after up to {profiles.RELOAD_FALLBACK:g} s" if backend.endswith("DummyCache")
-                     else "never (each process has its own LocMemCache)")
+            reach = (f"reaches other worker processes only after up to {profiles.RELOAD_FALLBACK:g} s"
+                     if backend.endswith("DummyCache")
+                     else "never reaches other worker processes (each has its own LocMemCache)")
             problems.append(Warning(
                 f"The {profiles.CACHE_ALIAS!r} cache is {backend.rsplit('.', 1)[-1]}: a timeout-profile change made "
-                f"in the admin reaches other worker processes {reach}.",
+                f"in the admin {reach}.",
                 id="chatproxy.W003",
                 hint=f"Use a cache shared by all workers for the {profiles.CACHE_ALIAS!r} alias (Redis, Memcached, "
                      "the database or file cache). A single-process deployment can silence this check.",
