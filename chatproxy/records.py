@@ -349,7 +349,8 @@ class ModelStats:
 
     model: str
     count: int
-    ttft: Distribution
+    ttft: Distribution  # first attempts only: the basis of the suggestion
+    ttft_seen: Distribution  # every stream that sent text, retries included: what users waited
     gap: Distribution
     duration: Distribution
     retry_rate: float
@@ -399,6 +400,7 @@ def summarize(model: str, samples: Sequence[Sample], profile: Any, current: Poli
         model=model,
         count=count,
         ttft=Distribution.of(ttfts),
+        ttft_seen=Distribution.of([s.time_to_first_token for s in samples if s.time_to_first_token is not None]),
         gap=Distribution.of(gaps),
         duration=Distribution.of(durations),
         retry_rate=sum(1 for s in samples if s.attempts > 1) / count if count else 0.0,
