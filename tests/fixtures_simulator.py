@@ -24,6 +24,21 @@ def simulator() -> Iterator[SimulatorProcess]:
         yield proc
 
 
+@pytest.fixture(scope="module")
+def module_simulator() -> Iterator[SimulatorProcess]:
+    """A simulator for one module alone, for tests that count connections: the session
+    simulator also carries the live servers' pooled upstream connections."""
+    with SimulatorProcess() as proc:
+        yield proc
+
+
+@pytest.fixture
+def isolated_sim(module_simulator: SimulatorProcess) -> SimulatorProcess:
+    """Like ``sim``, on this module's own simulator."""
+    module_simulator.reset()
+    return module_simulator
+
+
 @pytest.fixture
 def sim(simulator: SimulatorProcess) -> SimulatorProcess:
     if not simulator.running:  # pragma: no cover - only if something killed the child

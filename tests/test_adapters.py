@@ -42,6 +42,11 @@ if SDK is None:  # pragma: no cover - only where no usable openai is installed
     pytest.skip("no usable openai SDK installed", allow_module_level=True)
 
 
+@pytest.fixture
+def sim(isolated_sim: Any) -> Any:
+    return isolated_sim  # connection counts here must see this module's clients only
+
+
 @pytest.fixture(params=HTTP_CLIENTS)
 async def upstream(request: pytest.FixtureRequest, sim: Any) -> AsyncIterator[Upstream]:
     adapter = build_upstream(sdk="auto", http_client=request.param, base_url=sim.base_url, api_key=API_KEY)

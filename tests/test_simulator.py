@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -41,18 +41,9 @@ from chatproxy.simulator.text import answer_tokens, continuation_tokens
 MODEL = "gpt-4o-mini"
 
 
-@pytest.fixture(scope="module")
-def own_simulator() -> Iterator[SimulatorProcess]:
-    """A simulator for this module alone: its connection counts must not see the live servers'
-    pooled upstream connections to the shared session simulator."""
-    with SimulatorProcess() as proc:
-        yield proc
-
-
 @pytest.fixture
-def sim(own_simulator: SimulatorProcess) -> SimulatorProcess:
-    own_simulator.reset()
-    return own_simulator
+def sim(isolated_sim: SimulatorProcess) -> SimulatorProcess:
+    return isolated_sim  # connection counts here must see this module's clients only
 
 
 def make_client(sim: SimulatorProcess, read: float = 5.0) -> openai.AsyncOpenAI:
