@@ -12,7 +12,8 @@ from channels.testing import WebsocketCommunicator
 
 from project.asgi import application
 
-pytestmark = pytest.mark.upstream
+# Streams write a StreamRecord when they end, through the ORM.
+pytestmark = [pytest.mark.upstream, pytest.mark.django_db(transaction=True)]
 _unique = itertools.count()
 RECEIVE = 5.0  # seconds; a generous cap per frame, never a sleep
 GRACE = 0.4  # RESUME.GRACE: how long a stream outlives its socket waiting for a resume
