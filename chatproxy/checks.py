@@ -6,7 +6,7 @@
 * ``chatproxy.E003`` the openai SDK generation asked for is not installed
 * ``chatproxy.E004`` ``PERMISSION`` cannot be imported
 * ``chatproxy.E005`` ``CHATPROXY`` (or one of its sections) is not a dict
-* ``chatproxy.E006`` a ``LIMITS`` value is not a positive whole number
+* ``chatproxy.E006`` a ``LIMITS`` value is not a positive whole number (the per-user limits may be None: off)
 * ``chatproxy.E007`` ``RESUME``: ``CACHE`` is not a configured cache alias, or ``TTL`` / ``GRACE`` is invalid
 * ``chatproxy.E008`` ``UPSTREAM.MODEL`` / ``MODELS`` / ``EXTRA_BODY`` has the wrong shape, or ``MODEL`` is not
   among ``MODELS``
@@ -39,6 +39,7 @@ PER_PROCESS_CACHES = (
     "django.core.cache.backends.dummy.DummyCache",
 )
 CHAT_CONSUMER = "chatproxy.consumers.ChatConsumer"
+OPTIONAL_LIMITS = frozenset({"MAX_STREAMS_PER_USER", "REQUESTS_PER_MINUTE"})  # None switches these off
 
 
 @register("chatproxy")
@@ -188,9 +189,11 @@ def _number(value: Any) -> bool:
 def _check_limits(limits: Mapping[str, Any]) -> list[Any]:
     return [
         Error(f"CHATPROXY['LIMITS'][{key!r}] is {limits[key]!r}.", id="chatproxy.E006",
-              hint=f"Use a whole number of at least 1 (default {conf.DEFAULTS['LIMITS'][key]}).")
+              hint=f"Use a whole number of at least 1 (default {conf.DEFAULTS['LIMITS'][key]})"
+                   + (", or None for no limit." if key in OPTIONAL_LIMITS else "."))
         for key in conf.DEFAULTS["LIMITS"]
         if not (_whole(limits.get(key)) and limits[key] >= 1)
+        and not (key in OPTIONAL_LIMITS and limits.get(key) is None)
     ]
 
 

@@ -46,7 +46,12 @@ DEFAULTS: dict[str, Any] = {
         "ON_PARTIAL": "restart",  # "restart" | "continue" | "fail"
     },
     "PERMISSION": "chatproxy.permissions.authenticated",
-    "LIMITS": {"MAX_MESSAGES": 200, "MAX_INPUT_CHARS": 200_000, "MAX_STREAMS_PER_USER": 4},
+    "LIMITS": {
+        "MAX_MESSAGES": 200,
+        "MAX_INPUT_CHARS": 200_000,  # characters of all messages; also sizes the body cap (x4 + 64 KiB)
+        "MAX_STREAMS_PER_USER": 4,  # running at once, across workers (the RESUME.CACHE cache); None: no limit
+        "REQUESTS_PER_MINUTE": None,  # streams started per user and minute; None: no limit
+    },
     "RESUME": {"CACHE": "default", "TTL": 600, "GRACE": 30.0},
 }
 

@@ -14,7 +14,7 @@ from typing import Any
 import orjson
 from channels.generic.websocket import AsyncWebsocketConsumer
 
-from chatproxy import resume
+from chatproxy import limits, resume
 from chatproxy.auth import permitted
 from chatproxy.core import ChatStream, Event
 from chatproxy.service import open_stream
@@ -119,7 +119,14 @@ class ChatConsumer(AsyncWebsocketConsumer):
         except InvalidRequest as exc:
             await self.send_error(exc.message, request_id)
             return
-        reader = await open_stream(chat_request, user=self.scope.get("user"), resumable=True)
+        try:
+            reader = await open_stream(chat_request, user=self.scope.get("user"), resumable=True,
+                                       who=limits.identity_of(self.scope))
+        except limits.LimitExceeded as exc:
+            frame_out = {"type": "error", "code": exc.code, "request_id": request_id, "message": exc.message,
+                         "retry_after": exc.retry_after}
+            await self.send(text_data=orjson.dumps(frame_out).decode())
+            return
         stream = reader.stream
         self.stream_ids[request_id] = stream.stream_id
         task = asyncio.get_running_loop().create_task(self.relay(request_id, stream.stream_id, reader))

@@ -22,7 +22,7 @@ import orjson
 from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
 from django.views.decorators.csrf import csrf_exempt
 
-from chatproxy import sse
+from chatproxy import limits, sse
 from chatproxy.auth import AuthFailure, authorize
 from chatproxy.conf import get_config
 from chatproxy.core import Event, Subscription
@@ -74,7 +74,12 @@ async def chat_completions(request: HttpRequest) -> HttpResponse:
     except InvalidRequest as exc:
         return openai_error(exc.status, exc.message, type_="invalid_request_error", code=exc.code, param=exc.param)
 
-    reader = await open_stream(chat_request, user=request.user, allow_reset=False)
+    try:
+        reader = await open_stream(chat_request, user=request.user, allow_reset=False, who=limits.identity_of(request))
+    except limits.LimitExceeded as exc:
+        response = openai_error(429, exc.message, type_="rate_limit_error", code=exc.code)
+        response["Retry-After"] = str(exc.retry_after)
+        return response
     wire = _Wire(reader, include_usage)
     if streaming:
         return StreamingHttpResponse(wire.chunks(), content_type="text/event-stream", headers=SSE_HEADERS)

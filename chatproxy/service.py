@@ -12,7 +12,7 @@ import functools
 import weakref
 from typing import Any
 
-from chatproxy import profiles, records, signals
+from chatproxy import limits, profiles, records, signals
 from chatproxy.conf import get_config, resolve_policy, upstream_api_key
 from chatproxy.core import ChatRequest, ChatStream, Subscription
 from chatproxy.upstream import build_upstream
@@ -50,6 +50,7 @@ async def open_stream(
     allow_reset: bool = True,
     resumable: bool = False,
     options: dict[str, Any] | None = None,
+    who: str | None = None,
 ) -> Subscription:
     """Start a :class:`ChatStream` for ``user``'s ``request``; returns its first client's reader.
 
@@ -59,14 +60,23 @@ async def open_stream(
     ``resumable``: its events are journaled (``RESUME.CACHE``) so the owner can replay them from
     any worker, and when its last client leaves it keeps generating for ``RESUME.GRACE`` seconds
     waiting for a resume. Otherwise the stream stops as soon as its client leaves.
+
+    ``who`` is whom the stream counts against (:func:`chatproxy.limits.identity_of`; default:
+    ``user``). Raises :class:`chatproxy.limits.LimitExceeded` (answer 429) before anything starts
+    when a limit is reached; the slot taken is freed when the stream ends.
     """
     await profiles.arefresh()  # at most one cache read; a query only after a profile changed
     policy = resolve_policy(request.model, options)
     grace = float(get_config()["RESUME"]["GRACE"]) if resumable else 0.0
-    stream = ChatStream(
-        get_upstream(), request, policy, allow_reset=allow_reset, grace=grace, persistent=resumable,
-        on_finish=functools.partial(_finished, user), on_retry=_retried,
-    )
+    slot = await limits.admit(who or limits.identity(user, None), policy.deadline + grace + limits.SLOT_MARGIN)
+    try:
+        stream = ChatStream(
+            get_upstream(), request, policy, allow_reset=allow_reset, grace=grace, persistent=resumable,
+            on_finish=functools.partial(_finished, user, slot), on_retry=_retried,
+        )
+    except BaseException:
+        slot.release()
+        raise
     reader = stream.subscribe()  # before any event exists, so the first client sees them all
     signals.send(signals.stream_started, stream, user=user)
     if resumable:
@@ -80,7 +90,8 @@ def _retried(stream: ChatStream, reason: str, attempt: int, delay: float) -> Non
     signals.send(signals.stream_retry, stream, attempt=attempt, reason=reason, delay=delay)
 
 
-def _finished(user: Any, stream: ChatStream) -> None:
-    # In the stream's pump task, after its last event: queue the record, dispatch the signal.
+def _finished(user: Any, slot: limits.Slot, stream: ChatStream) -> None:
+    # In the stream's pump task, after its last event: free the slot, queue the record, dispatch the signal.
+    slot.release()
     records.record_stream(stream, user)
     signals.send(signals.stream_finished, stream, user=user, stats=stream.stats)

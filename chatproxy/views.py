@@ -15,7 +15,7 @@ import orjson
 from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
 from django.views.decorators.csrf import csrf_exempt
 
-from chatproxy import resume, sse
+from chatproxy import limits, resume, sse
 from chatproxy.auth import AuthFailure, authorize
 from chatproxy.core import Event, Subscription
 from chatproxy.service import open_stream
@@ -62,7 +62,10 @@ async def stream_view(request: HttpRequest) -> HttpResponse:
     except InvalidRequest as exc:
         return error_response(exc.status, exc.code, exc.message)
 
-    reader = await open_stream(chat_request, user=request.user, resumable=True)
+    try:
+        reader = await open_stream(chat_request, user=request.user, resumable=True, who=limits.identity_of(request))
+    except limits.LimitExceeded as exc:
+        return error_response(429, exc.code, exc.message, Retry_After=str(exc.retry_after))
     return sse_response(_live_events(reader))
 
 

@@ -20,6 +20,8 @@ Environment variables (all optional):
 ``CHATPROXY_RESUME``              a JSON object merged into CHATPROXY["RESUME"], e.g. '{"GRACE": 0.5}'
 ``CHATPROXY_TIMEOUTS``            a JSON object merged into CHATPROXY["TIMEOUTS"], e.g.
                                   '{"STALL": 0.5, "KEEPALIVE": 0.2}' (tests use tiny values)
+``CHATPROXY_LIMITS``              a JSON object merged into CHATPROXY["LIMITS"], e.g.
+                                  '{"MAX_STREAMS_PER_USER": 2, "REQUESTS_PER_MINUTE": 30}'
 ================================  ===================================================================
 """
 
@@ -213,3 +215,6 @@ if _timeouts:
 _resume = _env_json_object("CHATPROXY_RESUME")
 if _resume:
     CHATPROXY["RESUME"] = _resume
+_limits = _env_json_object("CHATPROXY_LIMITS")
+if _limits:
+    CHATPROXY["LIMITS"] = _limits

@@ -25,6 +25,8 @@ LIVE_TIMEOUTS = {
     "GATEWAY": 2.0,
 }
 LIVE_RESUME = {"GRACE": 0.6, "TTL": 60}
+# Tests drive many streams at once as one visitor; the limits have their own servers (test_limits.py).
+LIVE_LIMITS = {"MAX_STREAMS_PER_USER": 1000}
 
 
 @pytest.fixture(scope="session")
@@ -34,6 +36,7 @@ def daphne(simulator):
             "CHATPROXY_SIMULATOR_URL": simulator.base_url,
             "CHATPROXY_TIMEOUTS": json.dumps(LIVE_TIMEOUTS),
             "CHATPROXY_RESUME": json.dumps(LIVE_RESUME),
+            "CHATPROXY_LIMITS": json.dumps(LIVE_LIMITS),
             "DJANGO_DEBUG": "1",
             "DJANGO_LOG_LEVEL": "WARNING",
         }
