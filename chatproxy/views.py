@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
+from django.core.exceptions import RequestDataTooBig
 from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
 from django.views.decorators.csrf import csrf_exempt
 
@@ -34,14 +35,17 @@ def error_response(status: int, code: str, message: str, **headers: str) -> Json
 
 def read_json_body(request: HttpRequest) -> Any:
     """The request's JSON body; raises InvalidRequest (400/413/415) naming the problem."""
+    too_large = InvalidRequest(f"The request body is too large (limit {max_body_bytes()} bytes).", status=413)
     length = request.META.get("CONTENT_LENGTH") or "0"
-    if length.isdigit() and int(length) > max_body_bytes():
-        raise InvalidRequest(f"The request body is too large (limit {max_body_bytes()} bytes).", status=413)
+    if length.isascii() and length.isdigit() and int(length) > max_body_bytes():
+        raise too_large
     content_type = request.content_type or ""
     if content_type != "application/json":
         raise InvalidRequest("Send the request as JSON with 'Content-Type: application/json'.", status=415)
     try:
         return orjson.loads(request.body)
+    except RequestDataTooBig:  # settings.DATA_UPLOAD_MAX_MEMORY_SIZE is below our own cap
+        raise too_large from None
     except orjson.JSONDecodeError as exc:
         raise InvalidRequest(f"The request body is not valid JSON ({exc.msg}).") from None
 

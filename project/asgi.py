@@ -18,10 +18,11 @@ from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
 
 import chatproxy.routing  # noqa: E402
+from chatproxy.asgi import RequestSizeGuard  # noqa: E402
 
 application = ProtocolTypeRouter(
     {
-        "http": django_asgi_app,
+        "http": RequestSizeGuard(django_asgi_app),  # oversized chat bodies: 413 before Django reads them
         "websocket": AllowedHostsOriginValidator(
             AuthMiddlewareStack(URLRouter(chatproxy.routing.websocket_urlpatterns))
         ),
