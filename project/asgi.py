@@ -18,7 +18,12 @@ from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
 
 import chatproxy.routing  # noqa: E402
+import chatproxy.upstream  # noqa: E402
 from chatproxy.asgi import RequestSizeGuard  # noqa: E402
+
+# Import the openai SDK now, at server start: left to a worker's first stream, the import (a second
+# or two) would block that worker's event loop while a gateway's idle deadline runs (docs/deploy.md).
+chatproxy.upstream.preload()
 
 application = ProtocolTypeRouter(
     {

@@ -17,6 +17,7 @@ exception message to class names, status codes and short error codes, never keys
 
 from __future__ import annotations
 
+import importlib
 import importlib.metadata
 import os
 import re
@@ -26,7 +27,7 @@ from typing import Any
 from chatproxy.errors import ConfigurationError
 from chatproxy.upstream.base import Upstream
 
-__all__ = ["HTTP_CLIENT_CHOICES", "SDK_CHOICES", "build_upstream", "detect_sdk"]
+__all__ = ["HTTP_CLIENT_CHOICES", "SDK_CHOICES", "build_upstream", "detect_sdk", "preload"]
 
 SDK_CHOICES = ("auto", "current", "legacy")
 HTTP_CLIENT_CHOICES = ("httpx", "aiohttp")
@@ -108,6 +109,26 @@ def build_upstream(
         fix = INSTALL_LEGACY if sdk == "legacy" else INSTALL_CURRENT
         raise ConfigurationError(f"openai {version} does not import ({type(exc).__name__}): {fix}") from exc
     return CurrentUpstream(http_client=http_client, base_url=base_url, api_key=api_key)
+
+
+def preload() -> None:
+    """Import the adapter of the configured SDK now: call it from the ASGI module, at server start.
+
+    Importing openai takes a second or two. Left to the first stream, it happens on the worker's
+    event loop: every connection of that worker stalls meanwhile, and behind a gateway with a short
+    idle deadline the first stream's response can time out. Errors are left to the first request
+    (and the system checks) to report.
+    """
+    from chatproxy.conf import get_config
+
+    sdk = get_config()["UPSTREAM"]["SDK"]
+    if sdk == "auto":
+        sdk = detect_sdk()
+    if sdk in ("current", "legacy"):
+        try:
+            importlib.import_module(f"chatproxy.upstream.{sdk}")
+        except ImportError:
+            pass
 
 
 # --- helpers shared by the adapters -------------------------------------------------------------
