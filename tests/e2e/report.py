@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.e2e.stack import NGINX_READ_TIMEOUT, ROOT, WORKER_TIMEOUTS
+from tests.e2e.stack import NGINX_READ_TIMEOUT, ROOT, SLOW_FIRST_TOKEN, SLOW_MODEL, WORKER_TIMEOUTS
 
 REPORT_PATH = ROOT / "test-artifacts" / "e2e-report.md"
 
@@ -39,20 +39,21 @@ def render() -> str:
         "",
         f"nginx `proxy_read_timeout {NGINX_READ_TIMEOUT:g}s`, `proxy_buffering off`, HTTP/1.1, round robin over "
         "two workers sharing SQLite and Redis (`channels_redis`, Django's Redis cache).",
-        f"Worker timeouts (`CHATPROXY_TIMEOUTS`): {timeouts}; the slow-start scenario runs under an admin "
-        "profile with FIRST_TOKEN 6.",
+        f"Worker timeouts (`CHATPROXY_TIMEOUTS`): {timeouts}; model `{SLOW_MODEL}` runs under an admin "
+        f"profile with FIRST_TOKEN {SLOW_FIRST_TOKEN:g}.",
         "",
         "*worst silence*: the longest time the client received nothing (time to the first byte included); "
-        "*total*: request sent to last byte; *attempts*: upstream requests the simulator served for the stream.",
+        "*total*: request sent to last byte; *attempts*: upstream requests the simulator served for the stream; "
+        "*worker*: where nginx sent it.",
         "",
         "| server | scenario | endpoint | status | result | worst silence (s) | total (s) | first byte (s) "
-        "| keepalives | attempts |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| keepalives | attempts | worker |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in ROWS:
         lines.append(
             f"| {r.server} | {r.scenario} | {r.transport} | {r.status} | {r.result} | {r.worst_silence:.2f} "
-            f"| {r.total:.2f} | {r.first_byte:.2f} | {r.keepalives} | {r.attempts} |"
+            f"| {r.total:.2f} | {r.first_byte:.2f} | {r.keepalives} | {r.attempts} | {r.worker} |"
         )
     if ROWS:
         worst = max(ROWS, key=lambda r: r.worst_silence)
