@@ -12,9 +12,10 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
-from django.http import HttpRequest, HttpResponse
+from django.http import HttpRequest, HttpResponse, QueryDict
 from django.middleware.csrf import CsrfViewMiddleware
 from django.utils import timezone
+from django.utils.datastructures import MultiValueDict
 from django.utils.module_loading import import_string
 
 from chatproxy.conf import get_config
@@ -39,6 +40,11 @@ _csrf = CsrfViewMiddleware(_no_response)
 
 def csrf_failure(request: HttpRequest) -> str | None:
     """Why ``request`` fails Django's CSRF check (None when it passes)."""
+    if not hasattr(request, "_post"):
+        # chatproxy's endpoints take JSON, so the token can only come in the header: keep the check
+        # from parsing a form body as it would look for a form field (a malformed multipart body
+        # raises there, a valid one would be spooled to disk for nothing).
+        request._post, request._files = QueryDict(), MultiValueDict()  # type: ignore[attr-defined]
     rejected = _csrf.process_view(request, None, (), {})  # type: ignore[arg-type]
     if rejected is None:
         return None

@@ -19,11 +19,10 @@ from chatproxy.auth import permitted
 from chatproxy.core import ChatStream, Event
 from chatproxy.service import open_stream
 from chatproxy.sse import event_data
-from chatproxy.validation import InvalidRequest, parse_native_request
+from chatproxy.validation import InvalidRequest, max_body_bytes, parse_native_request
 
 # Close code for a refused connection (4000-4999 are the application's; 4403 echoes HTTP 403).
 CLOSE_FORBIDDEN = 4403
-MAX_FRAME_BYTES = 1024 * 1024
 KEEPALIVE_FRAME = '{"type":"keepalive"}'
 
 
@@ -51,8 +50,8 @@ class ChatConsumer(AsyncWebsocketConsumer):
 
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
         raw = text_data if text_data is not None else bytes_data
-        if raw is None or len(raw) > MAX_FRAME_BYTES:
-            await self.send_error("Frames must be JSON text of at most 1 MiB.")
+        if raw is None or len(raw) > max_body_bytes():
+            await self.send_error(f"Frames must be JSON text of at most {max_body_bytes()} bytes.")
             return
         try:
             frame = orjson.loads(raw)
@@ -108,7 +107,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
     async def start_chat(self, frame: dict[str, Any]) -> None:
         request_id = frame.get("request_id")
         if not isinstance(request_id, str) or not request_id or len(request_id) > 200:
-            await self.send_error("'request_id' must be a non-empty string.")
+            await self.send_error("'request_id' must be a non-empty string of at most 200 characters.")
             return
         if request_id in self.streams:
             await self.send_error("A request with this 'request_id' is already running.", request_id)

@@ -78,8 +78,8 @@ class AccessKey(models.Model):
         if not plain.startswith(KEY_PREFIX):
             return None
         prefix, sep, secret = plain[len(KEY_PREFIX) :].partition("_")
-        if not sep or len(prefix) != 12 or not secret:
-            return None
+        if not sep or len(prefix) != 12 or not secret or prefix.strip("0123456789abcdef"):
+            return None  # only well-formed prefixes reach the database
         return prefix
 
     def matches(self, plain: str) -> bool:

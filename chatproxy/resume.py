@@ -203,7 +203,7 @@ async def track(stream: ChatStream, user: Any) -> None:
 
 
 async def _meta_for(stream_id: str, user: Any) -> dict[str, Any]:
-    if not stream_id.isalnum() or len(stream_id) > 64:
+    if not (stream_id.isascii() and stream_id.isalnum()) or len(stream_id) > 64:
         raise StreamNotFound(stream_id)
     meta = await _cache().aget(meta_key(stream_id))
     if meta is None or meta.get("owner") != owner_of(user):

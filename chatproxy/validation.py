@@ -85,7 +85,7 @@ def validate_messages(messages: Any, *, openai_shape: bool = False) -> list[dict
                 role = "system"
             if isinstance(content, list):
                 content = _text_of_parts(content, where)
-        if role not in ROLES:
+        if not isinstance(role, str) or role not in ROLES:  # (a list or object is unhashable)
             raise InvalidRequest(f"{where}.role must be one of: system, user, assistant.", param=where)
         if not isinstance(content, str):
             raise InvalidRequest(f"{where}.content must be a string.", param=where)
@@ -107,8 +107,9 @@ def validate_model(model: Any) -> str:
     upstream = get_config()["UPSTREAM"]
     if model is None:
         return str(upstream["MODEL"])
-    if not isinstance(model, str) or not model.strip() or len(model) > 200:
-        raise InvalidRequest("'model' must be a non-empty string.", param="model")
+    if not isinstance(model, str) or not model.strip() or len(model) > 200 or not model.isprintable():
+        raise InvalidRequest("'model' must be a non-empty string of printable characters (at most 200).",
+                             param="model")
     allowed = upstream["MODELS"]
     if allowed is not None and model not in allowed:
         raise InvalidRequest(f"Model '{model}' is not available. Choose one of: {', '.join(allowed)}.", param="model")

@@ -96,7 +96,7 @@ async def _sse_body(events: AsyncIterator[Event]) -> AsyncIterator[bytes]:
 
 def _last_event_id(request: HttpRequest) -> int | None:
     raw = request.headers.get("Last-Event-ID") or request.GET.get("last_event_id") or "0"
-    return int(raw) if raw.isdigit() and len(raw) < 12 else None
+    return int(raw) if raw.isascii() and raw.isdigit() and len(raw) < 12 else None  # "²".isdigit() too
 
 
 async def resume_view(request: HttpRequest, stream_id: str) -> HttpResponse:

@@ -62,7 +62,7 @@ async def call(
     raw_headers += list(headers)
     scope = {
         "type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
-        "method": method, "scheme": "http", "path": path, "raw_path": path.encode("utf-8", "surrogateescape"),
+        "method": method, "scheme": "http", "path": path, "raw_path": path.encode("utf-8", "surrogatepass"),
         "query_string": query, "root_path": "", "headers": raw_headers, "client": list(client),
         "server": ["localhost", 80],
     }
