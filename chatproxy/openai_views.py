@@ -64,11 +64,7 @@ async def chat_completions(request: HttpRequest) -> HttpResponse:
     try:
         await authorize(request, allow_bearer=True)
     except AuthFailure as exc:
-        if exc.status == 403 and not request.user.is_authenticated:
-            return openai_error(401, "Send 'Authorization: Bearer <key>'.", type_="authentication_error",
-                                code="missing_api_key")
-        status, type_ = ERROR_STATUS[exc.code]
-        return openai_error(status, exc.message, type_=type_, code=exc.code)
+        return _refused(request, exc)
     try:
         chat_request, streaming, include_usage = parse_openai_request(read_json_body(request))
     except InvalidRequest as exc:
@@ -91,12 +87,20 @@ async def models(request: HttpRequest) -> HttpResponse:
     try:
         await authorize(request, allow_bearer=True)
     except AuthFailure as exc:
-        status, type_ = ERROR_STATUS[exc.code]
-        return openai_error(status, exc.message, type_=type_, code=exc.code)
+        return _refused(request, exc)
     upstream = get_config()["UPSTREAM"]
     names = upstream["MODELS"] or [upstream["MODEL"]]
     data = [{"id": name, "object": "model", "created": 0, "owned_by": "chatproxy"} for name in names]
     return JsonResponse({"object": "list", "data": data})
+
+
+def _refused(request: HttpRequest, exc: AuthFailure) -> JsonResponse:
+    """An authorization failure in OpenAI's shape; an anonymous caller is told to send a key."""
+    if exc.status == 403 and not request.user.is_authenticated:
+        return openai_error(401, "Send 'Authorization: Bearer <key>'.", type_="authentication_error",
+                            code="missing_api_key")
+    status, type_ = ERROR_STATUS[exc.code]
+    return openai_error(status, exc.message, type_=type_, code=exc.code)
 
 
 class _Wire:

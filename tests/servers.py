@@ -21,7 +21,9 @@ ROOT = Path(__file__).resolve().parents[1]
 class AppServer:
     """``project.asgi:application`` under ``server`` ("daphne" or "uvicorn") on a loopback port."""
 
-    def __init__(self, env: dict[str, str], *, server: str = "daphne", backlog: int = 1024) -> None:
+    def __init__(
+        self, env: dict[str, str], *, server: str = "daphne", backlog: int = 1024, capture_stderr: bool = False
+    ) -> None:
         self.server = server
         self._sock = socket.socket()
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -38,6 +40,8 @@ class AppServer:
             **env,
         }
         self.proc: subprocess.Popen[bytes] | None = None
+        # capture_stderr: the server's log goes to a file (read it with log()) instead of the terminal.
+        self.stderr_path = Path(self._tmp.name, "stderr.log") if capture_stderr else None
 
     def manage(self, *args: str, env: dict[str, str] | None = None) -> str:
         """Run ``manage.py`` against this server's database; returns stdout."""
@@ -57,10 +61,13 @@ class AppServer:
 
     def start(self, timeout: float = 20.0) -> AppServer:
         self.manage("migrate", "--noinput", "--skip-checks")
+        stderr = self.stderr_path.open("ab") if self.stderr_path else None
         self.proc = subprocess.Popen(
             self.command(), cwd=ROOT, env=self.env, pass_fds=[self._sock.fileno()],
-            stdout=subprocess.DEVNULL, stderr=None,
+            stdout=subprocess.DEVNULL, stderr=stderr,
         )
+        if stderr is not None:
+            stderr.close()  # the child has its own copy
         deadline = time.monotonic() + timeout
         while True:
             try:
@@ -71,6 +78,10 @@ class AppServer:
                     self.stop()
                     raise RuntimeError(f"{self.server} did not start") from None
                 time.sleep(0.1)
+
+    def log(self) -> str:
+        """What the server wrote to stderr so far (with ``capture_stderr=True``)."""
+        return self.stderr_path.read_text(errors="replace") if self.stderr_path else ""
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

@@ -32,7 +32,7 @@ from django.core.cache import caches
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from chatproxy import resume, signals
+from chatproxy import profiles, resume, signals
 from chatproxy.core import ChatStream
 from project.asgi import application
 from tests.asgi_calls import SESSION_HEADERS, Reply, call
@@ -56,6 +56,7 @@ pytestmark = pytest.mark.upstream
 @pytest.fixture
 def fuzz_settings(sim, settings):
     caches["default"].clear()  # no per-user slot left over from another test
+    profiles.forget()  # the timeouts below, not a default profile another test loaded
     settings.CHATPROXY = {
         "UPSTREAM": {
             "BASE_URL": sim.base_url,
@@ -434,6 +435,7 @@ class Socket:
                 ended.add(frame.get("request_id"))
 
 
+@pytest.mark.django_db(transaction=True)  # the consumer closes old database connections on each message
 def test_fuzz_websocket_frames(runner, sim, streams):
     socket = Socket()
     runner.run(socket.open())
