@@ -47,7 +47,6 @@ FUZZ_SETTINGS = settings(
     print_blob=True,
 )
 TRACEBACK = re.compile(rb"Traceback \(most recent call last\)|File \"/")
-pytestmark = pytest.mark.upstream
 
 
 # --------------------------------------------------------------------------- environment

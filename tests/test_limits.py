@@ -27,7 +27,6 @@ from tests.asgi_calls import call
 from tests.fixtures_servers import LIVE_RESUME, LIVE_TIMEOUTS
 from tests.servers import AppServer
 
-pytestmark = pytest.mark.upstream
 _unique = itertools.count()
 
 

@@ -23,8 +23,6 @@ from project.asgi import application
 from tests.asgi_calls import CSRF_TOKEN, call
 from tests.servers import AppServer
 
-pytestmark = pytest.mark.upstream
-
 CHAT = json.dumps({"messages": [{"role": "user", "content": "Tell me about locks [[sim chunks=3]]"}]}).encode()
 OPENAI_CHAT = json.dumps({"model": "gpt-4o-mini",
                           "messages": [{"role": "user", "content": "Locks? [[sim chunks=3]]"}]}).encode()
@@ -338,6 +336,7 @@ DRIVEN = [  # (way in, body or frame directive): every kind of ending, including
 ]
 
 
+@pytest.mark.upstream  # also with the legacy SDK: each adapter could leak it its own way
 @pytest.mark.django_db(transaction=True)
 async def test_upstream_key_never_reaches_a_client_or_a_log(chat_settings, sim, caplog, monkeypatch):
     chat_settings.CHATPROXY = {
@@ -449,6 +448,7 @@ def canary_server(simulator):
     server.stop()
 
 
+@pytest.mark.upstream
 async def test_upstream_key_never_reaches_the_live_servers_log_clients_or_admin(canary_server, sim):
     import aiohttp
     import websockets
