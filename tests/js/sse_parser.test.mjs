@@ -279,13 +279,23 @@ describe("streamChat", () => {
     assert.equal(calls[1].init.headers["Last-Event-ID"], "2");
   });
 
-  test("when the stream cannot be resumed, the answer ends with a network error", async () => {
+  test("when the stream is gone (404), the answer ends with an expired error", async () => {
     const { fetch } = fakeFetch([
       () => sseResponse(["retry: 1\n\n", sse(1, "start", { stream_id: "abc" })]),
       () => new Response("not found", { status: 404 }),
     ]);
     const final = await streamChat({ messages: [], fetch, csrfToken: "t" });
     assert.equal(final.type, "error");
+    assert.equal(final.data.code, "expired");
+    assert.equal(final.data.status, 404);
+  });
+
+  test("when resuming is refused (403), the answer ends with a network error", async () => {
+    const { fetch } = fakeFetch([
+      () => sseResponse(["retry: 1\n\n", sse(1, "start", { stream_id: "abc" })]),
+      () => new Response("forbidden", { status: 403 }),
+    ]);
+    const final = await streamChat({ messages: [], fetch, csrfToken: "t" });
     assert.equal(final.data.code, "network");
   });
 

@@ -7,6 +7,9 @@
  *                                                     (EventSource cannot POST)
  *   new ChatProxySocket({url}).chat({...})            ws(s)://host/ws/chat/ (SPEC 6.4)
  *   new ChatProxyClient({...}).send({...})            either of the above, plus stop()
+ *   new ChatProxyClient({...}).resume({streamId, lastEventId, ...})
+ *                                                     reattach to a stream started earlier, e.g.
+ *                                                     before a page reload (SPEC 6.2)
  *
  * The callback receives one object per event:
  *
@@ -23,8 +26,18 @@
  * Every call ends with exactly one "done" or "error" event, and its promise resolves to that
  * event; problems on the way (HTTP errors, a lost connection, the user's stop) become "error"
  * events rather than rejections. Client-side error codes, beside the server's: "network" (the
- * server could not be reached or the connection was lost for good), "http_error" (a non-JSON error
+ * server could not be reached or the connection was lost for good), "expired" (a resume found the
+ * stream gone: it ended more than RESUME.TTL ago, or is unknown), "http_error" (a non-JSON error
  * response, e.g. from a proxy; data.status holds the status) and "cancelled" (stopped here).
+ *
+ * Resuming: when the connection drops mid-answer, the client reattaches to the stream (GET
+ * /chat/stream/<id>/ with Last-Event-ID, or a WebSocket `resume` frame). The first attempt follows
+ * quickly (RESUME_FIRST_DELAY_MS), later ones back off, doubling up to the server's `retry:` advice
+ * (at most MAX_RESUME_DELAY_MS); while the browser reports itself offline the client waits for it
+ * to come back online instead. `maxResumes` consecutive attempts without progress end the answer.
+ *
+ * ResumeRecord keeps the unfinished answer (conversation, stream id, last event id) in
+ * sessionStorage so that mountChat can continue it after a page reload.
  *
  * Rendering helpers (AnswerView, mountChat) write model output as text nodes only, never HTML.
  */
@@ -38,14 +51,22 @@ const DEFAULT_WEBSOCKET_PATH = "/ws/chat/";
 // means the connection is dead even if the browser has not noticed yet.
 const DEFAULT_IDLE_TIMEOUT_MS = 60_000;
 const DEFAULT_CONNECT_TIMEOUT_MS = 10_000;
-const DEFAULT_MAX_RESUMES = 2;
-const DEFAULT_RESUME_DELAY_MS = 500;
+// Consecutive resume attempts that bring nothing new before the answer is given up.
+const DEFAULT_MAX_RESUMES = 4;
+// The first resume follows a drop quickly: the server keeps generating for RESUME.GRACE seconds
+// only. Later attempts wait twice as long each time, up to the server's `retry:` advice.
+const RESUME_FIRST_DELAY_MS = 250;
 const MAX_RESUME_DELAY_MS = 5_000;
+// While the browser says it is offline, resuming waits for the `online` event, at most this long.
+const MAX_OFFLINE_WAIT_MS = 60_000;
 
 const MESSAGES = Object.freeze({
   cancelled: "Stopped.",
   unreachable: "Could not reach the chat service. Check your connection and try again.",
   lost: "The connection was interrupted and the answer could not be recovered. Please try again.",
+  expired:
+    "The rest of this answer is no longer available (the connection was away too long). " +
+    "The part shown is what arrived; send your message again for a complete answer.",
   websocket: "The live connection could not be opened. Please try again, or switch to SSE.",
   unexpected: "The chat service sent an unexpected response. Please try again.",
   400: "The request was not accepted. Please check your message and try again.",
@@ -242,6 +263,42 @@ function sleep(ms, signal) {
   });
 }
 
+/** Whether the browser reports having no network (navigator.onLine is false). */
+function browserOffline() {
+  return globalThis.navigator?.onLine === false;
+}
+
+/** Resolves on the `online` event, on abort, or after `maxMs`. */
+function waitForOnline(signal, maxMs = MAX_OFFLINE_WAIT_MS) {
+  return new Promise((resolve) => {
+    if (signal?.aborted || typeof globalThis.addEventListener !== "function") return resolve();
+    const timer = setTimeout(done, maxMs);
+    function done() {
+      clearTimeout(timer);
+      globalThis.removeEventListener("online", done);
+      signal?.removeEventListener("abort", done);
+      resolve();
+    }
+    globalThis.addEventListener("online", done, { once: true });
+    signal?.addEventListener("abort", done, { once: true });
+  });
+}
+
+/** The wait before resume attempt `attempt` (1, 2, ...): doubling, capped by the server's advice. */
+export function resumeDelayMs(attempt, retryMs = null) {
+  const cap = Math.min(retryMs ?? MAX_RESUME_DELAY_MS, MAX_RESUME_DELAY_MS);
+  return Math.max(0, Math.min(RESUME_FIRST_DELAY_MS * 2 ** Math.max(0, attempt - 1), cap));
+}
+
+/**
+ * Wait before a resume attempt: resumeDelayMs(), and while the browser is offline, until it is
+ * back online (an attempt then follows at once).
+ */
+async function waitToResume(attempt, retryMs, signal) {
+  if (!browserOffline()) await sleep(resumeDelayMs(attempt, retryMs), signal);
+  if (browserOffline()) await waitForOnline(signal);
+}
+
 /** The JSON body of a chat request: SPEC 6.1 fields only, unset ones left out. */
 function chatBody({ messages, model, options }) {
   const body = { messages };
@@ -258,10 +315,10 @@ function chatBody({ messages, model, options }) {
  * everything after the terminal event.
  */
 class StreamProgress {
-  constructor(onEvent) {
+  constructor(onEvent, { streamId = null, lastSeq = null } = {}) {
     this.onEvent = onEvent;
-    this.streamId = null;
-    this.lastSeq = null;
+    this.streamId = streamId;
+    this.lastSeq = lastSeq;
     this.final = null;
   }
 
@@ -304,7 +361,9 @@ class StreamProgress {
  * @param {function} o.onEvent      receives {type, data, seq, streamId}; see the module docstring
  * @param {string} [o.csrfToken]    default: the `csrftoken` cookie
  * @param {boolean} [o.resume]      reattach to the stream when the connection drops (default true)
- * @param {number} [o.maxResumes]   default 2
+ * @param {number} [o.maxResumes]   consecutive resume attempts without progress; default 4
+ * @param {{streamId: string, lastEventId: number}} [o.resumeFrom]  do not POST: reattach to this
+ *                                  stream and deliver the events after lastEventId (a page reload)
  * @param {number} [o.idleTimeoutMs] silence after which the connection counts as lost
  * @param {function} [o.fetch]      a fetch implementation (tests)
  * @returns {Promise<object>} the terminal "done" or "error" event
@@ -319,6 +378,7 @@ export async function streamChat({
   csrfToken,
   resume = true,
   maxResumes = DEFAULT_MAX_RESUMES,
+  resumeFrom = null,
   idleTimeoutMs = DEFAULT_IDLE_TIMEOUT_MS,
   fetch: fetchImpl = globalThis.fetch?.bind(globalThis),
   progress = new StreamProgress(onEvent),
@@ -327,44 +387,55 @@ export async function streamChat({
   const token = () => csrfToken ?? getCookie("csrftoken");
   // connected: a stream response arrived; retryMs: the server's `retry:` advice.
   const ctx = { fetchImpl, signal, idleTimeoutMs, progress, connected: false, retryMs: null };
+  const streamUrl = () => `${base}${encodeURIComponent(progress.streamId)}/`;
+  const reattach = () => {
+    const headers = { Accept: "text/event-stream" };
+    if (progress.lastSeq !== null) headers["Last-Event-ID"] = String(progress.lastSeq);
+    return readEventStream(ctx, streamUrl(), { method: "GET", headers, resuming: true });
+  };
 
-  let outcome = await readEventStream(ctx, url, {
-    method: "POST",
-    headers: {
-      "Content-Type": "application/json",
-      Accept: "text/event-stream",
-      ...(token() ? { "X-CSRFToken": token() } : {}),
-    },
-    body: JSON.stringify(chatBody({ messages, model, options })),
-  });
+  let outcome;
+  if (resumeFrom) {
+    progress.streamId ??= resumeFrom.streamId;
+    progress.lastSeq ??= parseSeq(resumeFrom.lastEventId);
+    ctx.connected = true; // the stream was received before: losing it now means "lost"
+    outcome = await reattach();
+  } else {
+    outcome = await readEventStream(ctx, url, {
+      method: "POST",
+      headers: {
+        "Content-Type": "application/json",
+        Accept: "text/event-stream",
+        ...(token() ? { "X-CSRFToken": token() } : {}),
+      },
+      body: JSON.stringify(chatBody({ messages, model, options })),
+    });
+  }
 
-  let resumes = 0;
+  let failures = 0; // consecutive resume attempts that brought no new event
+  let seqAtAttempt = progress.lastSeq;
   while (outcome === "lost" && !signal?.aborted) {
-    if (!resume || progress.streamId === null || resumes >= maxResumes) {
+    if (progress.lastSeq !== seqAtAttempt) failures = 0;
+    if (!resume || progress.streamId === null || failures >= maxResumes) {
       return progress.fail("network", ctx.connected ? MESSAGES.lost : MESSAGES.unreachable);
     }
-    resumes += 1;
+    failures += 1;
     progress.onEvent({
       type: "resuming",
-      data: { attempt: resumes, max_attempts: maxResumes, reason: "connection_lost" },
+      data: { attempt: failures, max_attempts: maxResumes, reason: "connection_lost" },
       seq: null,
       streamId: progress.streamId,
     });
-    await sleep(Math.min(ctx.retryMs ?? DEFAULT_RESUME_DELAY_MS, MAX_RESUME_DELAY_MS), signal);
+    await waitToResume(failures, ctx.retryMs, signal);
     if (signal?.aborted) break;
-    const headers = { Accept: "text/event-stream" };
-    if (progress.lastSeq !== null) headers["Last-Event-ID"] = String(progress.lastSeq);
-    outcome = await readEventStream(ctx, `${base}${encodeURIComponent(progress.streamId)}/`, {
-      method: "GET",
-      headers,
-      resuming: true,
-    });
+    seqAtAttempt = progress.lastSeq;
+    outcome = await reattach();
   }
 
   if (signal?.aborted && !progress.finished) {
     if (progress.streamId !== null) {
       // A resumable stream outlives its connection for a grace period: say we are done with it.
-      cancelStream(fetchImpl, `${base}${encodeURIComponent(progress.streamId)}/cancel/`, token());
+      cancelStream(fetchImpl, `${streamUrl()}cancel/`, token());
     }
     return progress.fail("cancelled", MESSAGES.cancelled);
   }
@@ -492,8 +563,11 @@ async function failFromResponse(progress, response, resuming) {
   } catch {
     // Not chatproxy's JSON (a proxy's error page, say): use a message of our own.
   }
-  if (resuming) {
-    // The stream is gone (expired, unknown, or resuming is off): the answer cannot be finished.
+  if (resuming && response.status === 404) {
+    // The stream is gone (ended more than RESUME.TTL ago, or unknown): keep what was received.
+    progress.fail("expired", MESSAGES.expired, { status: response.status });
+  } else if (resuming) {
+    // Not allowed any more (logged out?), or resuming is off: the answer cannot be finished.
     progress.fail("network", MESSAGES.lost, { status: response.status });
   } else if (code !== null && message !== null) {
     progress.fail(code, message, { status: response.status });
@@ -517,6 +591,8 @@ export class ChatProxySocket {
    * @param {object} [o]
    * @param {string} [o.url]  default: ws(s)://<this host>/ws/chat/
    * @param {function} [o.WebSocket]  a WebSocket constructor (tests)
+   * @param {function} [o.cancelOverHttp]  (streamId) => void: stops a stream when the user stops
+   *                   it while the socket is down (waiting to resume), so no cancel frame can go
    */
   constructor({
     url,
@@ -524,8 +600,10 @@ export class ChatProxySocket {
     connectTimeoutMs = DEFAULT_CONNECT_TIMEOUT_MS,
     idleTimeoutMs = DEFAULT_IDLE_TIMEOUT_MS,
     maxResumes = DEFAULT_MAX_RESUMES,
+    cancelOverHttp = null,
   } = {}) {
     this.url = url ?? websocketUrl();
+    this.cancelOverHttp = cancelOverHttp;
     this.WebSocketImpl = WebSocketImpl;
     this.connectTimeoutMs = connectTimeoutMs;
     this.idleTimeoutMs = idleTimeoutMs;
@@ -543,11 +621,34 @@ export class ChatProxySocket {
 
   /**
    * Stream one answer; same arguments and result as streamChat() (url/fetch/csrf aside).
+   * With `resumeFrom` ({streamId, lastEventId}) no chat frame is sent: a `resume` frame reattaches
+   * to that stream (after a page reload, say).
    */
-  chat({ messages, model, options, signal, onEvent = () => {}, progress = new StreamProgress(onEvent) }) {
+  chat({
+    messages,
+    model,
+    options,
+    signal,
+    onEvent = () => {},
+    resumeFrom = null,
+    progress = new StreamProgress(onEvent),
+  }) {
     return new Promise((resolve) => {
       const requestId = newRequestId();
-      const chat = { requestId, progress, resolve, resumes: 0, signal, onAbort: null, awaitingResume: false };
+      if (resumeFrom) {
+        progress.streamId ??= resumeFrom.streamId;
+        progress.lastSeq ??= parseSeq(resumeFrom.lastEventId);
+      }
+      const chat = {
+        requestId,
+        progress,
+        resolve,
+        resumes: 0, // consecutive resume attempts without a new event
+        seqAtResume: progress.lastSeq,
+        signal,
+        onAbort: null,
+        awaitingResume: false,
+      };
       const finish = () => {
         this._requests.delete(requestId);
         signal?.removeEventListener("abort", chat.onAbort);
@@ -557,7 +658,9 @@ export class ChatProxySocket {
       chat.finish = finish;
       chat.onAbort = () => {
         if (progress.finished) return;
-        this._send({ type: "cancel", request_id: requestId });
+        const sent = this._send({ type: "cancel", request_id: requestId });
+        // The socket is down: the stream waits RESUME.GRACE for a resume unless told otherwise.
+        if (!sent && progress.streamId !== null) this.cancelOverHttp?.(progress.streamId);
         progress.fail("cancelled", MESSAGES.cancelled);
         finish();
       };
@@ -569,15 +672,21 @@ export class ChatProxySocket {
       signal?.addEventListener("abort", chat.onAbort, { once: true });
       this._requests.set(requestId, chat);
 
-      const frame = { type: "chat", request_id: requestId, ...chatBody({ messages, model, options }) };
+      const frame = resumeFrom
+        ? null
+        : { type: "chat", request_id: requestId, ...chatBody({ messages, model, options }) };
       this._connect().then(
         () => {
           if (progress.finished) return;
-          if (!this._send(frame)) this._lost(chat);
+          if (!(frame ? this._send(frame) : this._sendResume(chat))) this._lost(chat);
           this._watchIdle();
         },
         () => {
           if (progress.finished) return;
+          if (!frame) {
+            this._lost(chat); // reattaching: try again like after a drop
+            return;
+          }
           progress.fail("network", MESSAGES.websocket);
           finish();
         },
@@ -681,8 +790,14 @@ export class ChatProxySocket {
     if (type === "start" && typeof streamId === "string") data.stream_id = streamId;
     if (chat.awaitingResume) {
       chat.awaitingResume = false;
+      if (type === "error" && data.code === "not_found") {
+        // The stream ended more than RESUME.TTL ago, or is unknown: keep what was received.
+        chat.progress.fail("expired", MESSAGES.expired);
+        chat.finish();
+        return;
+      }
       if (type === "error" && data.code === "bad_request") {
-        // The server refused the resume frame (unknown or expired stream, or no resume support).
+        // The server refused the resume frame (no resume support).
         chat.progress.fail("network", MESSAGES.lost);
         chat.finish();
         return;
@@ -721,6 +836,7 @@ export class ChatProxySocket {
   _lost(chat) {
     const { progress } = chat;
     if (progress.finished) return;
+    if (progress.lastSeq !== chat.seqAtResume) chat.resumes = 0; // the last connection brought news
     if (progress.streamId === null || chat.resumes >= this.maxResumes) {
       progress.fail("network", progress.streamId === null ? MESSAGES.websocket : MESSAGES.lost);
       chat.finish();
@@ -733,24 +849,31 @@ export class ChatProxySocket {
       seq: null,
       streamId: progress.streamId,
     });
-    sleep(DEFAULT_RESUME_DELAY_MS, chat.signal)
+    waitToResume(chat.resumes, null, chat.signal)
       .then(() => (progress.finished ? null : this._connect()))
       .then(
         () => {
           if (progress.finished) return;
-          // request_id (beyond SPEC 6.4's fields) lets the server address an error to this chat.
-          const sent = this._send({
-            type: "resume",
-            request_id: chat.requestId,
-            stream_id: progress.streamId,
-            last_event_id: progress.lastSeq ?? 0,
-          });
-          chat.awaitingResume = sent;
-          if (!sent) this._lost(chat);
+          if (!this._sendResume(chat)) this._lost(chat);
           this._watchIdle();
         },
         () => this._lost(chat),
       );
+  }
+
+  /** Ask for `chat`'s stream from after its last event; false if the socket is not open. */
+  _sendResume(chat) {
+    const { progress } = chat;
+    chat.seqAtResume = progress.lastSeq;
+    // request_id (beyond SPEC 6.4's fields) lets the server address the stream's frames to this chat.
+    const sent = this._send({
+      type: "resume",
+      request_id: chat.requestId,
+      stream_id: progress.streamId,
+      last_event_id: progress.lastSeq ?? 0,
+    });
+    chat.awaitingResume = sent;
+    return sent;
   }
 
   /** While chats are open, a socket silent for idleTimeoutMs is closed (and its chats resumed). */
@@ -780,6 +903,8 @@ export class ChatProxySocket {
  *   const client = new ChatProxyClient({transport: "sse"});
  *   const final = await client.send({messages, onEvent});
  *   client.stop();  // from a Stop button
+ *   // after a page reload, with what the earlier page recorded:
+ *   await client.resume({streamId, lastEventId, transport, onEvent});
  *
  * After (or during) a stream, `streamId` and `lastEventId` say where it stands (for resuming).
  */
@@ -819,18 +944,35 @@ export class ChatProxyClient {
    * Stream one answer. Stops the previous one if it is still running.
    * @returns {Promise<object>} the terminal "done" or "error" event
    */
-  async send({ messages, model, options, onEvent = () => {}, transport = this.transport }) {
+  send({ messages, model, options, onEvent = () => {}, transport = this.transport }) {
+    return this._run({ messages, model, options, onEvent, transport, resumeFrom: null });
+  }
+
+  /**
+   * Continue a stream started earlier (by a previous page, say): deliver its events after
+   * `lastEventId`, then live ones until it ends. Ends with an "expired" error if the server no
+   * longer has it. Stops the current answer if one is running.
+   * @returns {Promise<object>} the terminal "done" or "error" event
+   */
+  resume({ streamId, lastEventId, onEvent = () => {}, transport = this.transport }) {
+    return this._run({ onEvent, transport, resumeFrom: { streamId, lastEventId } });
+  }
+
+  async _run({ messages, model, options, onEvent, transport, resumeFrom }) {
     this.stop();
     const controller = new AbortController();
     this._controller = controller;
-    this.streamId = null;
-    this.lastEventId = null;
-    const progress = new StreamProgress((event) => {
-      if (event.streamId !== null) this.streamId = event.streamId;
-      if (event.seq !== null) this.lastEventId = event.seq;
-      onEvent(event);
-    });
-    const common = { messages, model, options, signal: controller.signal, progress };
+    this.streamId = resumeFrom?.streamId ?? null;
+    this.lastEventId = resumeFrom ? parseSeq(resumeFrom.lastEventId) : null;
+    const progress = new StreamProgress(
+      (event) => {
+        if (event.streamId !== null) this.streamId = event.streamId;
+        if (event.seq !== null) this.lastEventId = event.seq;
+        onEvent(event);
+      },
+      { streamId: this.streamId, lastSeq: this.lastEventId },
+    );
+    const common = { messages, model, options, signal: controller.signal, progress, resumeFrom };
     try {
       if (transport === "websocket") {
         this._socket ??= new ChatProxySocket({
@@ -838,6 +980,15 @@ export class ChatProxyClient {
           WebSocket: this.WebSocket,
           idleTimeoutMs: this.idleTimeoutMs,
           maxResumes: this.maxResumes,
+          cancelOverHttp: (streamId) => {
+            const base = this.streamUrl.endsWith("/") ? this.streamUrl : `${this.streamUrl}/`;
+            const token = typeof this.csrfToken === "function" ? this.csrfToken() : this.csrfToken;
+            cancelStream(
+              this.fetch ?? globalThis.fetch?.bind(globalThis),
+              `${base}${encodeURIComponent(streamId)}/cancel/`,
+              token ?? getCookie("csrftoken"),
+            );
+          },
         });
         return await this._socket.chat(common);
       }
@@ -899,6 +1050,34 @@ export class AnswerView {
     return this.textNode.data;
   }
 
+  /**
+   * Show `text` received by an earlier page as this answer's beginning, and wait for the rest
+   * (the stream is being resumed): state "reconnecting" until the next delta.
+   */
+  restore(text) {
+    this.textNode.data = text;
+    this._sawText = text.length > 0;
+    this.setState("reconnecting");
+    this._setNote("Reconnecting…", "quiet");
+    this._setStatus("Resuming the answer…");
+  }
+
+  /**
+   * Show a finished answer from an earlier page: `final` is {type: "done"} or
+   * {type: "error", data: {code, message}}. The status line is left alone.
+   */
+  restoreFinished(text, final) {
+    this.textNode.data = text;
+    this._sawText = text.length > 0;
+    const status = this.status;
+    this.status = null;
+    try {
+      this.handle(final?.type === "error" ? final : { type: "done", data: {} });
+    } finally {
+      this.status = status;
+    }
+  }
+
   setState(state) {
     this.element.dataset.state = state;
     this.element.setAttribute("aria-busy", String(state === "streaming" || state === "reconnecting"));
@@ -957,7 +1136,7 @@ export class AnswerView {
           typeof data.message === "string" && data.message ? data.message : MESSAGES.server;
         this.setState("error");
         this.element.dataset.errorCode = code;
-        this._setNote(message, code === "cancelled" ? "quiet" : "error");
+        this._setNote(message, code === "cancelled" ? "quiet" : code === "expired" ? "notice" : "error");
         this._setStatus(message);
         break;
       }
@@ -997,6 +1176,195 @@ function storageSet(key, value) {
   }
 }
 
+// --------------------------------------------------------------------------------------------
+// Surviving a page reload
+// --------------------------------------------------------------------------------------------
+
+const RESUME_STORAGE_KEY = "chatproxy.resume";
+const RESUME_WRITE_INTERVAL_MS = 250;
+const RECORD_VERSION = 1;
+const TRANSPORTS = Object.freeze(["sse", "websocket"]);
+
+function sessionStore() {
+  try {
+    return globalThis.sessionStorage ?? null;
+  } catch {
+    return null; // storage disabled (sandboxed iframe, privacy settings)
+  }
+}
+
+function isRecordedFinal(final) {
+  if (final?.type === "done") return true;
+  return (
+    final?.type === "error" &&
+    typeof final.data?.code === "string" &&
+    typeof final.data?.message === "string"
+  );
+}
+
+/** A finished answer's terminal event, reduced to what restoring it needs. */
+export function recordedFinal(event) {
+  if (event?.type !== "error") return { type: "done", data: {} };
+  const data = event.data ?? {};
+  return {
+    type: "error",
+    data: {
+      code: typeof data.code === "string" ? data.code : "internal",
+      message: typeof data.message === "string" ? data.message : "",
+    },
+  };
+}
+
+/**
+ * The tab's unfinished answer, kept in sessionStorage (per tab; it survives a reload, not the
+ * tab) so that the page can continue the answer after a reload (SPEC 6.2). Two entries:
+ *
+ *   <key>           {v, transport, streamId, user, turns: [{user, text, final}]}: the conversation
+ *                   before this answer, and its question; written once, when its stream starts.
+ *   <key>.progress  {streamId, lastEventId, text}: the answer so far and the id of the last event
+ *                   it includes. update() writes it at most every `intervalMs`; flush() at once
+ *                   (call it on `pagehide`). Each write is self-consistent: resuming after
+ *                   lastEventId continues `text` with no gap and no repeat, however stale it is.
+ *
+ * Storage errors (disabled, full) are swallowed: the page then just does not survive a reload.
+ */
+export class ResumeRecord {
+  constructor({
+    storage = sessionStore(),
+    key = RESUME_STORAGE_KEY,
+    intervalMs = RESUME_WRITE_INTERVAL_MS,
+    setTimer = (fn, ms) => globalThis.setTimeout(fn, ms),
+    clearTimer = (timer) => globalThis.clearTimeout(timer),
+  } = {}) {
+    this.storage = storage;
+    this.key = key;
+    this.progressKey = `${key}.progress`;
+    this.intervalMs = intervalMs;
+    this._setTimer = setTimer;
+    this._clearTimer = clearTimer;
+    /** The stream being recorded, or null. */
+    this.streamId = null;
+    this._pending = null;
+    this._timer = null;
+  }
+
+  /**
+   * The recorded unfinished answer, or null: {transport, streamId, lastEventId, user, text,
+   * turns}. A malformed record is removed.
+   */
+  load() {
+    const head = this._read(this.key);
+    const progress = this._read(this.progressKey);
+    if (head === null && progress === null) return null;
+    const valid =
+      head?.v === RECORD_VERSION &&
+      TRANSPORTS.includes(head.transport) &&
+      typeof head.streamId === "string" &&
+      /^[A-Za-z0-9]{1,64}$/.test(head.streamId) &&
+      typeof head.user === "string" &&
+      Array.isArray(head.turns) &&
+      head.turns.every(
+        (t) => typeof t?.user === "string" && typeof t.text === "string" && isRecordedFinal(t.final),
+      ) &&
+      progress?.streamId === head.streamId &&
+      Number.isInteger(progress.lastEventId) &&
+      progress.lastEventId >= 0 &&
+      typeof progress.text === "string";
+    if (!valid) {
+      this.clear();
+      return null;
+    }
+    return {
+      transport: head.transport,
+      streamId: head.streamId,
+      lastEventId: progress.lastEventId,
+      user: head.user,
+      text: progress.text,
+      turns: head.turns.map((t) => ({ user: t.user, text: t.text, final: t.final })),
+    };
+  }
+
+  /** Record a new answer whose stream just started (its "start" event). Written at once. */
+  start({ transport, streamId, lastEventId = 0, user, text = "", turns = [] }) {
+    this._cancelTimer();
+    this._pending = null;
+    this.streamId = streamId;
+    const head = {
+      v: RECORD_VERSION,
+      transport: TRANSPORTS.includes(transport) ? transport : "sse",
+      streamId,
+      user,
+      turns: turns.map((t) => ({ user: t.user, text: t.text, final: recordedFinal(t.final) })),
+    };
+    this._write(this.key, head);
+    this._write(this.progressKey, { streamId, lastEventId, text });
+  }
+
+  /** Go on recording a stream found by load() (the page was reloaded). */
+  adopt({ streamId }) {
+    this._cancelTimer();
+    this._pending = null;
+    this.streamId = streamId;
+  }
+
+  /** The answer reached event `lastEventId` with `text` shown: written within `intervalMs`. */
+  update({ lastEventId, text }) {
+    if (this.streamId === null) return;
+    this._pending = { streamId: this.streamId, lastEventId, text };
+    if (this._timer === null) {
+      this._timer = this._setTimer(() => {
+        this._timer = null;
+        this.flush();
+      }, this.intervalMs);
+    }
+  }
+
+  /** Write the latest update() now (the page is going away). */
+  flush() {
+    this._cancelTimer();
+    if (this._pending === null) return;
+    const pending = this._pending;
+    this._pending = null;
+    this._write(this.progressKey, pending);
+  }
+
+  /** Forget the record (the answer ended): of stream `streamId` only, if given. */
+  clear(streamId = null) {
+    if (streamId !== null && this.streamId !== null && streamId !== this.streamId) return;
+    this._cancelTimer();
+    this._pending = null;
+    this.streamId = null;
+    try {
+      this.storage?.removeItem(this.key);
+      this.storage?.removeItem(this.progressKey);
+    } catch {
+      // storage disabled
+    }
+  }
+
+  _cancelTimer() {
+    if (this._timer !== null) this._clearTimer(this._timer);
+    this._timer = null;
+  }
+
+  _read(key) {
+    try {
+      const raw = this.storage?.getItem(key);
+      return raw ? JSON.parse(raw) : null;
+    } catch {
+      return undefined; // unreadable: treated as malformed
+    }
+  }
+
+  _write(key, value) {
+    try {
+      this.storage?.setItem(key, JSON.stringify(value));
+    } catch {
+      // storage disabled or full: the answer will not survive a reload
+    }
+  }
+}
+
 /**
  * `text` with the simulator's fault directive appended. A directive limited by `times=N` counts
  * requests per message text, so a fresh `key` makes each send its own case (its retries share it).
@@ -1011,10 +1379,17 @@ export function withDirective(text, directive) {
  * Wire up the demo chat page (templates/index.html). `root` carries data-stream-url,
  * data-ws-path and data-csrf-token; the controls are found by id: #conversation, #composer,
  * #prompt, #send, #stop, #transport, #fault (optional), #new-chat (optional), #status.
- * Returns {client, turns} for scripting and tests.
+ *
+ * While an answer streams, the conversation, its stream id and last event id are kept in
+ * sessionStorage (ResumeRecord); if the page is reloaded meanwhile, mountChat shows the
+ * conversation again and continues the answer where it was (SPEC 6.2). Pass `record: null` to
+ * turn that off.
+ * Returns {client, turns, record, resumed} for scripting and tests; `resumed` is the promise of
+ * the continued answer's terminal event, or null.
  */
-export function mountChat(root, { client } = {}) {
+export function mountChat(root, { client, record = new ResumeRecord() } = {}) {
   const doc = root.ownerDocument;
+  const win = doc.defaultView;
   const byId = (id) => doc.getElementById(id);
   const conversation = byId("conversation");
   const form = byId("composer");
@@ -1029,17 +1404,18 @@ export function mountChat(root, { client } = {}) {
   const templateToken = root.dataset.csrfToken || null;
   client ??= new ChatProxyClient({
     streamUrl: root.dataset.streamUrl || DEFAULT_STREAM_URL,
-    websocketUrl: websocketUrl(root.dataset.wsPath || DEFAULT_WEBSOCKET_PATH, doc.defaultView.location),
+    websocketUrl: websocketUrl(root.dataset.wsPath || DEFAULT_WEBSOCKET_PATH, win.location),
     // Read at each send: logging in rotates the cookie.
     csrfToken: () => getCookie("csrftoken", doc.cookie) ?? templateToken,
   });
 
   /** Finished and unfinished turns: {user: string, view: AnswerView}. */
   const turns = [];
+  const websocketAvailable = typeof win.WebSocket === "function";
 
   if (transportSelect) {
     const wsOption = transportSelect.querySelector('option[value="websocket"]');
-    if (typeof doc.defaultView.WebSocket !== "function" && wsOption) wsOption.disabled = true;
+    if (!websocketAvailable && wsOption) wsOption.disabled = true;
     const saved = storageGet(TRANSPORT_STORAGE_KEY);
     if (saved && [...transportSelect.options].some((o) => o.value === saved && !o.disabled)) {
       transportSelect.value = saved;
@@ -1097,6 +1473,33 @@ export function mountChat(root, { client } = {}) {
     return messages;
   };
 
+  /** The finished turns, for the record. */
+  const finishedTurns = () =>
+    turns.filter((t) => t.view.final).map((t) => ({ user: t.user, text: t.view.text, final: t.view.final }));
+
+  /** The callback of one answer: render each event, and keep the record up to date. */
+  const answerEvents = (view, { user, transport }) => (event) => {
+    const follow = nearBottom();
+    view.handle(event);
+    if (follow) scrollToBottom();
+    if (!record) return;
+    if (isTerminal(event.type)) {
+      record.clear(event.streamId);
+    } else if (event.type === "start" && event.streamId) {
+      const earlier = finishedTurns();
+      record.start({ transport, streamId: event.streamId, lastEventId: event.seq ?? 0, user, text: view.text, turns: earlier });
+    } else if (event.seq !== null && event.streamId === record.streamId) {
+      record.update({ lastEventId: event.seq, text: view.text });
+    }
+  };
+
+  const answerEnded = (view, final) => {
+    if (!view.final && final) view.handle(final);
+    record?.clear(final?.streamId ?? null);
+    setBusy(false);
+    prompt.focus();
+  };
+
   const send = async () => {
     const text = prompt.value.trim();
     if (!text) {
@@ -1116,18 +1519,43 @@ export function mountChat(root, { client } = {}) {
     setBusy(true);
     scrollToBottom();
 
+    const transport = transportSelect?.value ?? "sse";
     const final = await client.send({
       messages,
-      transport: transportSelect?.value ?? "sse",
-      onEvent: (event) => {
-        const follow = nearBottom();
-        view.handle(event);
-        if (follow) scrollToBottom();
-      },
+      transport,
+      onEvent: answerEvents(view, { user: text, transport }),
     });
-    if (!view.final && final) view.handle(final);
-    setBusy(false);
-    prompt.focus();
+    answerEnded(view, final);
+  };
+
+  /** Show the conversation an earlier page recorded, and continue its unfinished answer. */
+  const resumeRecorded = async (saved) => {
+    for (const turn of saved.turns) {
+      addTurn("user", turn.user);
+      const { message, note } = addTurn("assistant", "");
+      const view = new AnswerView(message, { note });
+      view.restoreFinished(turn.text, turn.final);
+      turns.push({ user: turn.user, view });
+    }
+    addTurn("user", saved.user);
+    const { message, note } = addTurn("assistant", "");
+    const view = new AnswerView(message, { note, status });
+    view.restore(saved.text);
+    turns.push({ user: saved.user, view });
+    record.adopt(saved);
+    setBusy(true);
+    scrollToBottom();
+
+    // Either transport can resume any stream; the one the answer used, when available.
+    const transport = saved.transport === "websocket" && websocketAvailable ? "websocket" : "sse";
+    const final = await client.resume({
+      streamId: saved.streamId,
+      lastEventId: saved.lastEventId,
+      transport,
+      onEvent: answerEvents(view, { user: saved.user, transport }),
+    });
+    answerEnded(view, final);
+    return final;
   };
 
   form.addEventListener("submit", (e) => {
@@ -1146,11 +1574,23 @@ export function mountChat(root, { client } = {}) {
   });
   newChatButton?.addEventListener("click", () => {
     client.stop();
+    record?.clear();
     turns.length = 0;
     conversation.replaceChildren();
     status.textContent = "New chat.";
     prompt.focus();
   });
 
-  return { client, turns };
+  let resumed = null;
+  if (record) {
+    // The page may be reloaded or closed at any moment: the latest progress is written then.
+    win.addEventListener("pagehide", () => record.flush());
+    doc.addEventListener("visibilitychange", () => {
+      if (doc.visibilityState === "hidden") record.flush();
+    });
+    const saved = record.load();
+    if (saved) resumed = resumeRecorded(saved);
+  }
+
+  return { client, turns, record, resumed };
 }
