@@ -149,13 +149,12 @@ def record_stream(stream: ChatStream, user: Any = None) -> None:
 def _write(values: dict[str, Any]) -> None:
     from chatproxy.models import StreamRecord
 
-    close_old_connections()
     try:
+        close_old_connections()
         StreamRecord.objects.create(**values)
+        close_old_connections()
     except Exception as exc:
         logger.warning("could not save the record of stream %s: %s: %s", values["stream_id"], type(exc).__name__, exc)
-    finally:
-        close_old_connections()
 
 
 async def drain() -> None:
