@@ -168,7 +168,7 @@ def prune(older_than: timedelta) -> int:
     from chatproxy.models import StreamRecord
 
     deleted, _ = StreamRecord.objects.filter(started__lt=timezone.now() - older_than).delete()
-    return deleted
+    return int(deleted)
 
 
 # --------------------------------------------------------------------------- statistics
@@ -425,7 +425,9 @@ def summarize(model: str, samples: Sequence[Sample], profile: Any, current: Poli
 
 
 def window_start(window: str) -> datetime:
-    return timezone.now() - WINDOWS.get(window, WINDOWS[DEFAULT_WINDOW])
+    """The start of ``window`` (one of :data:`WINDOWS`; anything else means the default) from now."""
+    now: datetime = timezone.now()
+    return now - WINDOWS.get(window, WINDOWS[DEFAULT_WINDOW])
 
 
 def samples_for(since: datetime, *, model: str | None = None, profile: str | None = None,
