@@ -8,6 +8,8 @@ Closing the socket closes every stream it opened (and so their upstream connecti
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -17,6 +19,7 @@ from channels.generic.websocket import AsyncWebsocketConsumer
 from chatproxy import limits, resume
 from chatproxy.auth import permitted
 from chatproxy.core import ChatStream, Event
+from chatproxy.messages import friendly_message
 from chatproxy.service import open_stream
 from chatproxy.sse import event_data
 from chatproxy.validation import InvalidRequest, max_body_bytes, parse_native_request
@@ -24,6 +27,7 @@ from chatproxy.validation import InvalidRequest, max_body_bytes, parse_native_re
 # Close code for a refused connection (4000-4999 are the application's; 4403 echoes HTTP 403).
 CLOSE_FORBIDDEN = 4403
 KEEPALIVE_FRAME = '{"type":"keepalive"}'
+logger = logging.getLogger("chatproxy.consumers")
 
 
 class ChatConsumer(AsyncWebsocketConsumer):
@@ -140,6 +144,12 @@ class ChatConsumer(AsyncWebsocketConsumer):
                     await self.send(text_data=KEEPALIVE_FRAME)
                     continue
                 frame = {"type": event.name, **head, "seq": event.seq, **event_data(event)}
+                await self.send(text_data=orjson.dumps(frame).decode())
+        except Exception:
+            # Never leave the client waiting on a relay that died: one friendly error ends it.
+            logger.exception("chatproxy relay of stream %s failed", stream_id)
+            with contextlib.suppress(Exception):
+                frame = {"type": "error", **head, "code": "internal", "message": friendly_message("internal")}
                 await self.send(text_data=orjson.dumps(frame).decode())
         finally:
             entry = self.streams.get(request_id)

@@ -244,16 +244,20 @@ async def open_replay(stream_id: str, user: Any, after: int) -> AsyncIterator[Ev
 
 
 async def _replay_local(stream: ChatStream, stream_id: str, after: int) -> AsyncIterator[Event]:
+    stored_until = after
     try:
         reader = stream.subscribe(after)
     except EventsDropped as dropped:
-        # Older events are only in the store now; they were written before being dropped.
-        stored, _ = await _stored_events(stream_id, after)
-        for event in stored:
-            if event.seq <= dropped.log_base:
-                yield event
-        reader = stream.subscribe(max(after, dropped.log_base))
+        # Subscribe at once (no await in between, so this cannot fail): the subscription keeps the
+        # events after log_base in memory while the older ones, already stored, are read back.
+        stored_until = dropped.log_base
+        reader = stream.subscribe(stored_until)
     try:
+        if stored_until > after:
+            stored, _ = await _stored_events(stream_id, after)
+            for event in stored:
+                if event.seq <= stored_until:
+                    yield event
         async for event in reader:
             yield event
     finally:

@@ -1,1 +1,29 @@
+"""Shared fixtures: the simulator, live servers, and database hygiene for async tests."""
+
+import pytest
+from asgiref.sync import sync_to_async
+from django.db import connections
+
 pytest_plugins = ["tests.fixtures_simulator", "tests.fixtures_servers"]
+
+
+@pytest.fixture
+async def async_db(transactional_db):
+    """The database for async tests, and no connection left behind in the threads their ORM calls used.
+
+    Closing the in-memory SQLite test database is a no-op, so a later test without database
+    access would trip over the open connection (pytest-django blocks the check Django makes on it).
+    """
+    from chatproxy import records
+
+    yield
+    await sync_to_async(drop_connections)()  # asgiref's thread (async ORM, Channels' auth)
+    records._executor().submit(drop_connections).result()  # the record writer's thread
+
+
+def drop_connections() -> None:
+    for conn in connections.all(initialized_only=True):
+        if conn.vendor == "sqlite" and conn.is_in_memory_db():
+            conn.connection = None  # the main thread's connection keeps the shared in-memory database
+        else:
+            conn.close()

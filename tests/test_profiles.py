@@ -22,11 +22,11 @@ from asgiref.sync import sync_to_async
 from django.apps import apps as django_apps
 from django.core.cache import cache
 from django.core.exceptions import ValidationError
-from django.db import connection, connections, transaction
+from django.db import connection, transaction
 from django.db.models import ProtectedError
 from django.test import override_settings
 
-from chatproxy import profiles, records
+from chatproxy import profiles
 from chatproxy.conf import Policy, resolve_policy
 from chatproxy.models import TimeoutProfile
 from tests.fixtures_servers import LIVE_TIMEOUTS
@@ -42,26 +42,6 @@ def fresh_profiles():
     profiles.forget()
     yield
     profiles.forget()
-
-
-@pytest.fixture
-async def async_db(transactional_db):
-    """The database for async tests, and no connection left behind in the threads their ORM calls used.
-
-    Closing the in-memory SQLite test database is a no-op, so a later test without database
-    access would trip over the open connection (pytest-django blocks the check Django makes on it).
-    """
-    yield
-    await sync_to_async(drop_connections)()  # asgiref's thread (async ORM)
-    records._executor().submit(drop_connections).result()  # the record writer's thread
-
-
-def drop_connections() -> None:
-    for conn in connections.all(initialized_only=True):
-        if conn.vendor == "sqlite" and conn.is_in_memory_db():
-            conn.connection = None  # the main thread's connection keeps the shared in-memory database
-        else:
-            conn.close()
 
 
 @pytest.fixture

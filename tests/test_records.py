@@ -18,7 +18,6 @@ import yarl
 from asgiref.sync import sync_to_async
 from django.contrib.auth.models import Permission, User
 from django.core.management import call_command
-from django.db import connections
 from django.dispatch import receiver
 from django.test import Client
 from django.utils import timezone
@@ -40,26 +39,6 @@ def fresh_profiles():
     profiles.forget()
     yield
     profiles.forget()
-
-
-@pytest.fixture
-async def async_db(transactional_db):
-    """The database for async tests, and no connection left behind in the threads their ORM calls used.
-
-    Closing the in-memory SQLite test database is a no-op, so a later test without database
-    access would trip over the open connection (pytest-django blocks the check Django makes on it).
-    """
-    yield
-    await sync_to_async(drop_connections)()  # asgiref's thread (async ORM)
-    records._executor().submit(drop_connections).result()  # the record writer's thread
-
-
-def drop_connections() -> None:
-    for conn in connections.all(initialized_only=True):
-        if conn.vendor == "sqlite" and conn.is_in_memory_db():
-            conn.connection = None  # the main thread's connection keeps the shared in-memory database
-        else:
-            conn.close()
 
 
 # --------------------------------------------------------------------------- statistics

@@ -12,21 +12,22 @@ from channels.testing import WebsocketCommunicator
 
 from project.asgi import application
 
-# Streams write a StreamRecord when they end, through the ORM.
-pytestmark = [pytest.mark.upstream, pytest.mark.django_db(transaction=True)]
+pytestmark = pytest.mark.upstream
 _unique = itertools.count()
 RECEIVE = 5.0  # seconds; a generous cap per frame, never a sleep
 GRACE = 0.4  # RESUME.GRACE: how long a stream outlives its socket waiting for a resume
 
 
 @pytest.fixture
-def chatproxy_settings(sim, settings):
+def chatproxy_settings(async_db, sim, settings):
     settings.CHATPROXY = {
         "UPSTREAM": {"BASE_URL": sim.base_url, "API_KEY": "sk-test-ws"},
         "TIMEOUTS": {"FIRST_TOKEN": 1.0, "STALL": 0.5, "KEEPALIVE": 0.25, "GATEWAY": 2.0,
                      "BACKOFF_INITIAL": 0.05, "BACKOFF_MAX": 0.2},
         "PERMISSION": "chatproxy.permissions.allow_any",
         "RESUME": {"GRACE": GRACE},
+        # In-process: no StreamRecord writes from a worker thread into the test database.
+        "RECORDS": {"ENABLED": False},
     }
     return settings
 
@@ -132,7 +133,7 @@ async def test_closing_the_socket_stops_upstream_after_the_grace_period(chatprox
     await sim.await_until(lambda s: s["active_requests"] == 0, timeout=GRACE + 1.0)
 
 
-async def test_permission_refused(sim, settings):
+async def test_permission_refused(async_db, sim, settings):
     settings.CHATPROXY = {"UPSTREAM": {"BASE_URL": sim.base_url}, "PERMISSION": "chatproxy.permissions.authenticated"}
     ws = WebsocketCommunicator(application, "/ws/chat/", headers=[(b"origin", b"http://localhost"),
                                                                    (b"host", b"localhost")])
