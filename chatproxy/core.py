@@ -571,18 +571,6 @@ class Subscription:
         self.next_seq += len(events)
         return events
 
-    async def wait(self) -> None:
-        """Wait until an event is available or the stream has finished."""
-        stream = self.stream
-        if self.next_seq - stream._log_base - 1 < len(stream._log) or stream._finished:
-            return
-        assert stream._loop is not None
-        self._waiter = stream._loop.create_future()
-        try:
-            await self._waiter
-        finally:
-            self._waiter = None
-
     def close(self) -> None:
         """Stop reading. The last client leaving starts the stream's grace period."""
         self.stream._detach(self)

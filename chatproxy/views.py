@@ -8,7 +8,8 @@ closes the stream and its upstream connection).
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import functools
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import orjson
@@ -33,6 +34,31 @@ def error_response(status: int, code: str, message: str, **headers: str) -> Json
     return response
 
 
+View = Callable[..., Awaitable[HttpResponse]]
+
+
+def endpoint(method: str, usage: str) -> Callable[[View], View]:
+    """Wrap a native view: answer a wrong method with 405 (``usage`` says what to do), then load
+    and check the user (session + CSRF, PERMISSION). CSRF is exempted from Django's middleware so
+    that :func:`authorize` can answer its failure in the JSON error shape."""
+
+    def wrap(view: View) -> View:
+        @csrf_exempt
+        @functools.wraps(view)
+        async def checked(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
+            if request.method != method:
+                return error_response(405, "bad_request", usage, Allow=method)
+            try:
+                await authorize(request)
+            except AuthFailure as exc:
+                return error_response(exc.status, exc.code, exc.message)
+            return await view(request, *args, **kwargs)
+
+        return checked
+
+    return wrap
+
+
 def read_json_body(request: HttpRequest) -> Any:
     """The request's JSON body; raises InvalidRequest (400/413/415) naming the problem."""
     too_large = InvalidRequest(f"The request body is too large (limit {max_body_bytes()} bytes).", status=413)
@@ -50,17 +76,9 @@ def read_json_body(request: HttpRequest) -> Any:
         raise InvalidRequest(f"The request body is not valid JSON ({exc.msg}).") from None
 
 
-@csrf_exempt  # enforced by authorize() for session users, answered as JSON
+@endpoint("POST", "Use POST with a JSON body.")
 async def stream_view(request: HttpRequest) -> HttpResponse:
     """``POST /chat/stream/``: validate, then stream SSE events of a resilient answer."""
-    if request.method != "POST":
-        response = error_response(405, "bad_request", "Use POST with a JSON body.")
-        response["Allow"] = "POST"
-        return response
-    try:
-        await authorize(request)
-    except AuthFailure as exc:
-        return error_response(exc.status, exc.code, exc.message)
     try:
         chat_request = parse_native_request(read_json_body(request))
     except InvalidRequest as exc:
@@ -99,16 +117,9 @@ def _last_event_id(request: HttpRequest) -> int | None:
     return int(raw) if raw.isascii() and raw.isdigit() and len(raw) < 12 else None  # "²".isdigit() too
 
 
+@endpoint("GET", "Use GET, with a Last-Event-ID header.")
 async def resume_view(request: HttpRequest, stream_id: str) -> HttpResponse:
     """``GET /chat/stream/<id>/``: the events after ``Last-Event-ID``, then live ones."""
-    if request.method != "GET":
-        response = error_response(405, "bad_request", "Use GET, with a Last-Event-ID header.")
-        response["Allow"] = "GET"
-        return response
-    try:
-        await authorize(request)
-    except AuthFailure as exc:
-        return error_response(exc.status, exc.code, exc.message)
     after = _last_event_id(request)
     if after is None:
         return error_response(400, "bad_request", "Last-Event-ID must be a whole number (the last 'id' you received).")
@@ -119,18 +130,11 @@ async def resume_view(request: HttpRequest, stream_id: str) -> HttpResponse:
     return sse_response(events)
 
 
-@csrf_exempt  # enforced by authorize() for session users, answered as JSON
+@endpoint("POST", "Use POST.")
 async def cancel_view(request: HttpRequest, stream_id: str) -> HttpResponse:
     """``POST /chat/stream/<id>/cancel/``: stop generating (the stream ends with ``cancelled``)."""
-    if request.method != "POST":
-        response = error_response(405, "bad_request", "Use POST.")
-        response["Allow"] = "POST"
-        return response
     try:
-        await authorize(request)
         await resume.cancel(stream_id, request.user)
-    except AuthFailure as exc:
-        return error_response(exc.status, exc.code, exc.message)
     except resume.StreamNotFound:
         return error_response(404, "not_found", "No such stream.")
     return JsonResponse({"stream_id": stream_id, "status": "cancelling"}, status=202)
