@@ -19,9 +19,10 @@ Contract for adapters:
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from types import AsyncGeneratorType
+from typing import Any, Protocol, cast
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,3 +64,41 @@ class Upstream(Protocol):
     async def open(self, request: UpstreamRequest) -> UpstreamStream: ...
 
     async def aclose(self) -> None: ...
+
+
+class BodyStream:
+    """Base of the adapters' streams: the text comes from :meth:`_iterate`, an async generator
+    subclasses write; :meth:`aclose` closes the HTTP response first (that is what closes the
+    socket at once, even while another task is blocked reading it: that read then fails), then
+    whichever generators are idle (a running generator cannot be closed from outside)."""
+
+    __slots__ = ("_closed", "_gen", "finish_reason", "usage")
+
+    def __init__(self) -> None:
+        self.finish_reason: str | None = None
+        self.usage: dict[str, Any] | None = None
+        self._closed = False
+        # AsyncGeneratorType (not the AsyncGenerator protocol) knows ag_running, used by aclose().
+        self._gen = cast("AsyncGeneratorType[str, None]", self._iterate())
+
+    def _iterate(self) -> AsyncGenerator[str, None]:
+        raise NotImplementedError(f"{type(self).__name__} must implement _iterate()")
+
+    async def _close_response(self) -> None:
+        raise NotImplementedError(f"{type(self).__name__} must implement _close_response()")
+
+    def _generators(self) -> tuple[AsyncGeneratorType[Any, None], ...]:
+        """The generators to close after the response (the adapter's own first)."""
+        return (self._gen,)
+
+    def __aiter__(self) -> AsyncIterator[str]:
+        return self._gen
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        await self._close_response()
+        for generator in self._generators():
+            if not generator.ag_running:
+                await generator.aclose()

@@ -41,8 +41,7 @@ import contextlib
 import importlib
 import weakref
 from collections.abc import AsyncGenerator, AsyncIterator
-from types import AsyncGeneratorType
-from typing import Any, cast
+from typing import Any
 
 import openai  # imported only when this adapter is chosen (build_upstream imports this module)
 import orjson
@@ -65,7 +64,7 @@ from chatproxy.upstream import (
     request_body,
     resolve_api_key,
 )
-from chatproxy.upstream.base import UpstreamRequest
+from chatproxy.upstream.base import BodyStream, UpstreamRequest
 
 __all__ = ["CurrentUpstream"]
 
@@ -195,10 +194,10 @@ class CurrentUpstream:
             await client.close()
 
 
-class CurrentStream:
+class CurrentStream(BodyStream):
     """The body of one streamed answer, read as SSE lines."""
 
-    __slots__ = ("_closed", "_errors", "_gen", "_response", "_timeouts", "finish_reason", "usage")
+    __slots__ = ("_errors", "_response", "_timeouts")
 
     def __init__(
         self,
@@ -206,28 +205,14 @@ class CurrentStream:
         timeouts: tuple[type[BaseException], ...],
         errors: tuple[type[BaseException], ...],
     ) -> None:
-        self.finish_reason: str | None = None
-        self.usage: dict[str, Any] | None = None
         self._response = response
         self._timeouts = timeouts
         self._errors = errors
-        self._closed = False
-        # AsyncGeneratorType (not the AsyncGenerator protocol) knows ag_running, used by aclose().
-        self._gen = cast("AsyncGeneratorType[str, None]", self._iterate())
+        super().__init__()
 
-    def __aiter__(self) -> AsyncIterator[str]:
-        return self._gen
-
-    async def aclose(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        # Response first: this is what closes the socket, even while another task is blocked
-        # reading it (that read then fails). The generator can only be closed when not running.
+    async def _close_response(self) -> None:
         with contextlib.suppress(Exception):  # the socket is gone either way; nothing to report
             await self._response.aclose()
-        if not self._gen.ag_running:
-            await self._gen.aclose()
 
     def _body_error(self, exc: BaseException) -> UpstreamError:
         """The chatproxy error for a transport error raised while reading the body."""

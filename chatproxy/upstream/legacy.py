@@ -49,9 +49,9 @@ import asyncio
 import importlib
 import json
 import weakref
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator
 from types import AsyncGeneratorType
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 from chatproxy.errors import (
     ConfigurationError,
@@ -71,7 +71,7 @@ from chatproxy.upstream import (
     request_body,
     resolve_api_key,
 )
-from chatproxy.upstream.base import UpstreamRequest
+from chatproxy.upstream.base import BodyStream, UpstreamRequest
 
 if TYPE_CHECKING:
     import aiohttp
@@ -212,19 +212,10 @@ class LegacyUpstream:
             await session.close()
 
 
-class LegacyStream:
+class LegacyStream(BodyStream):
     """The body of one streamed answer, read through the SDK's generator."""
 
-    __slots__ = (
-        "_body_errors",
-        "_closed",
-        "_errors",
-        "_gen",
-        "_response",
-        "_sdk_gen",
-        "finish_reason",
-        "usage",
-    )
+    __slots__ = ("_body_errors", "_errors", "_response", "_sdk_gen")
 
     def __init__(
         self,
@@ -233,31 +224,18 @@ class LegacyStream:
         sdk_errors: Any,  # the openai.error module
         body_errors: tuple[type[BaseException], ...],
     ) -> None:
-        self.finish_reason: str | None = None
-        self.usage: dict[str, Any] | None = None
         self._sdk_gen = sdk_gen
         self._response = response
         self._errors = sdk_errors
         self._body_errors = body_errors
-        self._closed = False
-        # AsyncGeneratorType (not the AsyncGenerator protocol) knows ag_running, used by aclose().
-        self._gen = cast("AsyncGeneratorType[str, None]", self._iterate())
+        super().__init__()
 
-    def __aiter__(self) -> AsyncIterator[str]:
-        return self._gen
-
-    async def aclose(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        # The response first: closing it closes the socket at once, even while another task is
-        # blocked reading it (that read then fails). Generators can only be closed when idle.
+    async def _close_response(self) -> None:
         if self._response is not None:
             self._response.close()
-        if not self._gen.ag_running:
-            await self._gen.aclose()
-        if not self._sdk_gen.ag_running:
-            await self._sdk_gen.aclose()
+
+    def _generators(self) -> tuple[AsyncGeneratorType[Any, None], ...]:
+        return (self._gen, self._sdk_gen)
 
     async def _iterate(self) -> AsyncGenerator[str, None]:
         usage: Any = None
