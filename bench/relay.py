@@ -1,0 +1,161 @@
+"""Part 1, relay cost and latency: chatproxy (Daphne, uvicorn; journal on / off) and the floor.
+
+One run = one fresh server process, one load generator process, the shared pacer:
+
+1. the server starts (``--fd`` socket, backlog 4096) and serves three short warm-up streams;
+2. its RSS is taken as the base and its RSS high-water mark is reset;
+3. the load generator runs ``users`` concurrent closed-loop streams of ``chunks`` chunks at
+   1/``gap`` chunks/s (random start offsets, stationary first streams) plus ``probes`` streams read
+   straight from the pacer (the latency baseline);
+4. over the window ``[t0 + warmup, t0 + warmup + measure)`` the driver reads the server's CPU
+   seconds (all threads, user + system), the pacer's and other processes' CPU; the load
+   generator counts and times the chunks that arrive in the window;
+5. the server is stopped.
+
+Results: CPU us per relayed chunk (server CPU / chunks relayed in the window; per-stream setup is
+included at its real rate, one request per ``chunks`` chunks), added latency (p50 and p99 of
+arrival - send through the server, minus the same percentiles of the direct probes, measured in the
+same seconds by the same client), peak RSS above the base per concurrent stream, delivered /
+offered chunks, errors.
+
+``idle_memory`` opens ``users`` streams whose upstream sends headers and the role chunk, then
+nothing for 600 s, and reports (RSS - base) / streams once the pacer holds them all.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from typing import Any
+
+from bench import procs
+
+CONFIGS: dict[str, tuple[str, dict[str, str]]] = {
+    "floor": ("floor", {}),
+    "daphne": ("daphne", {}),
+    "daphne, no journal": ("daphne", {"BENCH_NO_JOURNAL": "1"}),
+    "uvicorn": ("uvicorn", {}),
+    "uvicorn, no journal": ("uvicorn", {"BENCH_NO_JOURNAL": "1"}),
+    # Not a code change: UPSTREAM.HTTP_CLIENT = "aiohttp" (the current SDK's other transport).
+    "uvicorn, aiohttp upstream": ("uvicorn", {"BENCH_HTTP_CLIENT": "aiohttp"}),
+}
+
+
+def start_server(name: str, pacer: procs.Pacer, databases: procs.Databases, python: str = sys.executable,
+                 extra_env: dict[str, str] | None = None) -> procs.Server:
+    kind, env = CONFIGS[name]
+    server = procs.Server(kind, upstream=pacer.base_url, python=python, env={**env, **(extra_env or {})},
+                          databases=databases)
+    try:
+        server.warm_up()
+    except BaseException:
+        server.stop()
+        raise
+    return server
+
+
+def _loadgen(cfg: dict[str, Any]) -> subprocess.Popen[str]:
+    proc = subprocess.Popen([sys.executable, "-m", "bench.loadgen", json.dumps(cfg)], cwd=procs.ROOT,
+                            env=procs._child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    procs.pin(proc.pid, procs.LOAD_CPUS)
+    return proc
+
+
+def relay_run(name: str, users: int, pacer: procs.Pacer, databases: procs.Databases, opts: Any,
+              probe: Any = None, extra_env: dict[str, str] | None = None) -> dict[str, Any]:
+    """One measured run. ``probe(server, "start" | "end")``, if given, is called at the window's
+    start and end (it must return quickly); what it returns at the end is the row's ``probe``."""
+    server = start_server(name, pacer, databases, extra_env=extra_env)
+    try:
+        memory = procs.MemoryWatch(server.pid)
+        t0 = time.monotonic() + 1.0
+        w0, w1 = t0 + opts.warmup, t0 + opts.warmup + opts.measure
+        cfg = {"url": server.stream_url, "headers": server.stream_headers(),
+               "kind": "floor" if server.kind == "floor" else "sse", "pacer": pacer.base_url,
+               "users": users, "probes": opts.probes, "chunks": opts.chunks, "gap": opts.gap, "first_delay": 0.0,
+               "t0": t0, "spread": opts.spread, "warmup": opts.warmup, "measure": opts.measure,
+               "stationary": True, "seed": opts.seed}
+        loadgen = _loadgen(cfg)
+        foreign = procs.ForeignLoad([server.pid, pacer.pid, loadgen.pid])
+        procs.sleep_until(w0)
+        cpu0, pacer0 = procs.cpu_seconds(server.pid), procs.cpu_seconds(pacer.pid)
+        foreign.start()
+        if probe is not None:
+            probe(server, "start")
+        procs.sleep_until(w1)
+        cpu1, pacer1 = procs.cpu_seconds(server.pid), procs.cpu_seconds(pacer.pid)
+        other = foreign.stop()
+        probed = probe(server, "end") if probe is not None else None
+        stdout, stderr = loadgen.communicate(timeout=60)
+        peak = memory.peak()
+    finally:
+        server.stop()
+    if loadgen.returncode != 0:
+        raise RuntimeError(f"load generator failed:\n{stderr[-3000:]}")
+    result = json.loads(stdout)
+    chunks = result["chunks"].get("through", 0)
+    through, direct = result["latency"]["through"], result["latency"]["direct"]
+
+    def added(q: str) -> float | None:
+        if through.get(q) is None or direct.get(q) is None:
+            return None
+        return (through[q] - direct[q]) * 1e3
+
+    offered = users * opts.measure / opts.gap
+    return {
+        "config": name,
+        "server": server.kind,
+        "journal": server.kind != "floor" and "no journal" not in name,
+        "users": users,
+        "chunks_per_stream": opts.chunks,
+        "chunks": chunks,
+        "offered": offered,
+        "delivered": chunks / offered if offered else None,
+        "server_cpu_s": cpu1 - cpu0,
+        "server_cpu_share": (cpu1 - cpu0) / opts.measure,
+        "us_per_chunk": (cpu1 - cpu0) / chunks * 1e6 if chunks else None,
+        "latency_ms": {path: {q: (v * 1e3 if isinstance(v, float) and q != "n" else v) for q, v in s.items()}
+                       for path, s in result["latency"].items()},
+        "added_p50_ms": added("p50"),
+        "added_p99_ms": added("p99"),
+        "rss_base_mib": memory.base / 2**20,
+        "peak_kib_per_stream": (peak - memory.base) / users / 1024,
+        "pacer_cpu_share": (pacer1 - pacer0) / opts.measure,
+        "client_cpu_share": result["client_cpu"] / opts.measure,
+        "client_loop_lag_p99_ms": (result["client_loop_lag"].get("p99") or 0.0) * 1e3,
+        "other_load_cores": other,
+        "streams": result["streams"],
+        "errors": result["errors"],
+        "probe": probed,
+    }
+
+
+def idle_memory(name: str, users: int, pacer: procs.Pacer, databases: procs.Databases, opts: Any) -> dict[str, Any]:
+    server = start_server(name, pacer, databases)
+    try:
+        base = procs.rss_bytes(server.pid)
+        t0 = time.monotonic() + 1.0
+        hold = 4.0 + users / 100
+        cfg = {"url": server.stream_url, "headers": server.stream_headers(),
+               "kind": "floor" if server.kind == "floor" else "sse", "pacer": pacer.base_url,
+               "users": users, "probes": 0, "chunks": 1, "gap": 0.05, "first_delay": 600.0,
+               "t0": t0, "spread": 1.0, "warmup": 0.0, "measure": hold, "stationary": False, "seed": opts.seed}
+        before = pacer.stats()["active"]
+        loadgen = _loadgen(cfg)
+        procs.sleep_until(t0 + 1.0)
+        held = pacer.wait_active(before + users, timeout=hold - 2.5) - before
+        time.sleep(1.0)  # let the last ones settle (first events written, timers armed)
+        rss = procs.rss_bytes(server.pid)
+        loadgen.communicate(timeout=60)
+    finally:
+        server.stop()
+    return {
+        "config": name,
+        "users": users,
+        "held": held,
+        "rss_base_mib": base / 2**20,
+        "rss_mib": rss / 2**20,
+        "kib_per_idle_stream": (rss - base) / max(1, held) / 1024,
+    }

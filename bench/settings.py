@@ -1,0 +1,19 @@
+"""Django settings for benchmark servers: the sample project's, with what a load test needs.
+
+* ``LIMITS.MAX_STREAMS_PER_USER`` is off: every load-generator connection comes from 127.0.0.1,
+  and anonymous users are limited per client address (all of them would share 4 slots).
+* ``BENCH_HTTP_CLIENT`` (``httpx`` | ``aiohttp``) picks the current SDK's transport.
+* Logging stays at ``DJANGO_LOG_LEVEL`` (the harness sets WARNING).
+
+Everything else (``DJANGO_DEBUG``, ``CHATPROXY_TIMEOUTS``, ``CHATPROXY_RESUME``,
+``CHATPROXY_SIMULATOR_URL``, ``DJANGO_DB_PATH``) is read by ``project.settings`` as usual.
+"""
+
+import os
+
+from project.settings import *  # noqa: F403
+from project.settings import CHATPROXY
+
+CHATPROXY["LIMITS"] = {**CHATPROXY.get("LIMITS", {}), "MAX_STREAMS_PER_USER": None}
+if os.environ.get("BENCH_HTTP_CLIENT"):
+    CHATPROXY["UPSTREAM"] = {**CHATPROXY["UPSTREAM"], "HTTP_CLIENT": os.environ["BENCH_HTTP_CLIENT"]}
