@@ -21,6 +21,17 @@ async def async_db(transactional_db):
     records._executor().submit(drop_connections).result()  # the record writer's thread
 
 
+@pytest.fixture
+async def no_stale_connections():
+    """For async tests without database access whose code still runs Django's connection cleanup
+    (Channels' auth does): drop connections earlier async tests left in the worker threads."""
+    from chatproxy import records
+
+    await sync_to_async(drop_connections)()
+    records._executor().submit(drop_connections).result()
+    yield
+
+
 def drop_connections() -> None:
     for conn in connections.all(initialized_only=True):
         if conn.vendor == "sqlite" and conn.is_in_memory_db():

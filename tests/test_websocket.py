@@ -19,7 +19,7 @@ GRACE = 0.4  # RESUME.GRACE: how long a stream outlives its socket waiting for a
 
 
 @pytest.fixture
-def chatproxy_settings(async_db, sim, settings):
+def chatproxy_settings(no_stale_connections, sim, settings):
     settings.CHATPROXY = {
         "UPSTREAM": {"BASE_URL": sim.base_url, "API_KEY": "sk-test-ws"},
         "TIMEOUTS": {"FIRST_TOKEN": 1.0, "STALL": 0.5, "KEEPALIVE": 0.25, "GATEWAY": 2.0,
@@ -133,7 +133,7 @@ async def test_closing_the_socket_stops_upstream_after_the_grace_period(chatprox
     await sim.await_until(lambda s: s["active_requests"] == 0, timeout=GRACE + 1.0)
 
 
-async def test_permission_refused(async_db, sim, settings):
+async def test_permission_refused(no_stale_connections, sim, settings):
     settings.CHATPROXY = {"UPSTREAM": {"BASE_URL": sim.base_url}, "PERMISSION": "chatproxy.permissions.authenticated"}
     ws = WebsocketCommunicator(application, "/ws/chat/", headers=[(b"origin", b"http://localhost"),
                                                                    (b"host", b"localhost")])
