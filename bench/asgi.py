@@ -7,6 +7,8 @@
 * ``BENCH_GC_FREEZE=1``: ``gc.freeze()`` once the app is loaded (what a deployment can do to keep
   the import-time objects out of every full collection), for comparison.
 * ``BENCH_DIAG=1``: ``GET /_bench/diag`` (below).
+* Always: ``GET /_bench/info`` (before Django): the upstream adapter in use (``UPSTREAM.SDK`` as
+  detected, ``HTTP_CLIENT``, openai's version), so results say what was measured.
 """
 
 import functools
@@ -38,17 +40,21 @@ if os.environ.get("BENCH_DIAG") == "1":
     import time
     import tracemalloc
 
-    _gc_stats = {0: [0, 0.0], 1: [0, 0.0], 2: [0, 0.0]}
-    _gc_started = [0.0]
+    # generation -> [collections, CPU seconds, longest pause (wall seconds)]
+    _gc_stats = {0: [0, 0.0, 0.0], 1: [0, 0.0, 0.0], 2: [0, 0.0, 0.0]}
+    _gc_started = [0.0, 0.0]
 
     def _gc_callback(phase, info):  # type: ignore[no-untyped-def]
-        # CPU time of the collecting thread: wall time would count preemption on a busy machine.
+        # CPU time of the collecting thread (wall time would count preemption on a busy machine),
+        # and the wall-clock pause, which is what a stream waiting on this event loop feels.
         if phase == "start":
             _gc_started[0] = time.thread_time()
+            _gc_started[1] = time.perf_counter()
         else:
             entry = _gc_stats[info["generation"]]
             entry[0] += 1
             entry[1] += time.thread_time() - _gc_started[0]
+            entry[2] = max(entry[2], time.perf_counter() - _gc_started[1])
 
     gc.callbacks.append(_gc_callback)
     if os.environ.get("BENCH_TRACEMALLOC") == "1":
@@ -88,6 +94,28 @@ if os.environ.get("BENCH_DIAG") == "1":
             await send({"type": "http.response.body", "body": body})
             return
         await _application(scope, receive, send)
+
+_with_diag = application
+
+
+async def application(scope, receive, send):  # type: ignore[no-redef,no-untyped-def]
+    if scope["type"] == "http" and scope["path"] == "/_bench/info":
+        import importlib.metadata
+        import json as _json
+
+        from chatproxy.conf import get_config
+        from chatproxy.upstream import detect_sdk
+
+        upstream = get_config()["UPSTREAM"]
+        sdk = detect_sdk() if upstream["SDK"] == "auto" else upstream["SDK"]
+        body = _json.dumps({"sdk": sdk, "http_client": upstream["HTTP_CLIENT"],
+                            "openai": importlib.metadata.version("openai")}).encode()
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"application/json")]})
+        await send({"type": "http.response.body", "body": body})
+        return
+    await _with_diag(scope, receive, send)
+
 
 if os.environ.get("BENCH_GC_FREEZE") == "1":
     import gc as _gc

@@ -31,7 +31,7 @@ def _diag(server: procs.Server) -> dict[str, Any]:
 
 
 def _short(path: str) -> str:
-    for marker in ("site-packages/", "/work/main/", "lib/python3.11/"):
+    for marker in ("site-packages/", f"{procs.ROOT}/", "lib/python3.11/"):
         if marker in path:
             return path.split(marker, 1)[1]
     return path

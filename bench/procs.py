@@ -286,7 +286,20 @@ class Server:
                 raise RuntimeError(f"{kind} did not start")
             time.sleep(0.1)
         self.csrf = csrf_token(self.url) if kind != "floor" else None
+        self.upstream_path = "aiohttp (raw)" if kind == "floor" else self._upstream_path()
         pin(self.pid, SERVER_CPUS)
+
+    def _upstream_path(self) -> str:
+        """Which upstream adapter the server uses, from ``GET /_bench/info`` (bench/asgi.py)."""
+        try:
+            status, _, body = http("GET", self.url + "/_bench/info", timeout=5)
+            info = json.loads(body) if status == 200 else {}
+        except (OSError, ValueError):
+            info = {}
+        sdk, client = info.get("sdk"), info.get("http_client")
+        if sdk == "legacy":
+            return "openai 0.27 (aiohttp)"
+        return f"openai {info.get('openai', '?')} over {client}" if sdk else "?"
 
     def stream_headers(self) -> dict[str, str]:
         headers = {"Content-Type": "application/json"}

@@ -94,7 +94,7 @@ def _parse(raw_path: Path) -> list[tuple[list[tuple[str, str]], int]]:
 
 
 def _short(file: str) -> str:
-    for marker in ("site-packages/", "/work/main/", "lib/python3.11/"):
+    for marker in ("site-packages/", f"{Path(__file__).resolve().parents[1]}/", "lib/python3.11/"):
         if marker in file:
             return file.split(marker, 1)[1]
     return file.rsplit("/", 2)[-1] if "/" in file else file
@@ -116,7 +116,8 @@ def _layer(frames: list[tuple[str, str]]) -> str:
 def gc_delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
     """Collections and CPU seconds of the cyclic GC between two ``/_bench/diag`` answers."""
     gens = {g: [after["gc"][g][0] - before["gc"][g][0], after["gc"][g][1] - before["gc"][g][1]] for g in after["gc"]}
-    return {"generations": gens, "cpu_s": sum(v[1] for v in gens.values()), "objects": after.get("gc_objects")}
+    return {"generations": gens, "cpu_s": sum(v[1] for v in gens.values()), "objects": after.get("gc_objects"),
+            "longest_pause_s": {g: after["gc"][g][2] for g in after["gc"]}}
 
 
 def analyse(raw_path: Path, top: int = 25) -> dict[str, Any]:

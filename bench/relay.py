@@ -38,9 +38,17 @@ CONFIGS: dict[str, tuple[str, dict[str, str]]] = {
     "daphne, no journal": ("daphne", {"BENCH_NO_JOURNAL": "1"}),
     "uvicorn": ("uvicorn", {}),
     "uvicorn, no journal": ("uvicorn", {"BENCH_NO_JOURNAL": "1"}),
-    # Not a code change: UPSTREAM.HTTP_CLIENT = "aiohttp" (the current SDK's other transport).
+    # The other transport of the current SDK than the sample project's (UPSTREAM.HTTP_CLIENT).
+    "uvicorn, httpx2 upstream": ("uvicorn", {"BENCH_HTTP_CLIENT": "httpx"}),
+    # Only with --configs: gc.freeze() after start-up (see bench/asgi.py); the other transports.
+    "uvicorn, gc.freeze": ("uvicorn", {"BENCH_GC_FREEZE": "1"}),
     "uvicorn, aiohttp upstream": ("uvicorn", {"BENCH_HTTP_CLIENT": "aiohttp"}),
+    "daphne, aiohttp upstream": ("daphne", {"BENCH_HTTP_CLIENT": "aiohttp"}),
+    "daphne, httpx2 upstream": ("daphne", {"BENCH_HTTP_CLIENT": "httpx"}),
 }
+DEFAULT_CONFIGS = [
+    "floor", "daphne", "daphne, no journal", "uvicorn", "uvicorn, no journal", "uvicorn, httpx2 upstream",
+]
 
 
 def start_server(name: str, pacer: procs.Pacer, databases: procs.Databases, python: str = sys.executable,
@@ -107,6 +115,7 @@ def relay_run(name: str, users: int, pacer: procs.Pacer, databases: procs.Databa
     return {
         "config": name,
         "server": server.kind,
+        "upstream": server.upstream_path,
         "journal": server.kind != "floor" and "no journal" not in name,
         "users": users,
         "chunks_per_stream": opts.chunks,
@@ -153,6 +162,7 @@ def idle_memory(name: str, users: int, pacer: procs.Pacer, databases: procs.Data
         server.stop()
     return {
         "config": name,
+        "upstream": server.upstream_path,
         "users": users,
         "held": held,
         "rss_base_mib": base / 2**20,

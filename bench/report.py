@@ -85,17 +85,18 @@ def _relay_table(out: dict[str, Any]) -> list[str]:
         return []
     floor = _floor_by_level(relay)
     lines = [
-        "| server | journal | streams | CPU µs/chunk | × floor | server CPU (cores) | delivered | "
+        "| configuration | upstream | journal | streams | CPU µs/chunk | × floor | server CPU (cores) | delivered | "
         "added latency p50 / p99 (ms) | latency through, p99 (ms) | peak KiB/stream | other load (cores) |",
-        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+        "|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
-    for r in sorted(relay, key=lambda r: (r["users"], r["config"] != "floor", r["config"])):
+    for r in sorted(relay, key=lambda r: r["users"]):  # stable: the run order within a level
         ratio = r["us_per_chunk"] / floor[r["users"]] if r["users"] in floor and r["us_per_chunk"] else None
-        server = "floor (bare aiohttp relay)" if r["config"] == "floor" else r["server"]
+        server = "floor (bare aiohttp relay)" if r["config"] == "floor" else r["config"].replace(", no journal", "")
         journal = "–" if r["config"] == "floor" else ("on" if r["journal"] else "off")
         through = r["latency_ms"]["through"].get("p99")
         lines.append(
-            f"| {server} | {journal} | {r['users']} | **{_f(r['us_per_chunk'])}** | {_f(ratio, 2)} | "
+            f"| {server} | {r.get('upstream', '?')} | {journal} | {r['users']} | **{_f(r['us_per_chunk'])}** | "
+            f"{_f(ratio, 2)} | "
             f"{_f(r['server_cpu_share'], 2)} | {r['delivered']:.1%} | {_f(r['added_p50_ms'], 1)} / "
             f"{_f(r['added_p99_ms'], 1)} | {_f(through, 1)} | {_f(r['peak_kib_per_stream'])} | "
             f"{_f(r['other_load_cores'], 2)} |")
@@ -223,7 +224,9 @@ def _profile_tables(out: dict[str, Any]) -> list[str]:
             f"Cyclic GC (measured apart, inside the shares below): {gc_us:.0f} µs/chunk "
             f"({gc_us / us:.0%} of the CPU; collections gen0/1/2: "
             + "/".join(str(gc.get("generations", {}).get(g, [0])[0]) for g in "012")
-            + f"; {gc.get('objects', 0):,} tracked objects).",
+            + f"; {gc.get('objects', 0):,} tracked objects"
+            + (f"; longest full-collection pause {gc['longest_pause_s']['2'] * 1e3:.0f} ms"
+               if gc.get("longest_pause_s") else "") + ").",
             "",
             "| layer (first library frame from the leaf) | share | ≈ µs/chunk |",
             "|---|--:|--:|",
@@ -290,8 +293,9 @@ def markdown(out: dict[str, Any], png_name: str) -> str:
                       "", *setup]
     if out.get("idle"):
         lines += ["", "### Memory per idle stream (upstream sent headers, then nothing)", "",
-                  "| server | idle streams held | RSS before (MiB) | KiB per idle stream |", "|---|--:|--:|--:|"]
-        lines += [f"| {r['config']} | {r['held']} | {_f(r['rss_base_mib'], 1)} | "
+                  "| server | upstream | idle streams held | RSS before (MiB) | KiB per idle stream |",
+                  "|---|---|--:|--:|--:|"]
+        lines += [f"| {r['config']} | {r.get('upstream', '?')} | {r['held']} | {_f(r['rss_base_mib'], 1)} | "
                   f"**{_f(r['kib_per_idle_stream'], 1)}** |" for r in out["idle"]]
     if out.get("stall"):
         lines += ["", "## 2. Stall recovery", ""]

@@ -47,7 +47,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--parts", help="comma-separated (default relay,idle,stall,adapters,profile,memprofile; "
                                         "quick: the first four)")
     parser.add_argument("--levels", help="concurrent streams, comma-separated (default 100,200,400; quick: 100)")
-    parser.add_argument("--configs", help="relay configurations, comma-separated (default: all)")
+    parser.add_argument("--configs", type=lambda text: [c.strip() for c in text.split(";")],
+                        help="relay configurations, ';'-separated, e.g. 'floor;uvicorn;uvicorn, gc.freeze' "
+                             "(names: CONFIGS in bench/relay.py; default: DEFAULT_CONFIGS there)")
     parser.add_argument("--warmup", type=float, help="seconds of load before the window (default 3; quick 2)")
     parser.add_argument("--measure", type=float, help="seconds in the measured window (default 10; quick 3)")
     parser.add_argument("--chunks", type=int, default=200, help="chunks per stream (default 200)")
@@ -72,10 +74,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quiet-budget", type=float, default=60.0,
                         help="total seconds all those waits may take in one run (default 60)")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--report-only", metavar="RAW_JSON",
+                        help="only rewrite <name>.md and <name>.png from a raw JSON of an earlier run")
     args = parser.parse_args(argv)
     quick = args.quick
     args.levels = [int(x) for x in (args.levels or ("100" if quick else "100,200,400")).split(",")]
-    args.configs = [x.strip() for x in args.configs.split(",")] if args.configs else None
     args.warmup = args.warmup if args.warmup is not None else (2.0 if quick else 3.0)
     args.measure = args.measure if args.measure is not None else (3.0 if quick else 10.0)
     if quick:
@@ -134,7 +137,7 @@ def _quiet(args: argparse.Namespace, ours: list[int]) -> None:
 def part_relay(args: argparse.Namespace, pacer: procs.Pacer, dbs: procs.Databases, out: dict[str, Any]) -> None:
     from bench import relay
 
-    configs = args.configs or list(relay.CONFIGS)
+    configs = args.configs or relay.DEFAULT_CONFIGS
     rows = out.setdefault("relay", [])
     for users in args.levels:
         for name in configs:
@@ -170,7 +173,7 @@ def part_idle(args: argparse.Namespace, pacer: procs.Pacer, dbs: procs.Databases
     from bench import relay
 
     rows = out.setdefault("idle", [])
-    for name in ("floor", "daphne", "uvicorn", "uvicorn, aiohttp upstream"):
+    for name in ("floor", "daphne", "uvicorn", "uvicorn, httpx2 upstream"):
         if args.configs and name not in args.configs:
             continue
         log(f"idle memory: {name}, {args.idle_streams} stalled streams")
@@ -297,6 +300,14 @@ def part_memprofile(args: argparse.Namespace, pacer: procs.Pacer, dbs: procs.Dat
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     from bench import report
+
+    if args.report_only:
+        out = json.loads(Path(args.report_only).read_text())
+        md_path, png_path = RESULTS / f"{out['name']}.md", RESULTS / f"{out['name']}.png"
+        md_path.write_text(report.markdown(out, png_path.name))
+        report.plot(out, png_path)
+        log(f"wrote {md_path}, {png_path}")
+        return
 
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "raw").mkdir(exist_ok=True)
