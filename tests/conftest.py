@@ -32,6 +32,16 @@ async def no_stale_connections():
     yield
 
 
+@pytest.fixture
+def fresh_profiles():
+    """The test starts and ends with no cached profile snapshot (a rolled-back profile must not leak)."""
+    from chatproxy import profiles
+
+    profiles.forget()
+    yield
+    profiles.forget()
+
+
 def drop_connections() -> None:
     for conn in connections.all(initialized_only=True):
         if conn.vendor == "sqlite" and conn.is_in_memory_db():

@@ -37,11 +37,8 @@ _unique = itertools.count()
 
 
 @pytest.fixture(autouse=True)
-def fresh_profiles():
-    """Each test starts and ends with no snapshot (a rolled-back profile must not leak)."""
-    profiles.forget()
-    yield
-    profiles.forget()
+def _fresh_profiles(fresh_profiles):
+    pass
 
 
 @pytest.fixture

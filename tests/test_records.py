@@ -35,10 +35,8 @@ _unique = itertools.count()
 
 
 @pytest.fixture(autouse=True)
-def fresh_profiles():
-    profiles.forget()
-    yield
-    profiles.forget()
+def _fresh_profiles(fresh_profiles):
+    pass
 
 
 # --------------------------------------------------------------------------- statistics
