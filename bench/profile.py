@@ -26,6 +26,11 @@ FRAME = re.compile(r"^(?P<func>.*?) \((?P<file>[^()]*?)(?::(?P<line>\d+))?\)$")
 # called it. h11 is used by both uvicorn and httpcore2, so it is transparent (its caller decides),
 # and so is bench/asgi.py (the harness's diagnostics wrapper).
 TRANSPARENT = ("/h11/", "bench/asgi.py")
+# The servers' start-up frames sit at the root of every main-thread stack: they say nothing about who
+# does the work, so they are transparent too (the event loop's own work then shows as such).
+BOOTSTRAP = ("/uvicorn/main.py", "/uvicorn/server.py", "/uvicorn/_compat.py", "/uvicorn/__main__.py",
+             "/daphne/cli.py", "/daphne/__main__.py", "/daphne/server.py")
+BOOTSTRAP_FUNCS = {("AsyncioSelectorReactor.run", "/twisted/internet/asyncioreactor.py")}
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("chatproxy: upstream adapter", ("chatproxy/upstream/",)),
     ("chatproxy: journal (resume.py)", ("chatproxy/resume.py",)),
@@ -45,9 +50,11 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
 ]
 
 
-def _frame_layer(file: str) -> str | None:
+def _frame_layer(file: str, func: str = "") -> str | None:
     file = "/" + file.lstrip("/")  # py-spy prints package-relative paths ("django/db/...")
-    if any(fragment in file for fragment in TRANSPARENT):
+    if any(fragment in file for fragment in TRANSPARENT) or any(fragment in file for fragment in BOOTSTRAP):
+        return None
+    if any(func == f and fragment in file for f, fragment in BOOTSTRAP_FUNCS):
         return None
     for layer, fragments in LAYERS:
         if any(fragment in file for fragment in fragments):
@@ -101,8 +108,11 @@ def _short(file: str) -> str:
 
 
 def _layer(frames: list[tuple[str, str]]) -> str:
-    for _, file in reversed(frames):
-        layer = _frame_layer(file)
+    if frames and frames[-1][0] == "EpollSelector.select":
+        # Waiting in epoll_wait: py-spy's --gil still reports some of these samples.
+        return "event loop: epoll_wait (mostly idle)"
+    for func, file in reversed(frames):
+        layer = _frame_layer(file, func)
         if layer is not None:
             return layer
     leaf_file = "/" + (frames[-1][1] if frames else "")

@@ -186,7 +186,8 @@ def _stall_tables(out: dict[str, Any]) -> list[str]:
 ADAPTER_LABELS = {
     "raw-aiohttp": "raw aiohttp lines + orjson (the floor's read path; reference)",
     "current-aiohttp": "chatproxy adapter, openai 3.57 sends the request, raw SSE + orjson, aiohttp transport",
-    "current-httpx": "chatproxy adapter, openai 3.57 sends the request, raw SSE + orjson, httpx2 transport (default)",
+    "current-httpx": "chatproxy adapter, openai 3.57 sends the request, raw SSE + orjson, httpx2 transport "
+                     "(HTTP_CLIENT default)",
     "legacy": "chatproxy adapter, openai 0.27.6 `ChatCompletion.acreate`",
     "sdk-aiohttp": "openai 3.57 parsed stream (chunk objects), aiohttp transport (reference)",
     "sdk-httpx": "openai 3.57 parsed stream (chunk objects), httpx2 transport (reference)",

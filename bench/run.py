@@ -302,7 +302,14 @@ def main(argv: list[str] | None = None) -> None:
     from bench import report
 
     if args.report_only:
-        out = json.loads(Path(args.report_only).read_text())
+        from bench import profile
+
+        raw_json = Path(args.report_only)
+        out = json.loads(raw_json.read_text())
+        for row in out.get("profile") or []:  # re-analyse py-spy's stacks if they are still there
+            stacks = raw_json.parent / f"{out['name']}-pyspy-{row['config']}.txt"
+            if stacks.exists():
+                row.update(profile.analyse(stacks))
         md_path, png_path = RESULTS / f"{out['name']}.md", RESULTS / f"{out['name']}.png"
         md_path.write_text(report.markdown(out, png_path.name))
         report.plot(out, png_path)
