@@ -139,7 +139,14 @@ if REDIS_URL:
 else:
     # One process only: fine for the demo, not for several workers (SPEC section 9).
     CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
-    CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
+    # The resume journal writes a key per stream about every 0.1 s: LocMemCache's default of 300
+    # entries would evict live streams' events (and profile/limit keys) with a few hundred streams.
+    CACHES = {
+        "default": {
+            "BACKEND": "django.core.cache.backends.locmem.LocMemCache",
+            "OPTIONS": {"MAX_ENTRIES": 1_000_000, "CULL_FREQUENCY": 10},
+        }
+    }
     if os.environ.get("DJANGO_CACHE_DIR", "").strip():
         CACHES = {
             "default": {
