@@ -33,6 +33,7 @@ import pytest_asyncio
 
 playwright_api = pytest.importorskip("playwright.async_api")
 
+from tests.browser_watch import WATCH_INIT_JS  # noqa: E402
 from tests.servers import AppServer  # noqa: E402
 
 pytestmark = [pytest.mark.browser, pytest.mark.asyncio(loop_scope="module")]
@@ -153,54 +154,9 @@ async def page(browser, app_server, sim, request):
 # Helpers
 # --------------------------------------------------------------------------------------------
 
-# Watches the conversation; resolves window.__cpFinished once the newest answer is done or in
-# error, with {log, texts}. log: a snapshot {t (ms, performance.now()), state, text, note} per
-# observed change. texts: every value the answer's text took, in order, with the time it was seen;
-# it includes values that lasted less than one observer callback (read from the records'
-# oldValue), such as the empty text between a reset and the first new delta in the same chunk.
-WATCH_JS = """
-() => {
-  const conversation = document.getElementById("conversation");
-  const log = [];
-  const texts = [];
-  window.__cpLog = log;
-  const pushText = (t, text) => {
-    if (texts.length === 0 || texts[texts.length - 1].text !== text) texts.push({ t, text });
-  };
-  window.__cpFinished = new Promise((resolve) => {
-    const snapshot = (records) => {
-      const answers = conversation.querySelectorAll(".msg.assistant");
-      const answer = answers[answers.length - 1];
-      if (!answer) return;
-      const t = performance.now();
-      for (const record of records) {
-        if (record.type === "characterData" && answer.contains(record.target)) pushText(t, record.oldValue);
-      }
-      pushText(t, answer.textContent);
-      const note = answer.parentElement.querySelector(".msg-note");
-      const entry = {
-        t,
-        state: answer.dataset.state || "",
-        text: answer.textContent,
-        note: note && !note.hidden ? note.textContent : "",
-      };
-      const last = log[log.length - 1];
-      if (!last || last.state !== entry.state || last.text !== entry.text || last.note !== entry.note) {
-        log.push(entry);
-      }
-      if (entry.state === "done" || entry.state === "error") {
-        observer.disconnect();
-        resolve({ log, texts });
-      }
-    };
-    const observer = new MutationObserver(snapshot);
-    observer.observe(conversation, {
-      subtree: true, childList: true, characterData: true, characterDataOldValue: true,
-      attributes: true, attributeFilter: ["data-state", "hidden"],
-    });
-  });
-}
-"""
+# Arms the watcher for the next answer (see tests/browser_watch.py): window.__cpFinished resolves
+# with {log, texts} once it is done or in error.
+WATCH_JS = "() => {" + WATCH_INIT_JS + "}"
 
 
 async def choose(page, *, transport: str = "sse", fault: str | None = None) -> None:
