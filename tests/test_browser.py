@@ -186,12 +186,14 @@ async def finished(page, within: float = ANSWER_TIMEOUT_S) -> dict[str, list[dic
         raise AssertionError(f"the answer did not finish within {within} s; last states: {log[-5:]}") from None
 
 
-async def clean_answer(page, text: str) -> str:
-    """What chatproxy answers to `text` with no fault: POST /chat/stream/ from the page's context."""
+async def clean_answer(page, conversation: str | list[dict[str, str]]) -> str:
+    """What chatproxy answers with no fault to `conversation` (a message text, or the messages):
+    POST /chat/stream/ from the page's context."""
+    messages = [{"role": "user", "content": conversation}] if isinstance(conversation, str) else conversation
     cookies = {c["name"]: c["value"] for c in await page.context.cookies()}
     response = await page.request.post(
         "/chat/stream/",
-        data={"messages": [{"role": "user", "content": text}]},
+        data={"messages": messages},
         headers={"X-CSRFToken": cookies["csrftoken"]},
         timeout=ANSWER_TIMEOUT_S * 1000,
     )

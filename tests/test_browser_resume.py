@@ -58,6 +58,7 @@ from tests.test_browser import (
     UI_TIMEOUT_MS,
     Console,
     assert_no_reset,
+    clean_answer,
     playwright_api,
 )
 
@@ -298,25 +299,6 @@ def resumed_at(log: list[dict], since: float, before_text: str) -> dict:
 def upstream_requests(sim) -> list[dict]:
     """The simulator requests of the page's answer (its pacing tells it from the clean one)."""
     return [r for r in sim.requests() if r["faults"].get("gap") == 0.05]
-
-
-async def clean_answer(page, messages: list[dict[str, str]]) -> str:
-    """What chatproxy answers to `messages` with no fault: POST /chat/stream/ from the page's context."""
-    cookies = {c["name"]: c["value"] for c in await page.context.cookies()}
-    response = await page.request.post(
-        "/chat/stream/",
-        data={"messages": messages},
-        headers={"X-CSRFToken": cookies["csrftoken"]},
-        timeout=ANSWER_TIMEOUT_S * 1000,
-    )
-    assert response.status == 200, await response.text()
-    events = []
-    for block in re.split(r"\r?\n\r?\n", await response.text()):
-        fields = dict(line.split(": ", 1) for line in block.splitlines() if line and not line.startswith(":"))
-        if "event" in fields:
-            events.append((fields["event"], json.loads(fields["data"])))
-    assert events and events[-1][0] == "done", events[-3:]
-    return "".join(data["text"] for name, data in events if name == "delta")
 
 
 async def assert_finished_cleanly(
