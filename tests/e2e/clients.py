@@ -15,6 +15,7 @@ import itertools
 import json
 import re
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -179,30 +180,42 @@ async def save_profile(session: aiohttp.ClientSession, values: dict[str, Any], p
 # ---------------------------------------------------------------------------------------- streams
 
 
-async def sse_stream(session: aiohttp.ClientSession, body: dict[str, Any], tag: str) -> Outcome:
-    """``POST /chat/stream/`` (native SSE) with the session's cookies and CSRF header."""
-    out = Outcome("sse")
-    buffer = ""
+OPENAI_PATH = "/chat/v1/chat/completions"
+
+
+async def _timed_post(
+    session: aiohttp.ClientSession, out: Outcome, path: str, body: dict[str, Any], headers: dict[str, str]
+) -> AsyncIterator[tuple[float, bytes]]:
+    """POST and yield ``(arrival time, chunk)`` per body chunk, recording status, body and every
+    arrival (the headers' first) in ``out``; the whole exchange is capped by STREAM_CAP."""
     async with asyncio.timeout(STREAM_CAP):
         out.started = time.monotonic()
-        async with session.post("/chat/stream/", json=body, headers={"X-E2E-Id": tag}) as response:
+        async with session.post(path, json=body, headers=headers) as response:
             out.arrivals.append(time.monotonic())  # the headers
             out.status = response.status
             async for chunk in response.content.iter_any():
                 now = time.monotonic()
                 out.arrivals.append(now)
                 out.body += chunk
-                buffer += chunk.decode()
-                while "\n\n" in buffer:
-                    block, buffer = buffer.split("\n\n", 1)
-                    item = parse_block(block, now)
-                    if item is None:
-                        continue
-                    if item.kind == "comment":
-                        if item.comment == "keepalive":
-                            out.events.append("keepalive")
-                        continue
-                    _native_event(out, item.event, item.data)
+                yield now, chunk
+
+
+async def sse_stream(session: aiohttp.ClientSession, body: dict[str, Any], tag: str) -> Outcome:
+    """``POST /chat/stream/`` (native SSE) with the session's cookies and CSRF header."""
+    out = Outcome("sse")
+    buffer = ""
+    async for now, chunk in _timed_post(session, out, "/chat/stream/", body, {"X-E2E-Id": tag}):
+        buffer += chunk.decode()
+        while "\n\n" in buffer:
+            block, buffer = buffer.split("\n\n", 1)
+            item = parse_block(block, now)
+            if item is None:
+                continue
+            if item.kind == "comment":
+                if item.comment == "keepalive":
+                    out.events.append("keepalive")
+                continue
+            _native_event(out, item.event, item.data)
     return out
 
 
@@ -225,23 +238,15 @@ async def openai_stream(session: aiohttp.ClientSession, api_key: str, body: dict
     out = Outcome("openai-stream")
     buffer = ""
     headers = {"Authorization": f"Bearer {api_key}", "X-E2E-Id": tag}
-    async with asyncio.timeout(STREAM_CAP):
-        out.started = time.monotonic()
-        request = session.post("/chat/v1/chat/completions", json={**body, "stream": True}, headers=headers)
-        async with request as response:
-            out.arrivals.append(time.monotonic())
-            out.status = response.status
-            async for chunk in response.content.iter_any():
-                out.arrivals.append(time.monotonic())
-                out.body += chunk
-                buffer += chunk.decode()
-                while "\n\n" in buffer:
-                    block, buffer = buffer.split("\n\n", 1)
-                    for line in block.split("\n"):
-                        if line == ": keepalive":
-                            out.events.append("keepalive")
-                        elif line.startswith("data: "):
-                            _openai_data(out, line[len("data: "):])
+    async for _, chunk in _timed_post(session, out, OPENAI_PATH, {**body, "stream": True}, headers):
+        buffer += chunk.decode()
+        while "\n\n" in buffer:
+            block, buffer = buffer.split("\n\n", 1)
+            for line in block.split("\n"):
+                if line == ": keepalive":
+                    out.events.append("keepalive")
+                elif line.startswith("data: "):
+                    _openai_data(out, line[len("data: "):])
     return out
 
 
@@ -265,17 +270,9 @@ async def openai_json(session: aiohttp.ClientSession, api_key: str, body: dict[s
     """The same endpoint with ``stream: false``: one ``chat.completion`` (whitespace while waiting)."""
     out = Outcome("openai-json")
     headers = {"Authorization": f"Bearer {api_key}", "X-E2E-Id": tag}
-    async with asyncio.timeout(STREAM_CAP):
-        out.started = time.monotonic()
-        request = session.post("/chat/v1/chat/completions", json={**body, "stream": False}, headers=headers)
-        async with request as response:
-            out.arrivals.append(time.monotonic())
-            out.status = response.status
-            async for chunk in response.content.iter_any():
-                out.arrivals.append(time.monotonic())
-                out.body += chunk
-                if not chunk.strip():
-                    out.events.append("keepalive")
+    async for _, chunk in _timed_post(session, out, OPENAI_PATH, {**body, "stream": False}, headers):
+        if not chunk.strip():
+            out.events.append("keepalive")
     try:
         payload = json.loads(out.body)
     except ValueError:
