@@ -35,9 +35,9 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from asgiref.sync import sync_to_async
 from django.core.cache import caches
 
+from chatproxy import cachecalls
 from chatproxy.conf import get_config
 
 #: Seconds a slot outlives its stream's deadline (and grace) before it lapses on its own.
@@ -100,6 +100,9 @@ class Slot:
         """Free the slot off the event loop (from a stream's ``on_finish``). Never raises."""
         if self.key is None:
             return
+        if cachecalls.in_process(_cache()):
+            self.release_now()
+            return
         try:
             asyncio.get_running_loop().run_in_executor(None, self.release_now)
         except RuntimeError:  # no running loop: just do it
@@ -156,5 +159,9 @@ def admit_now(who: str, ttl: float) -> Slot:
 
 
 async def admit(who: str, ttl: float) -> Slot:
-    """:func:`admit_now` in a worker thread (one thread hop for all its cache calls)."""
-    return await sync_to_async(admit_now, thread_sensitive=False)(who, ttl)
+    """:func:`admit_now` from the event loop: no cache call when no limit is set, else all of them
+    in one thread hop (none for an in-process cache)."""
+    limits = get_config()["LIMITS"]
+    if limits.get("REQUESTS_PER_MINUTE") is None and limits.get("MAX_STREAMS_PER_USER") is None:
+        return Slot(None)
+    return await cachecalls.run(_cache(), admit_now, who, ttl)

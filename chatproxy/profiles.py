@@ -322,14 +322,10 @@ async def _check(now: float) -> Snapshot:
 
 async def _aread_version() -> str | None:
     from django.core.cache import caches
-    from django.core.cache.backends.locmem import LocMemCache
 
-    if isinstance(caches[CACHE_ALIAS], LocMemCache):
-        return _read_version()  # in-process and non-blocking: no thread hop needed
-    from asgiref.sync import sync_to_async
+    from chatproxy import cachecalls
 
-    result: str | None = await sync_to_async(_read_version, thread_sensitive=False)()
-    return result
+    return await cachecalls.run(caches[CACHE_ALIAS], _read_version)
 
 
 def _in_event_loop() -> bool:

@@ -3,11 +3,12 @@
 Writing. Each resumable stream is *tracked* by this process's :class:`Journal`: one task per
 process (not per stream, not per chunk) that every ``FLUSH_INTERVAL`` takes the new events of
 every tracked stream and writes them to the Django cache ``RESUME.CACHE`` in a single
-``set_many`` (one thread hop and, with Redis, one round trip for all streams), with ``TTL``.
-Keys, for stream ``S``::
+``set_many`` (one thread hop and, with Redis, one round trip for all streams; no hop for an
+in-process cache), with ``TTL``. A batch is stored as one JSON byte string, which costs the
+cache next to nothing to pickle. Keys, for stream ``S``::
 
-    chatproxy:s:S          meta: owner, model, batches written, keepalive, deadline (epoch)
-    chatproxy:s:S:N        batch N: [[seq, name, data], ...]
+    chatproxy:s:S          meta: owner, model, keepalive, deadline (epoch); rewritten every TTL/4
+    chatproxy:s:S:N        batch N (0, 1, 2, ...): JSON [[seq, name, data], ...]
     chatproxy:s:S:listen   set by a resuming worker: publish S's batches on the channel layer
     chatproxy:s:S:cancel   set by a cancelling worker: stop S
 
@@ -31,9 +32,10 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-from asgiref.sync import sync_to_async
+import orjson
 from django.core.cache import caches
 
+from chatproxy import cachecalls
 from chatproxy.conf import get_config
 from chatproxy.core import KEEPALIVE, ChatStream, Event, EventsDropped, Subscription
 
@@ -79,12 +81,12 @@ def _ttl() -> int:
     return int(get_config()["RESUME"]["TTL"])
 
 
-def _encode(events: list[Event]) -> list[list[Any]]:
-    return [[e.seq, e.name, e.data] for e in events]
+def _encode(events: list[Event]) -> bytes:
+    return orjson.dumps([[e.seq, e.name, e.data] for e in events])
 
 
-def _decode(rows: list[list[Any]]) -> list[Event]:
-    return [Event(seq, name, data) for seq, name, data in rows]
+def _decode(batch: bytes) -> list[Event]:
+    return [Event(seq, name, data) for seq, name, data in orjson.loads(batch)]
 
 
 def _channel_layer() -> Any:
@@ -103,6 +105,7 @@ class _Tracked:
     meta: dict[str, Any]
     batches: int = 0
     listened: bool = False
+    meta_written: float = 0.0  # monotonic time of the last meta write
 
 
 class Journal:
@@ -117,11 +120,11 @@ class Journal:
         meta = {
             "owner": owner,
             "model": stream.request.model,
-            "batches": 0,
             "keepalive": stream.policy.keepalive,
             "deadline": time.time() + stream.policy.deadline + 5.0,
         }
-        self.tracked[stream.stream_id] = _Tracked(stream, stream.subscribe(client=False), meta)
+        reader = stream.subscribe(client=False)
+        self.tracked[stream.stream_id] = _Tracked(stream, reader, meta, meta_written=time.monotonic())
         if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(self._run(), name="chatproxy-journal")
 
@@ -145,28 +148,33 @@ class Journal:
         if now >= self._next_control:
             self._next_control = now + CONTROL_INTERVAL
             await self._read_flags()
+        ttl = _ttl()
+        refresh_before = now - ttl / 4  # the meta must outlive a stream longer than TTL
         writes: dict[str, Any] = {}
-        published: list[tuple[_Tracked, list[list[Any]]]] = []
+        published: list[tuple[_Tracked, bytes, int]] = []
         ended: list[_Tracked] = []
         for tracked in list(self.tracked.values()):
             events = tracked.reader.pending()
             if events:
-                rows = _encode(events)
+                batch = _encode(events)
                 stream_id = tracked.stream.stream_id
-                writes[batch_key(stream_id, tracked.batches)] = rows
+                writes[batch_key(stream_id, tracked.batches)] = batch
                 tracked.batches += 1
-                tracked.meta["batches"] = tracked.batches
-                writes[meta_key(stream_id)] = tracked.meta
-                published.append((tracked, rows))
+                if tracked.meta_written < refresh_before:
+                    writes[meta_key(stream_id)] = tracked.meta
+                    tracked.meta_written = now
+                published.append((tracked, batch, events[-1].seq))
             elif tracked.stream.finished:
                 ended.append(tracked)
         if writes:
-            await sync_to_async(_cache().set_many, thread_sensitive=False)(writes, _ttl())
-        layer = _channel_layer() if any(t.listened for t, _ in published) else None
-        for tracked, rows in published:
-            tracked.stream.mark_persisted(rows[-1][0])
+            cache = _cache()
+            await cachecalls.run(cache, cache.set_many, writes, ttl)
+        layer = _channel_layer() if any(t.listened for t, _, _ in published) else None
+        for tracked, batch, last_seq in published:
+            tracked.stream.mark_persisted(last_seq)
             if layer is not None and tracked.listened:
-                await layer.group_send(group_name(tracked.stream.stream_id), {"type": "chatproxy.events", "rows": rows})
+                message = {"type": "chatproxy.events", "batch": batch}
+                await layer.group_send(group_name(tracked.stream.stream_id), message)
         for tracked in ended:
             tracked.reader.close()
             del self.tracked[tracked.stream.stream_id]
@@ -177,7 +185,8 @@ class Journal:
             keys += [flag_key(stream_id, "listen"), flag_key(stream_id, "cancel")]
         if not keys:
             return
-        flags = await sync_to_async(_cache().get_many, thread_sensitive=False)(keys)
+        cache = _cache()
+        flags = await cachecalls.run(cache, cache.get_many, keys)
         for stream_id, tracked in self.tracked.items():
             tracked.listened = flag_key(stream_id, "listen") in flags
             if flag_key(stream_id, "cancel") in flags:
@@ -199,13 +208,15 @@ async def track(stream: ChatStream, user: Any) -> None:
     """Make ``stream`` resumable: its meta is written now, its events as they come."""
     j = journal()
     j.track(stream, owner_of(user))
-    await _cache().aset(meta_key(stream.stream_id), j.tracked[stream.stream_id].meta, _ttl())
+    cache = _cache()
+    await cachecalls.run(cache, cache.set, meta_key(stream.stream_id), j.tracked[stream.stream_id].meta, _ttl())
 
 
 async def _meta_for(stream_id: str, user: Any) -> dict[str, Any]:
     if not (stream_id.isascii() and stream_id.isalnum()) or len(stream_id) > 64:
         raise StreamNotFound(stream_id)
-    meta = await _cache().aget(meta_key(stream_id))
+    cache = _cache()
+    meta = await cachecalls.run(cache, cache.get, meta_key(stream_id))
     if meta is None or meta.get("owner") != owner_of(user):
         raise StreamNotFound(stream_id)
     return meta
@@ -218,17 +229,26 @@ async def cancel(stream_id: str, user: Any) -> None:
     if local is not None:
         local.cancel()
     else:
-        await _cache().aset(flag_key(stream_id, "cancel"), 1, _ttl())
+        cache = _cache()
+        await cachecalls.run(cache, cache.set, flag_key(stream_id, "cancel"), 1, _ttl())
 
 
 async def _stored_events(stream_id: str, after: int, first_batch: int = 0) -> tuple[list[Event], int]:
-    """Events with seq > after from the store, and the number of batches read."""
+    """Events with seq > after from the store (batches ``first_batch``, ``first_batch + 1``, ...
+    up to the first one missing), and the index of that missing batch."""
     cache = _cache()
-    meta = await cache.aget(meta_key(stream_id)) or {"batches": 0}
-    keys = [batch_key(stream_id, i) for i in range(first_batch, meta["batches"])]
-    found = await cache.aget_many(keys) if keys else {}
-    events = [e for key in keys for e in _decode(found.get(key, [])) if e.seq > after]
-    return events, meta["batches"]
+    events: list[Event] = []
+    index, step = first_batch, 8
+    while True:
+        keys = [batch_key(stream_id, i) for i in range(index, index + step)]
+        found = await cachecalls.run(cache, cache.get_many, keys)
+        for key in keys:
+            batch = found.get(key)
+            if batch is None:
+                return events, index
+            events += [e for e in _decode(batch) if e.seq > after]
+            index += 1
+        step = min(step * 4, 512)
 
 
 async def open_replay(stream_id: str, user: Any, after: int) -> AsyncIterator[Event]:
@@ -271,7 +291,7 @@ async def _replay_remote(stream_id: str, after: int, meta: dict[str, Any]) -> As
     group = group_name(stream_id)
     if channel is not None:
         await layer.group_add(group, channel)
-        await cache.aset(flag_key(stream_id, "listen"), 1, _ttl())
+        await cachecalls.run(cache, cache.set, flag_key(stream_id, "listen"), 1, _ttl())
     last = after
     try:
         stored, batches = await _stored_events(stream_id, after)
@@ -286,14 +306,14 @@ async def _replay_remote(stream_id: str, after: int, meta: dict[str, Any]) -> As
         poll = min(keepalive, CONTROL_INTERVAL)
         quiet_since = loop.time()
         while time.time() < meta["deadline"]:
-            rows = None
+            batch = None
             if channel is not None:
                 with contextlib.suppress(TimeoutError):
                     message = await asyncio.wait_for(layer.receive(channel), poll)
-                    rows = message.get("rows")
+                    batch = message.get("batch")
             else:
                 await asyncio.sleep(FLUSH_INTERVAL)
-            events = _decode(rows) if rows else []
+            events = _decode(batch) if batch else []
             if not events or events[0].seq > last + 1:
                 # Nothing live, or a gap: the store has whatever was written meanwhile.
                 stored, batches = await _stored_events(stream_id, last, max(0, batches - 1))
