@@ -4,6 +4,7 @@ Run with ``python manage.py runserver`` (daphne's runserver, which also serves s
 DEBUG) or ``daphne project.asgi:application``.
 """
 
+import gc
 import os
 
 from django.core.asgi import get_asgi_application
@@ -19,7 +20,7 @@ from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E40
 
 import chatproxy.routing  # noqa: E402
 import chatproxy.upstream  # noqa: E402
-from chatproxy.asgi import RequestSizeGuard  # noqa: E402
+from chatproxy.asgi import DirectStreams  # noqa: E402
 
 # Import the openai SDK now, at server start: left to a worker's first stream, the import (a second
 # or two) would block that worker's event loop while a gateway's idle deadline runs (docs/deploy.md).
@@ -27,9 +28,15 @@ chatproxy.upstream.preload()
 
 application = ProtocolTypeRouter(
     {
-        "http": RequestSizeGuard(django_asgi_app),  # oversized chat bodies: 413 before Django reads them
+        "http": DirectStreams(django_asgi_app),  # chatproxy: body caps, and its streams served directly
         "websocket": AllowedHostsOriginValidator(
             AuthMiddlewareStack(URLRouter(chatproxy.routing.websocket_urlpatterns))
         ),
     }
 )
+
+# What is loaded by now lives as long as the process: keep it out of the cyclic GC's full
+# collections, which would otherwise walk those ~200,000 objects each time and pause every stream
+# on this worker for ~150 ms (bench/README.md, "Where the CPU goes").
+gc.collect()
+gc.freeze()
