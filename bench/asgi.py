@@ -4,8 +4,10 @@
   no journal, no grace period, no event persistence -- the per-chunk cost of resumability is the
   difference to the default. (There is no setting for that yet: ``RESUME.GRACE = 0`` still
   journals every event.) This patches the view module's reference only; nothing else changes.
-* ``BENCH_GC_FREEZE=1``: ``gc.freeze()`` once the app is loaded (what a deployment can do to keep
-  the import-time objects out of every full collection), for comparison.
+* ``BENCH_DJANGO_PATH=1``: ``POST /chat/stream/`` through Django's handler and middleware (the
+  project's ``http`` app is ``RequestSizeGuard`` instead of ``DirectStreams``), for comparison.
+* ``BENCH_GC_UNFREEZE=1``: undo the ``gc.freeze()`` of ``project/asgi.py``, for comparison.
+* ``BENCH_GC_THRESHOLD=a,b,c``: ``gc.set_threshold(a, b, c)``.
 * ``BENCH_DIAG=1``: ``GET /_bench/diag`` (below).
 * Always: ``GET /_bench/info`` (before Django): the upstream adapter in use (``UPSTREAM.SDK`` as
   detected, ``HTTP_CLIENT``, openai's version), so results say what was measured.
@@ -15,6 +17,12 @@ import functools
 import os
 
 from project.asgi import application
+
+if os.environ.get("BENCH_DJANGO_PATH") == "1":
+    # Every request through Django's handler and middleware, as with the plain RequestSizeGuard.
+    from chatproxy.asgi import RequestSizeGuard
+
+    application.application_mapping["http"] = RequestSizeGuard(application.application_mapping["http"].app)
 
 if os.environ.get("BENCH_NO_JOURNAL") == "1":
     from chatproxy import views
@@ -117,11 +125,10 @@ async def application(scope, receive, send):  # type: ignore[no-redef,no-untyped
     await _with_diag(scope, receive, send)
 
 
-if os.environ.get("BENCH_GC_FREEZE") == "1":
+if os.environ.get("BENCH_GC_UNFREEZE") == "1":
     import gc as _gc
 
-    _gc.collect()
-    _gc.freeze()
+    _gc.unfreeze()  # undo project/asgi.py's gc.freeze(), for comparison
 
 if os.environ.get("BENCH_GC_THRESHOLD"):
     import gc as _gc

@@ -75,8 +75,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--fd", type=int, required=True, help="a listening socket inherited from the parent")
     parser.add_argument("--upstream", required=True, help="base URL, e.g. http://127.0.0.1:8001/v1")
+    parser.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio", help="the event loop")
     args = parser.parse_args()
-    asyncio.run(serve(args.fd, args.upstream))
+    if args.loop == "uvloop":
+        import uvloop
+
+        uvloop.run(serve(args.fd, args.upstream))
+    else:
+        asyncio.run(serve(args.fd, args.upstream))
 
 
 if __name__ == "__main__":

@@ -249,8 +249,10 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         fd = str(self._sock.fileno())
         child_env = _child_env(env)
+        # The event loop (asyncio or uvloop) and, for uvicorn, the HTTP parser (h11 or httptools).
+        loop, parser = child_env.get("BENCH_LOOP", "asyncio"), child_env.get("BENCH_HTTP", "h11")
         if kind == "floor":
-            cmd = [python, "-m", "bench.floor_relay", "--fd", fd, "--upstream", upstream]
+            cmd = [python, "-m", "bench.floor_relay", "--fd", fd, "--upstream", upstream, "--loop", loop]
         else:
             assert databases is not None
             timeouts_json = json.dumps(timeouts or {})
@@ -265,7 +267,7 @@ class Server:
             child_env.pop("OPENAI_API_KEY", None)
             if kind == "uvicorn":
                 cmd = [python, "-m", "uvicorn", "--fd", fd, "--no-access-log", "--log-level", "warning",
-                       "--loop", "asyncio", "--http", "h11", "--lifespan", "off", "bench.asgi:application"]
+                       "--loop", loop, "--http", parser, "--lifespan", "off", "bench.asgi:application"]
             elif kind == "daphne":
                 cmd = [python, "-m", "daphne", "-v", "0", "--fd", fd, "bench.asgi:application"]
             else:

@@ -32,22 +32,31 @@ from typing import Any
 
 from bench import procs
 
+# name -> (server kind, environment). The sample project as shipped: ``DirectStreams`` serves the
+# streams, ``gc.freeze()`` after start-up, the current SDK over aiohttp, the journal on. uvicorn
+# runs with httptools (``pip install uvicorn[standard]``, or httptools alone) unless the name says h11.
+UVICORN = {"BENCH_HTTP": "httptools"}
 CONFIGS: dict[str, tuple[str, dict[str, str]]] = {
     "floor": ("floor", {}),
     "daphne": ("daphne", {}),
-    "daphne, no journal": ("daphne", {"BENCH_NO_JOURNAL": "1"}),
-    "uvicorn": ("uvicorn", {}),
-    "uvicorn, no journal": ("uvicorn", {"BENCH_NO_JOURNAL": "1"}),
+    "uvicorn": ("uvicorn", UVICORN),
+    "uvicorn, no journal": ("uvicorn", {**UVICORN, "BENCH_NO_JOURNAL": "1"}),
     # The other transport of the current SDK than the sample project's (UPSTREAM.HTTP_CLIENT).
-    "uvicorn, httpx2 upstream": ("uvicorn", {"BENCH_HTTP_CLIENT": "httpx"}),
-    # Only with --configs: gc.freeze() after start-up (see bench/asgi.py); the other transports.
-    "uvicorn, gc.freeze": ("uvicorn", {"BENCH_GC_FREEZE": "1"}),
-    "uvicorn, aiohttp upstream": ("uvicorn", {"BENCH_HTTP_CLIENT": "aiohttp"}),
-    "daphne, aiohttp upstream": ("daphne", {"BENCH_HTTP_CLIENT": "aiohttp"}),
-    "daphne, httpx2 upstream": ("daphne", {"BENCH_HTTP_CLIENT": "httpx"}),
+    "uvicorn, httpx2 upstream": ("uvicorn", {**UVICORN, "BENCH_HTTP_CLIENT": "httpx"}),
+    # The stream requests through Django's handler and middleware (RequestSizeGuard alone).
+    "uvicorn, Django path": ("uvicorn", {**UVICORN, "BENCH_DJANGO_PATH": "1"}),
+    "daphne, Django path": ("daphne", {"BENCH_DJANGO_PATH": "1"}),
+    # uvloop (uvicorn[standard]'s default loop); the floor on uvloop too, for a like-for-like ratio.
+    "floor, uvloop": ("floor", {"BENCH_LOOP": "uvloop"}),
+    "uvicorn, uvloop": ("uvicorn", {**UVICORN, "BENCH_LOOP": "uvloop"}),
+    # Only with --configs.
+    "uvicorn, h11": ("uvicorn", {"BENCH_HTTP": "h11"}),
+    "uvicorn, gc not frozen": ("uvicorn", {**UVICORN, "BENCH_GC_UNFREEZE": "1"}),
+    "daphne, no journal": ("daphne", {"BENCH_NO_JOURNAL": "1"}),
 }
 DEFAULT_CONFIGS = [
-    "floor", "daphne", "daphne, no journal", "uvicorn", "uvicorn, no journal", "uvicorn, httpx2 upstream",
+    "floor", "daphne", "daphne, Django path", "uvicorn", "uvicorn, no journal", "uvicorn, httpx2 upstream",
+    "uvicorn, Django path", "floor, uvloop", "uvicorn, uvloop",
 ]
 
 
