@@ -60,8 +60,8 @@ logger = logging.getLogger("chatproxy.core")
 _TRIM_AT = 256
 _NO_PERSISTENCE = 1 << 62  # "everything is persisted": readers alone decide what memory keeps
 
-# How far past chatproxy's own watchdogs the SDK's socket-read timeout sits: it is only a safety net.
-READ_TIMEOUT_MARGIN = 5.0
+# How far past the stream's deadline an SDK's total timeout sits: the watchdog ends the attempt first.
+TOTAL_TIMEOUT_MARGIN = 5.0
 
 
 class Event:
@@ -460,8 +460,11 @@ class ChatStream:
             params=request.params,
             extra_body=request.extra_body,
             connect_timeout=min(policy.connect, remaining),
-            read_timeout=max(policy.first_token, policy.stall) + READ_TIMEOUT_MARGIN,
-            total_timeout=remaining + READ_TIMEOUT_MARGIN,
+            # No socket-read timeout: the watchdog timer is the read deadline (first token, stall).
+            # One would cost a timer armed and cancelled on every socket read (aiohttp's sock_read,
+            # httpcore's per-read deadline): ~6 us a chunk, measured (bench/).
+            read_timeout=None,
+            total_timeout=remaining + TOTAL_TIMEOUT_MARGIN,
         )
 
     async def _attempt(self, attempt: int) -> tuple[str | None, dict[str, Any] | None]:

@@ -180,12 +180,14 @@ class Journal:
             del self.tracked[tracked.stream.stream_id]
 
     async def _read_flags(self) -> None:
+        cache = _cache()
+        if cachecalls.in_process(cache):
+            return  # no other process sees this cache: cancels here go to the stream directly
         keys = []
         for stream_id in self.tracked:
             keys += [flag_key(stream_id, "listen"), flag_key(stream_id, "cancel")]
         if not keys:
             return
-        cache = _cache()
         flags = await cachecalls.run(cache, cache.get_many, keys)
         for stream_id, tracked in self.tracked.items():
             tracked.listened = flag_key(stream_id, "listen") in flags
