@@ -21,6 +21,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -31,7 +32,7 @@ from django.utils.module_loading import import_string
 
 from chatproxy import conf, profiles
 from chatproxy.records import RECORDS_DEFAULTS
-from chatproxy.upstream import INSTALL_CURRENT, INSTALL_LEGACY, detect_sdk
+from chatproxy.upstream import INSTALL_AIOHTTP, INSTALL_CURRENT, INSTALL_LEGACY, detect_sdk
 
 SECTIONS = {**{k: v for k, v in conf.DEFAULTS.items() if isinstance(v, dict)}, "RECORDS": RECORDS_DEFAULTS}
 PER_PROCESS_CACHES = (
@@ -164,6 +165,11 @@ def _check_timeouts() -> list[Any]:
 
 
 def _check_sdk(wanted: str) -> list[Any]:
+    if wanted == "none":
+        if importlib.util.find_spec("aiohttp") is not None:
+            return []
+        return [Error("CHATPROXY['UPSTREAM']['SDK'] is 'none' but aiohttp is not installed.", id="chatproxy.E003",
+                      hint=f"Install it: {INSTALL_AIOHTTP}, or change UPSTREAM.SDK.")]
     installed = detect_sdk()
     if wanted == "auto" and installed is not None:
         return []

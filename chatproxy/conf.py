@@ -19,7 +19,7 @@ from functools import cache, lru_cache
 from typing import Any
 
 ON_PARTIAL_CHOICES = ("restart", "continue", "fail")
-SDK_CHOICES = ("auto", "current", "legacy")
+SDK_CHOICES = ("auto", "current", "legacy", "none")
 HTTP_CLIENT_CHOICES = ("httpx", "aiohttp")
 
 DEFAULTS: dict[str, Any] = {
@@ -28,7 +28,7 @@ DEFAULTS: dict[str, Any] = {
         "API_KEY": None,  # None: os.environ["OPENAI_API_KEY"]
         "MODEL": "gpt-4o-mini",  # used when a request names no model
         "MODELS": None,  # allowed model names; None: any
-        "SDK": "auto",  # "auto" | "current" | "legacy"
+        "SDK": "auto",  # "auto" | "current" | "legacy" | "none" (no SDK: the API over aiohttp)
         "HTTP_CLIENT": "httpx",  # "httpx" | "aiohttp": the current SDK's transport
         "EXTRA_BODY": {},  # merged into every upstream request body
     },

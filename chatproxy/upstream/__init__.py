@@ -29,12 +29,13 @@ from chatproxy.upstream.base import Upstream
 
 __all__ = ["HTTP_CLIENT_CHOICES", "SDK_CHOICES", "build_upstream", "detect_sdk", "preload"]
 
-SDK_CHOICES = ("auto", "current", "legacy")
+SDK_CHOICES = ("auto", "current", "legacy", "none")
 HTTP_CLIENT_CHOICES = ("httpx", "aiohttp")
 
 INSTALL_CURRENT = 'pip install -U openai (or "openai[aiohttp]" for HTTP_CLIENT "aiohttp")'
 INSTALL_CURRENT_AIOHTTP = 'pip install -U "openai[aiohttp]"'
 INSTALL_LEGACY = 'pip install "chatproxy[legacy]"'
+INSTALL_AIOHTTP = "pip install aiohttp"
 
 # Sent when no key is configured but BASE_URL points at a server of one's own (a local model
 # server, the simulator): the SDKs refuse to run without *some* key, and such servers ignore it.
@@ -74,10 +75,11 @@ def build_upstream(
     base_url: str | None,
     api_key: str | None,
 ) -> Upstream:
-    """The adapter for ``sdk`` (``"auto"``: the installed generation).
+    """The adapter for ``sdk`` (``"auto"``: the installed generation; ``"none"``: no SDK, the API over
+    aiohttp directly, see :mod:`chatproxy.upstream.raw`).
 
     ``http_client`` picks the current SDK's transport (``"httpx"``: the SDK default,
-    ``"aiohttp"``: ``openai.DefaultAioHttpClient``); the legacy SDK always uses aiohttp.
+    ``"aiohttp"``: ``openai.DefaultAioHttpClient``); the legacy SDK and ``"none"`` always use aiohttp.
     ``base_url=None`` and ``api_key=None`` mean the SDK's defaults (``OPENAI_BASE_URL`` /
     ``OPENAI_API_KEY`` and friends). Raises :class:`ConfigurationError`.
     """
@@ -87,6 +89,13 @@ def build_upstream(
         raise ConfigurationError(
             f"UPSTREAM.HTTP_CLIENT must be one of {', '.join(HTTP_CLIENT_CHOICES)}, not {http_client!r}"
         )
+    if sdk == "none":
+        try:
+            from chatproxy.upstream.raw import RawUpstream
+        except ImportError as exc:
+            fix = INSTALL_AIOHTTP
+            raise ConfigurationError(f'UPSTREAM.SDK "none" needs aiohttp ({type(exc).__name__}): {fix}') from exc
+        return RawUpstream(base_url=base_url, api_key=api_key)
     version = _openai_version()
     installed = _generation(version) if version else None
     if sdk == "auto":
@@ -124,9 +133,10 @@ def preload() -> None:
     sdk = get_config()["UPSTREAM"]["SDK"]
     if sdk == "auto":
         sdk = detect_sdk()
-    if sdk in ("current", "legacy"):
+    module = {"current": "current", "legacy": "legacy", "none": "raw"}.get(sdk or "")
+    if module is not None:
         try:
-            importlib.import_module(f"chatproxy.upstream.{sdk}")
+            importlib.import_module(f"chatproxy.upstream.{module}")
         except ImportError:
             pass
 

@@ -11,10 +11,8 @@ Contract, beyond :mod:`chatproxy.upstream.base`:
 * Per request: ``timeout=Timeout(connect=connect_timeout, read=read_timeout, write=connect_timeout,
   pool=connect_timeout)``; ``stream_options={"include_usage": True}`` unless ``EXTRA_BODY`` says
   otherwise; ``params`` and ``extra_body`` go into the body as-is.
-* Yields each non-empty ``choices[0].delta.content``. ``finish_reason`` / ``usage`` are recorded.
-  The stream ends at ``data: [DONE]`` (the rest of the body is drained briefly so the connection
-  can be reused), or at the end of the body if a ``finish_reason`` was seen; an end of body with
-  neither is a truncated answer.
+* The body is read by :class:`chatproxy.upstream.sse.SSEStream` (text, ``finish_reason``, ``usage``,
+  the end of the answer, malformed and in-stream errors).
 * Errors, as :mod:`chatproxy.errors`:
 
   =====================================================  ============================================
@@ -40,11 +38,10 @@ import asyncio
 import contextlib
 import importlib
 import weakref
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import openai  # imported only when this adapter is chosen (build_upstream imports this module)
-import orjson
 
 from chatproxy.errors import (
     ConfigurationError,
@@ -64,15 +61,11 @@ from chatproxy.upstream import (
     request_body,
     resolve_api_key,
 )
-from chatproxy.upstream.base import BodyStream, UpstreamRequest
+from chatproxy.upstream.base import UpstreamRequest
+from chatproxy.upstream.sse import SSEStream
 
 __all__ = ["CurrentUpstream"]
 
-# After ``data: [DONE]`` the body normally ends within the same read; waiting this long for the end
-# lets the connection go back to the pool, and a server that keeps the body open costs no more.
-_DRAIN_SECONDS = 0.25
-# A chunk is a few hundred bytes; an event or line beyond this is a broken (or hostile) server.
-_MAX_EVENT_BYTES = 4 * 1024 * 1024
 
 
 def _transport_errors() -> tuple[tuple[type[BaseException], ...], tuple[type[BaseException], ...]]:
@@ -194,10 +187,10 @@ class CurrentUpstream:
             await client.close()
 
 
-class CurrentStream(BodyStream):
-    """The body of one streamed answer, read as SSE lines."""
+class CurrentStream(SSEStream):
+    """The body of one streamed answer, read as SSE lines from the SDK's httpx response."""
 
-    __slots__ = ("_errors", "_response", "_timeouts")
+    __slots__ = ("_response", "_timeouts")
 
     def __init__(
         self,
@@ -207,8 +200,11 @@ class CurrentStream(BodyStream):
     ) -> None:
         self._response = response
         self._timeouts = timeouts
-        self._errors = errors
-        super().__init__()
+        super().__init__(errors)
+
+    def _body_chunks(self) -> AsyncIterator[bytes]:
+        chunks: AsyncIterator[bytes] = self._response.aiter_bytes()
+        return chunks
 
     async def _close_response(self) -> None:
         with contextlib.suppress(Exception):  # the socket is gone either way; nothing to report
@@ -224,85 +220,3 @@ class CurrentStream(BodyStream):
         # Not a timeout, whatever the class says: openai's aiohttp transport reports a server
         # disconnect (aiohttp ServerDisconnectedError) as httpx ConnectTimeout.
         return UpstreamDisconnected(describe_chain(exc))
-
-    async def _iterate(self) -> AsyncGenerator[str, None]:
-        # Hot path: per chunk one find/slice per line, one orjson.loads and a few dict lookups.
-        loads = orjson.loads
-        malformed = (orjson.JSONDecodeError, AttributeError, TypeError, IndexError, KeyError)
-        chunks = self._response.aiter_bytes()
-        buf = b""
-        data: bytes | None = None  # the data field of the event being read
-        done = False
-        try:
-            async for raw in chunks:
-                search = len(buf)  # what is left of buf holds no newline
-                buf = buf + raw if buf else raw
-                start = 0
-                while (end := buf.find(b"\n", search)) >= 0:
-                    line = buf[start:end]
-                    start = search = end + 1
-                    if line.endswith(b"\r"):
-                        line = line[:-1]
-                    if line.startswith(b"data:"):
-                        value = line[6:] if line.startswith(b"data: ") else line[5:]
-                        if data is None:
-                            data = value
-                        else:  # SSE: several data lines make one event, joined by newlines
-                            data += b"\n" + value
-                            if len(data) > _MAX_EVENT_BYTES:
-                                raise UpstreamDisconnected("event too large")
-                        continue
-                    if line or data is None:
-                        continue  # a comment (":..."), another field, or a blank line between events
-                    # A blank line ends the event: dispatch its data.
-                    payload, data = data, None
-                    if payload == b"[DONE]":
-                        done = True
-                        break
-                    try:
-                        chunk = loads(payload)
-                        if chunk.get("error"):
-                            raise UpstreamStatusError(0, "in-stream error" + _code_suffix(chunk))
-                        usage = chunk.get("usage")
-                        if usage:
-                            self.usage = usage
-                        choices = chunk.get("choices")
-                        if not choices:
-                            continue  # e.g. the usage chunk
-                        choice = choices[0]
-                        reason = choice.get("finish_reason")
-                        if reason:
-                            self.finish_reason = reason
-                        delta = choice.get("delta")
-                        text = delta.get("content") if delta else None
-                    except malformed:
-                        raise UpstreamDisconnected("malformed chunk") from None
-                    if text and type(text) is str:
-                        yield text
-                if done:
-                    break
-                buf = buf[start:]
-                if len(buf) > _MAX_EVENT_BYTES:
-                    raise UpstreamDisconnected("line too long")
-            if done or data == b"[DONE]":
-                await self._drain(chunks)
-                return
-            if self.finish_reason is None:
-                raise UpstreamDisconnected("body ended without [DONE] or finish_reason")
-        except UpstreamError:
-            raise
-        except self._errors as exc:
-            raise self._body_error(exc) from exc
-
-    async def _drain(self, chunks: AsyncIterator[bytes]) -> None:
-        try:
-            async with asyncio.timeout(_DRAIN_SECONDS):
-                async for _ in chunks:
-                    pass
-        except self._errors:  # TimeoutError included
-            pass  # the answer is complete; aclose() closes whatever is left
-
-
-def _code_suffix(chunk: dict[str, Any]) -> str:
-    code = error_code(chunk)
-    return f" ({code})" if code else ""

@@ -1,0 +1,135 @@
+"""The OpenAI streaming body, read as raw SSE lines: the adapters that see the body's bytes share it.
+
+Per chunk: one ``find`` and slice per line, one ``orjson.loads`` and a few dict lookups -- no SDK
+chunk object (FACTS: building one costs ~105 us). Subclasses give the bytes
+(:meth:`SSEStream._body_chunks`), the transport's error classes, and map those errors to chatproxy's
+(:meth:`SSEStream._body_error`). What the stream yields and raises:
+
+* each non-empty ``choices[0].delta.content``; ``finish_reason`` and ``usage`` are recorded;
+* the end at ``data: [DONE]`` (the rest of the body is drained briefly so the connection can be
+  reused), or at the end of the body if a ``finish_reason`` was seen; an end of body with neither is
+  a truncated answer (``UpstreamDisconnected``);
+* a line that is not JSON, or not a chunk object: ``UpstreamDisconnected``; an event or line past
+  4 MiB: ``UpstreamDisconnected``;
+* an in-stream ``{"error": {...}}`` object: ``UpstreamStatusError(0)`` (retryable).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncGenerator, AsyncIterator
+from typing import Any
+
+import orjson
+
+from chatproxy.errors import UpstreamDisconnected, UpstreamError, UpstreamStatusError
+from chatproxy.upstream import error_code
+from chatproxy.upstream.base import BodyStream
+
+__all__ = ["SSEStream"]
+
+# After ``data: [DONE]`` the body normally ends within the same read; waiting this long for the end
+# lets the connection go back to the pool, and a server that keeps the body open costs no more.
+_DRAIN_SECONDS = 0.25
+# A chunk is a few hundred bytes; an event or line beyond this is a broken (or hostile) server.
+_MAX_EVENT_BYTES = 4 * 1024 * 1024
+
+
+class SSEStream(BodyStream):
+    """:class:`BodyStream` of an OpenAI chat-completion SSE body."""
+
+    __slots__ = ("_errors",)
+
+    def __init__(self, errors: tuple[type[BaseException], ...]) -> None:
+        self._errors = errors  # what a body read may raise (TimeoutError included); see _body_error
+        super().__init__()
+
+    def _body_chunks(self) -> AsyncIterator[bytes]:
+        """The body's bytes, as they arrive."""
+        raise NotImplementedError(f"{type(self).__name__} must implement _body_chunks()")
+
+    def _body_error(self, exc: BaseException) -> UpstreamError:
+        """The chatproxy error for one of ``errors`` raised while reading the body."""
+        raise NotImplementedError(f"{type(self).__name__} must implement _body_error()")
+
+    async def _iterate(self) -> AsyncGenerator[str, None]:
+        # Hot path: per chunk one find/slice per line, one orjson.loads and a few dict lookups.
+        loads = orjson.loads
+        malformed = (orjson.JSONDecodeError, AttributeError, TypeError, IndexError, KeyError)
+        chunks = self._body_chunks()
+        buf = b""
+        data: bytes | None = None  # the data field of the event being read
+        done = False
+        try:
+            async for raw in chunks:
+                search = len(buf)  # what is left of buf holds no newline
+                buf = buf + raw if buf else raw
+                start = 0
+                while (end := buf.find(b"\n", search)) >= 0:
+                    line = buf[start:end]
+                    start = search = end + 1
+                    if line.endswith(b"\r"):
+                        line = line[:-1]
+                    if line.startswith(b"data:"):
+                        value = line[6:] if line.startswith(b"data: ") else line[5:]
+                        if data is None:
+                            data = value
+                        else:  # SSE: several data lines make one event, joined by newlines
+                            data += b"\n" + value
+                            if len(data) > _MAX_EVENT_BYTES:
+                                raise UpstreamDisconnected("event too large")
+                        continue
+                    if line or data is None:
+                        continue  # a comment (":..."), another field, or a blank line between events
+                    # A blank line ends the event: dispatch its data.
+                    payload, data = data, None
+                    if payload == b"[DONE]":
+                        done = True
+                        break
+                    try:
+                        chunk = loads(payload)
+                        if chunk.get("error"):
+                            raise UpstreamStatusError(0, "in-stream error" + _code_suffix(chunk))
+                        usage = chunk.get("usage")
+                        if usage:
+                            self.usage = usage
+                        choices = chunk.get("choices")
+                        if not choices:
+                            continue  # e.g. the usage chunk
+                        choice = choices[0]
+                        reason = choice.get("finish_reason")
+                        if reason:
+                            self.finish_reason = reason
+                        delta = choice.get("delta")
+                        text = delta.get("content") if delta else None
+                    except malformed:
+                        raise UpstreamDisconnected("malformed chunk") from None
+                    if text and type(text) is str:
+                        yield text
+                if done:
+                    break
+                buf = buf[start:]
+                if len(buf) > _MAX_EVENT_BYTES:
+                    raise UpstreamDisconnected("line too long")
+            if done or data == b"[DONE]":
+                await self._drain(chunks)
+                return
+            if self.finish_reason is None:
+                raise UpstreamDisconnected("body ended without [DONE] or finish_reason")
+        except UpstreamError:
+            raise
+        except self._errors as exc:
+            raise self._body_error(exc) from exc
+
+    async def _drain(self, chunks: AsyncIterator[bytes]) -> None:
+        try:
+            async with asyncio.timeout(_DRAIN_SECONDS):
+                async for _ in chunks:
+                    pass
+        except self._errors:  # TimeoutError included
+            pass  # the answer is complete; aclose() closes whatever is left
+
+
+def _code_suffix(chunk: dict[str, Any]) -> str:
+    code = error_code(chunk)
+    return f" ({code})" if code else ""
