@@ -134,27 +134,49 @@ def record_values(stream: ChatStream, user: Any = None) -> dict[str, Any]:
 
 
 def record_stream(stream: ChatStream, user: Any = None) -> None:
-    """Queue the record of a finished ``stream`` for writing. Cheap and never raises."""
+    """Queue the record of a finished ``stream`` for writing. Cheap and never raises.
+
+    Records queue up while the writer thread is busy and are saved together (one ``bulk_create``,
+    one transaction): under load that is one write per batch, not one per stream.
+    """
     try:
         if not records_config()["ENABLED"]:
             return
-        future = _executor().submit(_write, record_values(stream, user))
+        values = record_values(stream, user)
+        with _queue_lock:
+            _queue.append(values)
+            if len(_queue) > 1:
+                return  # a batch write is already queued: it takes this record too
+        future = _executor().submit(_write_queued)
     except Exception:
         logger.exception("could not queue the record of stream %s", stream.stream_id)
+        with _queue_lock:
+            _queue.clear()  # or no later record would start a write
         return
     _pending.add(future)
     future.add_done_callback(_pending.discard)
 
 
-def _write(values: dict[str, Any]) -> None:
+_queue: list[dict[str, Any]] = []
+_queue_lock = threading.Lock()
+
+
+def _write_queued() -> None:
     from chatproxy.models import StreamRecord
 
+    with _queue_lock:
+        batch = _queue[:]
+        _queue.clear()
+    if not batch:
+        return
     try:
         close_old_connections()
-        StreamRecord.objects.create(**values)
+        StreamRecord.objects.bulk_create([StreamRecord(**values) for values in batch])
         close_old_connections()
     except Exception as exc:
-        logger.warning("could not save the record of stream %s: %s: %s", values["stream_id"], type(exc).__name__, exc)
+        ids = ", ".join(values["stream_id"] for values in batch[:3]) + (", ..." if len(batch) > 3 else "")
+        logger.warning("could not save the records of %d stream(s) (%s): %s: %s", len(batch), ids,
+                       type(exc).__name__, exc)
 
 
 async def drain() -> None:

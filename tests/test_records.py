@@ -8,6 +8,7 @@ import json
 import os
 import random
 import sqlite3
+import threading
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -181,14 +182,37 @@ async def test_one_record_per_stream_and_the_signals(async_db, chat_settings, si
 async def test_a_failed_write_never_breaks_the_stream(async_db, chat_settings, sim, monkeypatch, caplog):
     await sync_to_async(tiny_default_profile)()
 
-    def broken(**values):
+    def broken(*args, **kwargs):
         raise RuntimeError("database is locked")
 
-    monkeypatch.setattr(StreamRecord.objects, "create", broken)
-    _, events = await run_stream("chunks=5")
+    monkeypatch.setattr(StreamRecord.objects, "bulk_create", broken)
+    stream, events = await run_stream("chunks=5")
     assert events[-1].name == "done"
-    assert "could not save the record of stream" in caplog.text
+    assert f"could not save the records of 1 stream(s) ({stream.stream_id})" in caplog.text
     assert not await StreamRecord.objects.aexists()
+
+
+async def test_records_queued_while_the_writer_is_busy_are_saved_in_one_batch(async_db, chat_settings, sim,
+                                                                               monkeypatch):
+    from chatproxy import records
+
+    await sync_to_async(tiny_default_profile)()
+    batches: list[int] = []
+    bulk_create = StreamRecord.objects.bulk_create
+
+    def counting(objs, *args, **kwargs):
+        batches.append(len(objs))
+        return bulk_create(objs, *args, **kwargs)
+
+    monkeypatch.setattr(StreamRecord.objects, "bulk_create", counting)
+    busy = threading.Event()
+    records._executor().submit(busy.wait, 10)  # the writer thread is busy
+    streams = await asyncio.gather(*(run_stream("chunks=2") for _ in range(3)))
+    busy.set()
+    await records.drain()
+    assert batches == [3]
+    saved = {r.stream_id async for r in StreamRecord.objects.all()}
+    assert saved == {stream.stream_id for stream, _ in streams}
 
 
 async def test_records_can_be_switched_off(async_db, chat_settings, sim):
