@@ -43,7 +43,7 @@ from django.core.exceptions import RequestDataTooBig
 from django.core.handlers.asgi import ASGIRequest, get_script_prefix
 from django.db import close_old_connections
 from django.http import HttpRequest, HttpResponse, StreamingHttpResponse
-from django.urls import Resolver404, resolve, set_script_prefix
+from django.urls import Resolver404, ResolverMatch, resolve, set_script_prefix
 from django.utils import translation
 from django.utils.functional import SimpleLazyObject
 from django.utils.log import log_response
@@ -60,8 +60,8 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 APP_NAME = "chatproxy"
 
 
-def _route(scope: Scope) -> str | None:
-    """The url_name of the chatproxy view ``scope`` is for, or None when it is not chatproxy's."""
+def _match(scope: Scope) -> ResolverMatch | None:
+    """The URL match of the chatproxy view ``scope`` is for, or None when it is not chatproxy's."""
     path = scope.get("path", "")
     root = scope.get("root_path", "")
     if root and path.startswith(root):
@@ -74,7 +74,7 @@ def _route(scope: Scope) -> str | None:
         return None
     if APP_NAME not in match.app_names:
         return None
-    return match.url_name or ""
+    return match
 
 
 def _header(scope: Scope, name: bytes) -> bytes | None:
@@ -93,9 +93,10 @@ class RequestSizeGuard:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope.get("type") != "http" or scope.get("method") != "POST":
             return await self.app(scope, receive, send)
-        route = _route(scope)
-        if route is None:
+        match = _match(scope)
+        if match is None:
             return await self.app(scope, receive, send)
+        route = match.url_name or ""
 
         limit = max_body_bytes()
         openai_shape = route.startswith("openai")
@@ -120,9 +121,9 @@ class RequestSizeGuard:
             if not message.get("more_body", False):
                 break
 
-        return await self.dispatch(route, scope, b"".join(chunks), receive, send)
+        return await self.dispatch(match, scope, b"".join(chunks), receive, send)
 
-    async def dispatch(self, route: str, scope: Scope, body: bytes, receive: Receive, send: Send) -> None:
+    async def dispatch(self, match: ResolverMatch, scope: Scope, body: bytes, receive: Receive, send: Send) -> None:
         """Hand a chatproxy POST whose ``body`` was read and accepted to the wrapped app."""
         replayed = False
 
@@ -186,19 +187,20 @@ class DirectStreams(RequestSizeGuard):
     its app in :class:`RequestSizeGuard` instead. Every other request goes to Django unchanged.
     """
 
-    async def dispatch(self, route: str, scope: Scope, body: bytes, receive: Receive, send: Send) -> None:
-        if route not in DIRECT_ROUTES:
-            return await super().dispatch(route, scope, body, receive, send)
+    async def dispatch(self, match: ResolverMatch, scope: Scope, body: bytes, receive: Receive, send: Send) -> None:
+        if match.url_name not in DIRECT_ROUTES:
+            return await super().dispatch(match, scope, body, receive, send)
+        openai_shape = match.url_name.startswith("openai")
         request = _direct_request(scope, body)
         if request is None:
-            return await _refuse(send, 400, "The request could not be read.", route.startswith("openai"))
+            return await _refuse(send, 400, "The request could not be read.", openai_shape)
+        request.resolver_match = match
         try:
-            match = resolve(request.path_info)
             response = await match.func(request, *match.args, **match.kwargs)
         except Exception:
             logger.exception("Internal Server Error: %s", request.path)
-            return await _refuse(send, 500, "Something went wrong on our side. Please try again.",
-                                 route.startswith("openai"), code="internal")
+            return await _refuse(send, 500, "Something went wrong on our side. Please try again.", openai_shape,
+                                 code="internal")
         if response.status_code >= 400:  # Django's "Bad Request: /chat/stream/" (django.request) and the like
             log_response("%s: %s", response.reason_phrase, request.path, response=response, request=request)
         try:
