@@ -17,6 +17,8 @@ Environment variables (all optional):
 ``OPENAI_BASE_URL``               an OpenAI-compatible server instead of the SDK's default
 ``CHATPROXY_MODEL``               model used with the real API, default "gpt-4o-mini"
 ``CHATPROXY_SIMULATOR_URL``       the simulator's base URL, default "http://127.0.0.1:8001/v1"
+``CHATPROXY_SDK``                 UPSTREAM.SDK: "none" (default here: no SDK, the API over aiohttp),
+                                  "auto", "current" or "legacy" (an openai SDK)
 ``CHATPROXY_HTTP_CLIENT``         the current SDK's transport, "aiohttp" (default here) or "httpx"
 ``CHATPROXY_RESUME``              a JSON object merged into CHATPROXY["RESUME"], e.g. '{"GRACE": 0.5}'
 ``CHATPROXY_TIMEOUTS``            a JSON object merged into CHATPROXY["TIMEOUTS"], e.g.
@@ -212,8 +214,10 @@ else:
         "MODEL": os.environ.get("CHATPROXY_MODEL", "").strip() or "gpt-4o-mini",
     }
 
-# The current SDK over aiohttp costs about half the CPU per chunk of its default httpx2 transport
-# (bench/results: 83 vs 165 us per chunk), so the sample project uses it.
+# The upstream path with the least CPU per chunk (bench/README.md): no SDK, the API over aiohttp
+# (UPSTREAM.SDK "none"). With CHATPROXY_SDK=auto, the installed openai SDK over aiohttp, which costs
+# about half the CPU per chunk of its default httpx2 transport.
+_upstream["SDK"] = os.environ.get("CHATPROXY_SDK", "").strip() or "none"
 _upstream["HTTP_CLIENT"] = os.environ.get("CHATPROXY_HTTP_CLIENT", "").strip() or "aiohttp"
 
 CHATPROXY: dict[str, Any] = {
