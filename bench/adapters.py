@@ -11,10 +11,14 @@ the window divided by the text chunks it got in the window is the cost of that p
   SDK's default httpx2 transport / ``DefaultAioHttpClient``;
 * ``legacy``: chatproxy's adapter for openai 0.27 (``ChatCompletion.acreate``); run it with the
   legacy virtualenv's python;
+* ``none``: chatproxy's adapter without an SDK (``UPSTREAM.SDK = "none"``: the request and the
+  body over aiohttp, the body parsed as the current SDK's adapter does);
 * ``sdk-httpx`` / ``sdk-aiohttp``: for reference, the current SDK's own parsed stream
   (``chat.completions.create(stream=True)``, chunk objects), which chatproxy's adapter avoids;
 * ``raw-aiohttp``: for reference, aiohttp lines + orjson (the floor relay's read path), what a
   raw-parsing adapter could cost.
+
+Requests carry no socket-read timeout, as ``ChatStream`` sends them (its watchdog is the deadline).
 
 ``core: true`` consumes through :class:`chatproxy.core.ChatStream` (the pump, the watchdog timer,
 the event log and one subscription) on top of the adapter: the difference is the core's cost.
@@ -39,19 +43,27 @@ def _messages(index: int, number: int, n: int, gap: float) -> list[dict[str, str
 
 Texts = Callable[[list[dict[str, str]]], AsyncIterator[str]]
 
+# path -> (UPSTREAM.SDK, UPSTREAM.HTTP_CLIENT) of chatproxy's adapters.
+CHATPROXY_PATHS = {"current-httpx": ("current", "httpx"), "current-aiohttp": ("current", "aiohttp"),
+                   "legacy": ("legacy", "aiohttp"), "none": ("none", "aiohttp")}
+
+
+def chatproxy_upstream(name: str, base_url: str) -> Any:
+    from chatproxy.upstream import build_upstream
+
+    sdk, client = CHATPROXY_PATHS[name]
+    return build_upstream(sdk=sdk, http_client=client, base_url=base_url, api_key="sk-bench")
+
 
 def make_path(name: str, base_url: str) -> tuple[Texts, Callable[[], Any]]:
     """(stream texts for these messages, async close) for path ``name``."""
-    if name in ("current-httpx", "current-aiohttp", "legacy"):
-        from chatproxy.upstream import build_upstream
+    if name in CHATPROXY_PATHS:
         from chatproxy.upstream.base import UpstreamRequest
 
-        sdk = "legacy" if name == "legacy" else "current"
-        client = "aiohttp" if name == "current-aiohttp" else "httpx"
-        upstream = build_upstream(sdk=sdk, http_client=client, base_url=base_url, api_key="sk-bench")
+        upstream = chatproxy_upstream(name, base_url)
 
         async def texts(messages: list[dict[str, str]]) -> AsyncIterator[str]:
-            request = UpstreamRequest(model=MODEL, messages=messages, connect_timeout=5.0, read_timeout=35.0,
+            request = UpstreamRequest(model=MODEL, messages=messages, connect_timeout=5.0, read_timeout=None,
                                       total_timeout=300.0)
             stream = await upstream.open(request)
             try:
@@ -110,11 +122,8 @@ def through_core(base_url: str, name: str) -> tuple[Texts, Callable[[], Any]]:
     """The same path, consumed through ChatStream (adapter + core)."""
     from chatproxy.conf import Policy
     from chatproxy.core import ChatRequest, ChatStream
-    from chatproxy.upstream import build_upstream
 
-    sdk = "legacy" if name == "legacy" else "current"
-    client = "aiohttp" if name == "current-aiohttp" else "httpx"
-    upstream = build_upstream(sdk=sdk, http_client=client, base_url=base_url, api_key="sk-bench")
+    upstream = chatproxy_upstream(name, base_url)
     policy = Policy()
 
     async def core_texts(messages: list[dict[str, str]]) -> AsyncIterator[str]:

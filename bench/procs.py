@@ -209,7 +209,9 @@ class Databases:
         if template is None:
             template = os.path.join(self._dir.name, f"template-{len(self._templates)}.sqlite3")
             env = _child_env({"DJANGO_SETTINGS_MODULE": "bench.settings", "DJANGO_DB_PATH": template,
-                              "DJANGO_DEBUG": "1", "CHATPROXY_TIMEOUTS": timeouts_json,
+                              # As in production: DEBUG off (DEBUG keeps every SQL query in memory and formats it).
+                "DJANGO_DEBUG": "0",
+                "DJANGO_SECRET_KEY": "chatproxy-bench-" + os.urandom(16).hex(), "CHATPROXY_TIMEOUTS": timeouts_json,
                               "DJANGO_LOG_LEVEL": "WARNING"})
             done = subprocess.run([python, "manage.py", "migrate", "--noinput", "--skip-checks"], cwd=ROOT,
                                   env=env, capture_output=True, text=True, check=False)
@@ -259,7 +261,9 @@ class Server:
             child_env.update({
                 "DJANGO_SETTINGS_MODULE": "bench.settings",
                 "DJANGO_DB_PATH": databases.fresh(python, timeouts_json, setup),
-                "DJANGO_DEBUG": "1",
+                # As in production: DEBUG off (DEBUG keeps every SQL query in memory and formats it).
+                "DJANGO_DEBUG": "0",
+                "DJANGO_SECRET_KEY": "chatproxy-bench-" + os.urandom(16).hex(),
                 "DJANGO_LOG_LEVEL": "WARNING",
                 "CHATPROXY_SIMULATOR_URL": upstream,
                 "CHATPROXY_TIMEOUTS": timeouts_json,
@@ -301,6 +305,8 @@ class Server:
         sdk, client = info.get("sdk"), info.get("http_client")
         if sdk == "legacy":
             return "openai 0.27 (aiohttp)"
+        if sdk == "none":
+            return "no SDK: aiohttp (raw)"
         return f"openai {info.get('openai', '?')} over {client}" if sdk else "?"
 
     def stream_headers(self) -> dict[str, str]:

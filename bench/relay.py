@@ -33,31 +33,36 @@ from typing import Any
 from bench import procs
 
 # name -> (server kind, environment). The sample project as shipped: ``DirectStreams`` serves the
-# streams, ``gc.freeze()`` after start-up, the current SDK over aiohttp, the journal on. uvicorn
-# runs with httptools (``pip install uvicorn[standard]``, or httptools alone) unless the name says h11.
+# streams, ``gc.freeze()`` after start-up, ``UPSTREAM.SDK = "none"`` (the API over aiohttp), the
+# journal on, ``DEBUG`` off. uvicorn runs with httptools (what ``pip install uvicorn[standard]`` adds;
+# ``--http httptools``) and the asyncio loop unless the name says otherwise.
 UVICORN = {"BENCH_HTTP": "httptools"}
 CONFIGS: dict[str, tuple[str, dict[str, str]]] = {
     "floor": ("floor", {}),
     "daphne": ("daphne", {}),
     "uvicorn": ("uvicorn", UVICORN),
+    # uvloop, uvicorn[standard]'s default loop; the floor on uvloop too, for a like-for-like ratio.
+    "floor, uvloop": ("floor", {"BENCH_LOOP": "uvloop"}),
+    "uvicorn, uvloop": ("uvicorn", {**UVICORN, "BENCH_LOOP": "uvloop"}),
+    # Variants of one setting (secondary: one level unless asked for with --configs).
     "uvicorn, no journal": ("uvicorn", {**UVICORN, "BENCH_NO_JOURNAL": "1"}),
-    # The other transport of the current SDK than the sample project's (UPSTREAM.HTTP_CLIENT).
-    "uvicorn, httpx2 upstream": ("uvicorn", {**UVICORN, "BENCH_HTTP_CLIENT": "httpx"}),
+    "uvicorn, current SDK over aiohttp": ("uvicorn", {**UVICORN, "BENCH_SDK": "auto", "BENCH_HTTP_CLIENT": "aiohttp"}),
+    # UPSTREAM's defaults in the SPEC: SDK "auto", HTTP_CLIENT "httpx".
+    "uvicorn, current SDK over httpx2": ("uvicorn", {**UVICORN, "BENCH_SDK": "auto", "BENCH_HTTP_CLIENT": "httpx"}),
     # The stream requests through Django's handler and middleware (RequestSizeGuard alone).
     "uvicorn, Django path": ("uvicorn", {**UVICORN, "BENCH_DJANGO_PATH": "1"}),
     "daphne, Django path": ("daphne", {"BENCH_DJANGO_PATH": "1"}),
-    # uvloop (uvicorn[standard]'s default loop); the floor on uvloop too, for a like-for-like ratio.
-    "floor, uvloop": ("floor", {"BENCH_LOOP": "uvloop"}),
-    "uvicorn, uvloop": ("uvicorn", {**UVICORN, "BENCH_LOOP": "uvloop"}),
     # Only with --configs.
     "uvicorn, h11": ("uvicorn", {"BENCH_HTTP": "h11"}),
     "uvicorn, gc not frozen": ("uvicorn", {**UVICORN, "BENCH_GC_UNFREEZE": "1"}),
     "daphne, no journal": ("daphne", {"BENCH_NO_JOURNAL": "1"}),
 }
 DEFAULT_CONFIGS = [
-    "floor", "daphne", "daphne, Django path", "uvicorn", "uvicorn, no journal", "uvicorn, httpx2 upstream",
-    "uvicorn, Django path", "floor, uvloop", "uvicorn, uvloop",
+    "floor", "daphne", "uvicorn", "floor, uvloop", "uvicorn, uvloop",
+    "uvicorn, no journal", "uvicorn, current SDK over aiohttp", "uvicorn, current SDK over httpx2",
+    "uvicorn, Django path", "daphne, Django path",
 ]
+SECONDARY_CONFIGS = frozenset(DEFAULT_CONFIGS[5:])
 
 
 def start_server(name: str, pacer: procs.Pacer, databases: procs.Databases, python: str = sys.executable,

@@ -28,8 +28,18 @@ def _main_rows(out: dict[str, Any]) -> list[dict[str, Any]]:
     return [row for row in out.get("relay") or [] if not row.get("short_streams")]
 
 
-def _floor_by_level(relay: list[dict[str, Any]]) -> dict[int, float]:
-    return {row["users"]: row["us_per_chunk"] for row in relay if row["config"] == "floor" and row["us_per_chunk"]}
+def _is_floor(config: str) -> bool:
+    return config.startswith("floor")
+
+
+def _floor_of(config: str) -> str:
+    """The floor a configuration is compared with: the one on the same event loop."""
+    return "floor, uvloop" if "uvloop" in config else "floor"
+
+
+def _floor_by_level(relay: list[dict[str, Any]]) -> dict[tuple[str, int], float]:
+    return {(row["config"], row["users"]): row["us_per_chunk"] for row in relay
+            if _is_floor(row["config"]) and row["us_per_chunk"]}
 
 
 def _held(row: dict[str, Any]) -> bool:
@@ -41,7 +51,7 @@ def targets(out: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
     rows: list[tuple[str, str, bool | None]] = []
     relay = _main_rows(out)
     floor = _floor_by_level(relay)
-    chatproxy = [r for r in relay if r["config"] != "floor"]
+    chatproxy = [r for r in relay if not _is_floor(r["config"])]
     configs = list(dict.fromkeys(r["config"] for r in chatproxy))
     for config in configs:
         mine = [r for r in chatproxy if r["config"] == config and r["us_per_chunk"]]
@@ -50,9 +60,10 @@ def targets(out: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
         cells = ", ".join(f"{_f(r['us_per_chunk'])} ({r['users']})" for r in mine)
         rows.append((f"≤ {TARGET_US:g} µs CPU per relayed chunk: **{config}** (streams)", cells,
                      all(r["us_per_chunk"] <= TARGET_US for r in mine)))
-        ratios = [(r, r["us_per_chunk"] / floor[r["users"]]) for r in mine if r["users"] in floor]
+        base = _floor_of(config)
+        ratios = [(r, r["us_per_chunk"] / floor[base, r["users"]]) for r in mine if (base, r["users"]) in floor]
         if ratios:
-            rows.append((f"≤ {TARGET_RATIO:g}× the floor, same run: **{config}**",
+            rows.append((f"≤ {TARGET_RATIO:g}× the floor ({base}), same run: **{config}**",
                          ", ".join(f"{ratio:.2f}× ({r['users']})" for r, ratio in ratios),
                          all(ratio <= TARGET_RATIO for _, ratio in ratios)))
     top = max((r["users"] for r in chatproxy), default=None)
@@ -65,7 +76,7 @@ def targets(out: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
                                  + (f", errors {sum(r['errors'].values())}" if r["errors"] else ""),
                                  _held(r) if top >= 400 else None))
     for r in out.get("idle") or []:
-        if r["config"] == "floor":
+        if _is_floor(r["config"]):
             continue
         rows.append((f"≤ {TARGET_IDLE_KIB:g} KiB per idle stream: **{r['config']}**",
                      f"{_f(r['kib_per_idle_stream'], 1)} KiB ({r['held']} streams)",
@@ -90,9 +101,13 @@ def _relay_table(out: dict[str, Any]) -> list[str]:
         "|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for r in sorted(relay, key=lambda r: r["users"]):  # stable: the run order within a level
-        ratio = r["us_per_chunk"] / floor[r["users"]] if r["users"] in floor and r["us_per_chunk"] else None
-        server = "floor (bare aiohttp relay)" if r["config"] == "floor" else r["config"].replace(", no journal", "")
-        journal = "–" if r["config"] == "floor" else ("on" if r["journal"] else "off")
+        key = (_floor_of(r["config"]), r["users"])
+        ratio = r["us_per_chunk"] / floor[key] if key in floor and r["us_per_chunk"] else None
+        if _is_floor(r["config"]):
+            server = r["config"].replace("floor", "floor (bare aiohttp relay)")
+        else:
+            server = r["config"].replace(", no journal", "")
+        journal = "–" if _is_floor(r["config"]) else ("on" if r["journal"] else "off")
         through = r["latency_ms"]["through"].get("p99")
         lines.append(
             f"| {server} | {r.get('upstream', '?')} | {journal} | {r['users']} | **{_f(r['us_per_chunk'])}** | "
@@ -185,6 +200,7 @@ def _stall_tables(out: dict[str, Any]) -> list[str]:
 
 ADAPTER_LABELS = {
     "raw-aiohttp": "raw aiohttp lines + orjson (the floor's read path; reference)",
+    "none": "chatproxy adapter without an SDK (`SDK: \"none\"`, the sample project's): aiohttp, raw SSE + orjson",
     "current-aiohttp": "chatproxy adapter, openai 3.57 sends the request, raw SSE + orjson, aiohttp transport",
     "current-httpx": "chatproxy adapter, openai 3.57 sends the request, raw SSE + orjson, httpx2 transport "
                      "(HTTP_CLIENT default)",
@@ -326,19 +342,21 @@ def plot(out: dict[str, Any], path: Path) -> None:
     (ax_cpu, ax_lat, ax_mem), (ax_stall, ax_adapt, ax_prof) = axes
     relay = _main_rows(out)
     configs = list(dict.fromkeys(r["config"] for r in relay))
-    styles = {"floor": dict(color="black", linestyle="--", marker="s")}
-    palette = ["tab:blue", "tab:cyan", "tab:orange", "tab:olive", "tab:green", "tab:pink"]
-    for i, config in enumerate(c for c in configs if c != "floor"):
+    styles = {"floor": dict(color="black", linestyle="--", marker="s"),
+              "floor, uvloop": dict(color="grey", linestyle="--", marker="s")}
+    palette = ["tab:blue", "tab:orange", "tab:green", "tab:cyan", "tab:olive", "tab:pink", "tab:purple",
+               "tab:brown", "tab:red", "tab:gray"]
+    for i, config in enumerate(c for c in configs if not _is_floor(c)):
         styles[config] = dict(color=palette[i % len(palette)], marker="o",
                               linestyle="-" if "no journal" not in config else ":")
     for config in configs:
         rows = sorted((r for r in relay if r["config"] == config), key=lambda r: r["users"])
         users = [r["users"] for r in rows]
         ax_cpu.plot(users, [r["us_per_chunk"] for r in rows], label=config, **styles[config])
-        if config != "floor":
+        if not _is_floor(config):
             ax_lat.plot(users, [max(0.1, r["added_p99_ms"] or 0.1) for r in rows], label=config, **styles[config])
         ax_mem.plot(users, [r["peak_kib_per_stream"] for r in rows], label=config, **styles[config])
-    floor = _floor_by_level(relay)
+    floor = {users: us for (name, users), us in _floor_by_level(relay).items() if name == "floor"}
     if floor:
         levels = sorted(floor)
         ax_cpu.plot(levels, [floor[u] * TARGET_RATIO for u in levels], color="grey", linestyle="-.",

@@ -139,8 +139,12 @@ def part_relay(args: argparse.Namespace, pacer: procs.Pacer, dbs: procs.Database
 
     configs = args.configs or relay.DEFAULT_CONFIGS
     rows = out.setdefault("relay", [])
+    # Without --configs, the secondary configurations (variants of one setting) run at one level.
+    secondary_level = args.levels[len(args.levels) // 2]
     for users in args.levels:
         for name in configs:
+            if not args.configs and name in relay.SECONDARY_CONFIGS and users != secondary_level:
+                continue
             _quiet(args, [pacer.pid])
             log(f"relay: {name}, {users} streams ({args.warmup:g} s warm-up + {args.measure:g} s window)")
             row = relay.relay_run(name, users, pacer, dbs, args)
@@ -173,7 +177,7 @@ def part_idle(args: argparse.Namespace, pacer: procs.Pacer, dbs: procs.Databases
     from bench import relay
 
     rows = out.setdefault("idle", [])
-    for name in ("floor", "daphne", "uvicorn", "uvicorn, httpx2 upstream"):
+    for name in ("floor", "daphne", "uvicorn", "uvicorn, current SDK over httpx2"):
         if args.configs and name not in args.configs:
             continue
         log(f"idle memory: {name}, {args.idle_streams} stalled streams")
@@ -196,11 +200,13 @@ def part_stall(args: argparse.Namespace, dbs: procs.Databases, out: dict[str, An
 
 ADAPTER_PATHS = [
     ("raw-aiohttp", False, "main"),
+    ("none", False, "main"),
     ("current-aiohttp", False, "main"),
     ("current-httpx", False, "main"),
     ("legacy", False, "legacy"),
     ("sdk-aiohttp", False, "main"),
     ("sdk-httpx", False, "main"),
+    ("none", True, "main"),
     ("current-aiohttp", True, "main"),
     ("current-httpx", True, "main"),
     ("legacy", True, "legacy"),

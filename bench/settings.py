@@ -2,10 +2,13 @@
 
 * ``LIMITS.MAX_STREAMS_PER_USER`` is off: every load-generator connection comes from 127.0.0.1,
   and anonymous users are limited per client address (all of them would share 4 slots).
+* ``PERMISSION`` is ``allow_any``: the load generator does not log in (the harness runs the
+  server with ``DJANGO_DEBUG=0``, as in production; CSRF still applies).
+* ``BENCH_SDK`` sets ``UPSTREAM.SDK`` (``none``: no SDK, the API over aiohttp).
 * ``BENCH_HTTP_CLIENT`` (``httpx`` | ``aiohttp``) picks the current SDK's transport.
 * Logging stays at ``DJANGO_LOG_LEVEL`` (the harness sets WARNING).
 
-Everything else (``DJANGO_DEBUG``, ``CHATPROXY_TIMEOUTS``, ``CHATPROXY_RESUME``,
+Everything else (``DJANGO_DEBUG``, ``DJANGO_SECRET_KEY``, ``CHATPROXY_TIMEOUTS``, ``CHATPROXY_RESUME``,
 ``CHATPROXY_SIMULATOR_URL``, ``DJANGO_DB_PATH``) is read by ``project.settings`` as usual.
 """
 
@@ -15,5 +18,8 @@ from project.settings import *  # noqa: F403
 from project.settings import CHATPROXY
 
 CHATPROXY["LIMITS"] = {**CHATPROXY.get("LIMITS", {}), "MAX_STREAMS_PER_USER": None}
+CHATPROXY["PERMISSION"] = "chatproxy.permissions.allow_any"  # the load generator does not log in
+if os.environ.get("BENCH_SDK"):
+    CHATPROXY["UPSTREAM"] = {**CHATPROXY["UPSTREAM"], "SDK": os.environ["BENCH_SDK"]}
 if os.environ.get("BENCH_HTTP_CLIENT"):
     CHATPROXY["UPSTREAM"] = {**CHATPROXY["UPSTREAM"], "HTTP_CLIENT": os.environ["BENCH_HTTP_CLIENT"]}

@@ -153,10 +153,11 @@ def run(*, runs: int, scale: float, legacy_python: str | None, databases: procs.
                 [python, "-m", "bench.stall_sdk", "--base-url", sim.base_url, "--scale", str(scale),
                  "--runs", str(max(2, runs // 3))], cwd=procs.ROOT, env=procs._child_env(),
                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)))
-        adapters = [("current/httpx", sys.executable, {"BENCH_HTTP_CLIENT": "httpx"}),
-                    ("current/aiohttp", sys.executable, {"BENCH_HTTP_CLIENT": "aiohttp"})]
+        adapters = [("no SDK (aiohttp)", sys.executable, {"BENCH_SDK": "none"}),
+                    ("current/httpx", sys.executable, {"BENCH_SDK": "auto", "BENCH_HTTP_CLIENT": "httpx"}),
+                    ("current/aiohttp", sys.executable, {"BENCH_SDK": "auto", "BENCH_HTTP_CLIENT": "aiohttp"})]
         if legacy_python:
-            adapters.append(("legacy 0.27.6", legacy_python, {}))
+            adapters.append(("legacy 0.27.6", legacy_python, {"BENCH_SDK": "auto"}))
         for label, python, env in adapters:
             log(f"  stall recovery through chatproxy ({label})")
             setup = LONG_PROFILE.format(deadline=1800 / scale)
