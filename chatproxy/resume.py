@@ -2,10 +2,11 @@
 
 Writing. Each resumable stream is *tracked* by this process's :class:`Journal`: one task per
 process (not per stream, not per chunk) that every ``FLUSH_INTERVAL`` takes the new events of
-every tracked stream and writes them to the Django cache ``RESUME.CACHE`` in a single
-``set_many`` (one thread hop and, with Redis, one round trip for all streams; no hop for an
-in-process cache), with ``TTL``. A batch is stored as one JSON byte string, which costs the
-cache next to nothing to pickle. Keys, for stream ``S``::
+the tracked streams that are due -- a stream some other worker is resuming (listening to) or one
+that has finished every time, any other one every ``QUIET_FLUSH_INTERVAL`` -- and writes them to
+the Django cache ``RESUME.CACHE`` in a single ``set_many`` (one thread hop and, with Redis, one
+round trip for all streams; no hop for an in-process cache), with ``TTL``. A batch is stored as
+one JSON byte string, which costs the cache next to nothing to pickle. Keys, for stream ``S``::
 
     chatproxy:s:S          meta: owner, model, keepalive, deadline (epoch); rewritten every TTL/4
     chatproxy:s:S:N        batch N (0, 1, 2, ...): JSON [[seq, name, data], ...]
@@ -41,7 +42,10 @@ from chatproxy.core import KEEPALIVE, ChatStream, Event, EventsDropped, Subscrip
 
 logger = logging.getLogger("chatproxy.resume")
 
-FLUSH_INTERVAL = 0.1  # seconds between journal writes (also the cross-worker live latency)
+FLUSH_INTERVAL = 0.1  # seconds between journal runs (also the cross-worker live latency)
+# A stream nobody resumes elsewhere is written at most this often (it ends sooner, once finished).
+# Its client reads memory, not the store: a longer interval means fewer, larger cache writes.
+QUIET_FLUSH_INTERVAL = 0.5
 CONTROL_INTERVAL = 0.5  # seconds between reads of listen/cancel flags
 TERMINAL = ("done", "error")
 
@@ -106,6 +110,7 @@ class _Tracked:
     batches: int = 0
     listened: bool = False
     meta_written: float = 0.0  # monotonic time of the last meta write
+    flushed_at: float = 0.0  # monotonic time of the last batch write
 
 
 class Journal:
@@ -153,9 +158,14 @@ class Journal:
         writes: dict[str, Any] = {}
         published: list[tuple[_Tracked, bytes, int]] = []
         ended: list[_Tracked] = []
+        quiet_before = now - QUIET_FLUSH_INTERVAL
         for tracked in list(self.tracked.values()):
+            finished = tracked.stream.finished
+            if not (tracked.listened or finished or tracked.flushed_at <= quiet_before):
+                continue
             events = tracked.reader.pending()
             if events:
+                tracked.flushed_at = now
                 batch = _encode(events)
                 stream_id = tracked.stream.stream_id
                 writes[batch_key(stream_id, tracked.batches)] = batch
@@ -164,7 +174,7 @@ class Journal:
                     writes[meta_key(stream_id)] = tracked.meta
                     tracked.meta_written = now
                 published.append((tracked, batch, events[-1].seq))
-            elif tracked.stream.finished:
+            elif finished:
                 ended.append(tracked)
         if writes:
             cache = _cache()

@@ -19,10 +19,14 @@ Contract for adapters:
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
+import asyncio
+import weakref
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import AsyncGeneratorType
-from typing import Any, Protocol, cast
+from typing import Any, Generic, Protocol, TypeVar, cast
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,3 +106,34 @@ class BodyStream:
         for generator in self._generators():
             if not generator.ag_running:
                 await generator.aclose()
+
+    def _take_choice(self, choice: Mapping[str, Any]) -> str | None:
+        """The text of a chunk's first choice (None if empty); records its ``finish_reason``."""
+        reason = choice.get("finish_reason")
+        if reason:
+            self.finish_reason = reason
+        delta = choice.get("delta")
+        text = delta.get("content") if delta else None
+        return text if text and type(text) is str else None
+
+
+class PerLoop(Generic[T]):
+    """One client (session, SDK client) per running event loop: connection pools cannot cross loops.
+
+    ``make()`` builds one; ``usable(client)`` says whether a kept one can still be used."""
+
+    def __init__(self, make: Callable[[], T], usable: Callable[[T], bool] = lambda client: True) -> None:
+        self._make = make
+        self._usable = usable
+        self._clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, T] = weakref.WeakKeyDictionary()
+
+    def get(self) -> T:
+        loop = asyncio.get_running_loop()
+        client = self._clients.get(loop)
+        if client is None or not self._usable(client):
+            client = self._clients[loop] = self._make()
+        return client
+
+    def pop(self) -> T | None:
+        """Forget this loop's client and return it (to be closed), if there was one."""
+        return self._clients.pop(asyncio.get_running_loop(), None)

@@ -37,7 +37,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib
-import weakref
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -61,7 +60,7 @@ from chatproxy.upstream import (
     request_body,
     resolve_api_key,
 )
-from chatproxy.upstream.base import UpstreamRequest
+from chatproxy.upstream.base import PerLoop, UpstreamRequest
 from chatproxy.upstream.sse import SSEStream
 
 __all__ = ["CurrentUpstream"]
@@ -115,9 +114,7 @@ class CurrentUpstream:
         self._http_client = http_client
         self._base_url = base_url
         self._api_key = resolve_api_key(api_key, base_url, None)
-        self._clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, openai.AsyncOpenAI] = (
-            weakref.WeakKeyDictionary()
-        )
+        self._clients: PerLoop[openai.AsyncOpenAI] = PerLoop(self._adopt_client)
         self._timeouts, self._transport_errors = _transport_errors()
         # Built now so that a bad setting (say an invalid base URL) fails at startup; the first loop
         # that opens a stream adopts it (building it binds no loop: connections are made lazily).
@@ -135,16 +132,13 @@ class CurrentUpstream:
         except openai.OpenAIError as exc:
             raise ConfigurationError(f"cannot build the openai client: {describe(exc)}") from None
 
-    def _client(self) -> openai.AsyncOpenAI:
-        loop = asyncio.get_running_loop()
-        client = self._clients.get(loop)
-        if client is None:
-            client, self._spare = (self._spare or self._new_client()), None
-            self._clients[loop] = client
+    def _adopt_client(self) -> openai.AsyncOpenAI:
+        """A client for a new loop: the one built at start if still spare, else a new one."""
+        client, self._spare = (self._spare or self._new_client()), None
         return client
 
     async def open(self, request: UpstreamRequest) -> CurrentStream:
-        client = self._client()
+        client = self._clients.get()
         connect = request.connect_timeout
         # write/pool: sending a small body and waiting for a pooled connection are connect-like.
         timeout = openai.Timeout(
@@ -182,7 +176,7 @@ class CurrentUpstream:
     async def aclose(self) -> None:
         """Close this loop's client. Clients of other loops cannot be awaited from here."""
         self._spare = None
-        client = self._clients.pop(asyncio.get_running_loop(), None)
+        client = self._clients.pop()
         if client is not None:
             await client.close()
 

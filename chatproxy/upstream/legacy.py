@@ -48,7 +48,6 @@ from __future__ import annotations
 import asyncio
 import importlib
 import json
-import weakref
 from collections.abc import AsyncGenerator
 from types import AsyncGeneratorType
 from typing import TYPE_CHECKING, Any
@@ -71,7 +70,7 @@ from chatproxy.upstream import (
     request_body,
     resolve_api_key,
 )
-from chatproxy.upstream.base import BodyStream, UpstreamRequest
+from chatproxy.upstream.base import BodyStream, PerLoop, UpstreamRequest
 
 if TYPE_CHECKING:
     import aiohttp
@@ -127,9 +126,7 @@ class LegacyUpstream:
         self._errors = openai.error
         self._api_key = resolve_api_key(api_key, base_url, openai.api_key)
         self._api_base = base_url  # None: the SDK's default (openai.api_base / OPENAI_API_BASE)
-        self._sessions: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, aiohttp.ClientSession] = (
-            weakref.WeakKeyDictionary()
-        )
+        self._sessions: PerLoop[aiohttp.ClientSession] = PerLoop(self._new_session, lambda s: not s.closed)
         # Mid-body transport failures. TimeoutError is listed apart: it means "total ran out".
         self._body_errors: tuple[type[BaseException], ...] = (
             aiohttp.ClientError,
@@ -141,14 +138,11 @@ class LegacyUpstream:
     def __repr__(self) -> str:
         return f"<LegacyUpstream {self.name} base_url={self._api_base!r}>"
 
+    def _new_session(self) -> aiohttp.ClientSession:
+        return self._aiohttp.ClientSession(connector=self._aiohttp.TCPConnector(limit=_POOL_SIZE))
+
     def _session(self) -> aiohttp.ClientSession:
-        loop = asyncio.get_running_loop()
-        session = self._sessions.get(loop)
-        if session is None or session.closed:
-            connector = self._aiohttp.TCPConnector(limit=_POOL_SIZE)
-            session = self._aiohttp.ClientSession(connector=connector)
-            self._sessions[loop] = session
-        return session
+        return self._sessions.get()
 
     async def open(self, request: UpstreamRequest) -> LegacyStream:
         openai = self._openai
@@ -207,7 +201,7 @@ class LegacyUpstream:
 
     async def aclose(self) -> None:
         """Close this loop's session. Sessions of other loops cannot be awaited from here."""
-        session = self._sessions.pop(asyncio.get_running_loop(), None)
+        session = self._sessions.pop()
         if session is not None:
             await session.close()
 
@@ -244,13 +238,8 @@ class LegacyStream(BodyStream):
                 # chunk is an OpenAIObject (a dict); the usage chunk has no choices.
                 choices = chunk.get("choices")
                 if choices:
-                    choice = choices[0]
-                    reason = choice.get("finish_reason")
-                    if reason:
-                        self.finish_reason = reason
-                    delta = choice.get("delta")
-                    text = delta.get("content") if delta else None
-                    if text and type(text) is str:
+                    text = self._take_choice(choices[0])
+                    if text is not None:
                         yield text
                 chunk_usage = chunk.get("usage")
                 if chunk_usage:

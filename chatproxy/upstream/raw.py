@@ -33,7 +33,6 @@ import contextlib
 import os
 import urllib.parse
 import urllib.request
-import weakref
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -51,7 +50,7 @@ from chatproxy.errors import (
     status_error,
 )
 from chatproxy.upstream import describe_chain, error_code, request_body, resolve_api_key
-from chatproxy.upstream.base import UpstreamRequest
+from chatproxy.upstream.base import PerLoop, UpstreamRequest
 from chatproxy.upstream.sse import SSEStream
 
 __all__ = ["RawUpstream"]
@@ -86,21 +85,10 @@ class RawUpstream:
                 headers[header] = os.environ[variable]
         self._headers = headers
         self._proxy = _proxy_for(url)
-        self._sessions: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, aiohttp.ClientSession] = (
-            weakref.WeakKeyDictionary()
-        )
+        self._sessions: PerLoop[aiohttp.ClientSession] = PerLoop(_new_session, lambda s: not s.closed)
 
     def __repr__(self) -> str:
         return f"<RawUpstream {self.name} url={self._url!r}>"
-
-    def _session(self) -> aiohttp.ClientSession:
-        loop = asyncio.get_running_loop()
-        session = self._sessions.get(loop)
-        if session is None or session.closed:
-            connector = aiohttp.TCPConnector(limit=MAX_CONNECTIONS, limit_per_host=0)
-            session = aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout())
-            self._sessions[loop] = session
-        return session
 
     async def open(self, request: UpstreamRequest) -> RawStream:
         body: dict[str, Any] = {"model": request.model, "messages": list(request.messages), "stream": True}
@@ -114,7 +102,7 @@ class RawUpstream:
             total=None, connect=connect, sock_connect=connect, sock_read=request.read_timeout
         )
         try:
-            response = await self._session().post(
+            response = await self._sessions.get().post(
                 self._url, data=orjson.dumps(body), headers=self._headers, timeout=timeout, allow_redirects=False,
                 proxy=self._proxy,
             )
@@ -129,9 +117,14 @@ class RawUpstream:
 
     async def aclose(self) -> None:
         """Close this loop's session. Sessions of other loops close with their loop."""
-        session = self._sessions.pop(asyncio.get_running_loop(), None)
+        session = self._sessions.pop()
         if session is not None:
             await session.close()
+
+
+def _new_session() -> aiohttp.ClientSession:
+    connector = aiohttp.TCPConnector(limit=MAX_CONNECTIONS, limit_per_host=0)
+    return aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout())
 
 
 def _proxy_for(url: str) -> str | None:

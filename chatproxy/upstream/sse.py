@@ -96,15 +96,10 @@ class SSEStream(BodyStream):
                         choices = chunk.get("choices")
                         if not choices:
                             continue  # e.g. the usage chunk
-                        choice = choices[0]
-                        reason = choice.get("finish_reason")
-                        if reason:
-                            self.finish_reason = reason
-                        delta = choice.get("delta")
-                        text = delta.get("content") if delta else None
+                        text = self._take_choice(choices[0])
                     except malformed:
                         raise UpstreamDisconnected("malformed chunk") from None
-                    if text and type(text) is str:
+                    if text is not None:
                         yield text
                 if done:
                     break
