@@ -55,7 +55,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from django.db import close_old_connections
+from django.db import InterfaceError, OperationalError, connections
 from django.utils import timezone
 
 from chatproxy.conf import Policy, get_config
@@ -162,6 +162,12 @@ _queue_lock = threading.Lock()
 
 
 def _write_queued() -> None:
+    """In the writer thread: save every queued record in one ``bulk_create``.
+
+    The thread keeps its database connection from one batch to the next (connecting, for SQLite
+    with Django's per-connection setup, costs more CPU than the write); one that the database
+    dropped is replaced once.
+    """
     from chatproxy.models import StreamRecord
 
     with _queue_lock:
@@ -169,14 +175,21 @@ def _write_queued() -> None:
         _queue.clear()
     if not batch:
         return
-    try:
-        close_old_connections()
-        StreamRecord.objects.bulk_create([StreamRecord(**values) for values in batch])
-        close_old_connections()
-    except Exception as exc:
-        ids = ", ".join(values["stream_id"] for values in batch[:3]) + (", ..." if len(batch) > 3 else "")
-        logger.warning("could not save the records of %d stream(s) (%s): %s: %s", len(batch), ids,
-                       type(exc).__name__, exc)
+    error: Exception | None = None
+    for _ in range(2):
+        try:
+            StreamRecord.objects.bulk_create([StreamRecord(**values) for values in batch])
+            return
+        except (OperationalError, InterfaceError) as exc:
+            error = exc
+            connections[StreamRecord.objects.db].close()
+        except Exception as exc:
+            error = exc
+            break
+    assert error is not None
+    ids = ", ".join(values["stream_id"] for values in batch[:3]) + (", ..." if len(batch) > 3 else "")
+    logger.warning("could not save the records of %d stream(s) (%s): %s: %s", len(batch), ids,
+                   type(error).__name__, error)
 
 
 async def drain() -> None:
