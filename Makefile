@@ -52,7 +52,7 @@ lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
 
-# Benchmarks (not part of `make test`; ~11 min): tables and a plot in bench/results/ (bench/README.md).
+# Benchmarks (not part of `make test`; ~12 min on a fresh clone): tables and a plot in bench/results/ (bench/README.md).
 # `make bench BENCH_ARGS=--quick` is a ~2.5 min smoke run.
 bench: $(VENV)/.installed $(LEGACY_VENV)/.installed
 	$(PY) -m pip install --quiet -r requirements-bench.txt
