@@ -183,7 +183,9 @@ class DirectStreams(RequestSizeGuard):
     when ``LocaleMiddleware`` is installed, calls the same view function, and sends its response.
     The views check everything themselves (CSRF for session users, bearer keys, ``PERMISSION``,
     limits, validation), so the answers are the same. Other middleware of the project does not run
-    for these two URLs: a project whose authentication comes from its own middleware should wrap
+    for these two URLs, nor do Django's ``request_started`` / ``request_finished`` signals (the
+    database connection a session or key lookup used is closed as they would close it): a project
+    whose authentication comes from its own middleware, or that hooks those signals, should wrap
     its app in :class:`RequestSizeGuard` instead. Every other request goes to Django unchanged.
     """
 
