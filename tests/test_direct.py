@@ -17,10 +17,10 @@ import threading
 import pytest
 from django.utils import translation
 
-from chatproxy import profiles
 from chatproxy.asgi import DirectStreams, RequestSizeGuard
 from project.asgi import application
 from tests.asgi_calls import call
+from tests.test_security import chat_settings as security_settings  # noqa: F401 (a fixture)
 
 CHAT = json.dumps({"messages": [{"role": "user", "content": "Tell me about tides [[sim chunks=3]]"}]}).encode()
 SLOW_CHAT = json.dumps({"messages": [{"role": "user", "content": "Slowly [[sim chunks=4 gap=0.5]]"}]}).encode()
@@ -40,16 +40,12 @@ def explode(request) -> bool:
 
 
 @pytest.fixture
-def chat_settings(sim, settings):
-    profiles.forget()
-    settings.CHATPROXY = {
-        "UPSTREAM": {"BASE_URL": sim.base_url, "API_KEY": "sk-test-direct"},
-        "PERMISSION": "chatproxy.permissions.allow_any",
-        "RESUME": {"GRACE": 0.0},
-        "RECORDS": {"ENABLED": False},
-        "LIMITS": {"MAX_STREAMS_PER_USER": None},  # every call comes from one address
-    }
-    return settings
+def chat_settings(security_settings):  # noqa: F811 (pytest passes the imported fixture)
+    """test_security's settings (simulator, allow_any, no grace, no records), without the per-user
+    stream limit: every call here comes from one address."""
+    limits = {**security_settings.CHATPROXY["LIMITS"], "MAX_STREAMS_PER_USER": None}
+    security_settings.CHATPROXY = {**security_settings.CHATPROXY, "LIMITS": limits}
+    return security_settings
 
 
 def use_isolated_simulator(settings, isolated_sim) -> None:
