@@ -314,18 +314,15 @@ def markdown(out: dict[str, Any], png_name: str) -> str:
                   "|---|---|--:|--:|--:|"]
         lines += [f"| {r['config']} | {r.get('upstream', '?')} | {r['held']} | {_f(r['rss_base_mib'], 1)} | "
                   f"**{_f(r['kib_per_idle_stream'], 1)}** |" for r in out["idle"]]
-    if out.get("stall"):
-        lines += ["", "## 2. Stall recovery", ""]
-        lines += _stall_tables(out)
-    if out.get("adapters"):
-        lines += ["", "## 3. Upstream paths (consumer process CPU per chunk, 200 paced streams)", ""]
-        lines += _adapter_table(out)
-    if out.get("profile"):
-        lines += ["", "## 4. Profile (py-spy, server under load)", ""]
-        lines += _profile_tables(out)
-    if out.get("memprofile"):
-        lines += ["", "## 5. What an idle stream holds (tracemalloc, Python heap)", ""]
-        lines += _memprofile_tables(out)
+    sections = [
+        ("stall", "## 2. Stall recovery", _stall_tables),
+        ("adapters", "## 3. Upstream paths (consumer process CPU per chunk, 200 paced streams)", _adapter_table),
+        ("profile", "## 4. Profile (py-spy, server under load)", _profile_tables),
+        ("memprofile", "## 5. What an idle stream holds (tracemalloc, Python heap)", _memprofile_tables),
+    ]
+    for part, title, tables in sections:
+        if out.get(part):
+            lines += ["", title, "", *tables(out)]
     if out.get("failures"):
         lines += ["", "## Failures", ""]
         lines += [f"* {f['part']}: `{f['error'].strip().splitlines()[-1]}`" for f in out["failures"]]

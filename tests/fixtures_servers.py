@@ -6,13 +6,11 @@ so faults resolve in tenths of a second. ``LIVE_TIMEOUTS`` documents them for as
 
 from __future__ import annotations
 
-import json
-
 import aiohttp
 import pytest
 import yarl
 
-from tests.servers import AppServer
+from tests.servers import AppServer, simulator_env
 
 LIVE_TIMEOUTS = {
     "CONNECT": 1.0,
@@ -32,25 +30,24 @@ LIVE_LIMITS = {"MAX_STREAMS_PER_USER": 1000}
 @pytest.fixture(scope="session")
 def daphne(simulator):
     server = AppServer(
-        {
-            "CHATPROXY_SIMULATOR_URL": simulator.base_url,
-            "CHATPROXY_TIMEOUTS": json.dumps(LIVE_TIMEOUTS),
-            "CHATPROXY_RESUME": json.dumps(LIVE_RESUME),
-            "CHATPROXY_LIMITS": json.dumps(LIVE_LIMITS),
-            "DJANGO_DEBUG": "1",
-            "DJANGO_LOG_LEVEL": "WARNING",
-        }
+        simulator_env(simulator.base_url, timeouts=LIVE_TIMEOUTS, resume=LIVE_RESUME, limits=LIVE_LIMITS)
     ).start()
     yield server
     server.stop()
 
 
+async def csrf_session(url: str) -> aiohttp.ClientSession:
+    """An aiohttp session on a live server holding its CSRF cookie and sending the token header,
+    as a page of that server would (the caller closes it)."""
+    session = aiohttp.ClientSession(url, cookie_jar=aiohttp.CookieJar(unsafe=True))
+    async with session.get("/") as response:
+        assert response.status == 200
+    session.headers["X-CSRFToken"] = session.cookie_jar.filter_cookies(yarl.URL(url))["csrftoken"].value
+    return session
+
+
 @pytest.fixture
 async def client(daphne):
-    """An aiohttp session on the live server holding a CSRF cookie, sending the token header."""
-    async with aiohttp.ClientSession(daphne.url, cookie_jar=aiohttp.CookieJar(unsafe=True)) as session:
-        async with session.get("/") as response:
-            assert response.status == 200
-        token = session.cookie_jar.filter_cookies(yarl.URL(daphne.url))["csrftoken"].value
-        session.headers["X-CSRFToken"] = token
+    """:func:`csrf_session` on the live server."""
+    async with await csrf_session(daphne.url) as session:
         yield session

@@ -6,6 +6,7 @@ listen backlog large enough for bursts of clients (Daphne's own default is 50).
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -16,6 +17,14 @@ import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def simulator_env(simulator_url: str, *, log_level: str = "WARNING", **chatproxy: object) -> dict[str, str]:
+    """The sample project's environment as the demo runs it (DEBUG on) against the simulator at
+    ``simulator_url``; ``timeouts=``, ``resume=``, ``limits=`` become ``CHATPROXY_TIMEOUTS`` & co. (JSON)."""
+    env = {"CHATPROXY_SIMULATOR_URL": simulator_url, "DJANGO_DEBUG": "1", "DJANGO_LOG_LEVEL": log_level}
+    env.update({f"CHATPROXY_{key.upper()}": json.dumps(value) for key, value in chatproxy.items()})
+    return env
 
 
 class AppServer:

@@ -34,7 +34,7 @@ import pytest_asyncio
 playwright_api = pytest.importorskip("playwright.async_api")
 
 from tests.browser_watch import WATCH_INIT_JS  # noqa: E402
-from tests.servers import AppServer  # noqa: E402
+from tests.servers import AppServer, simulator_env  # noqa: E402
 
 pytestmark = [pytest.mark.browser, pytest.mark.asyncio(loop_scope="module")]
 
@@ -84,14 +84,7 @@ def unique_message(topic: str) -> str:
 @pytest.fixture(scope="module")
 def app_server(simulator):
     """Daphne with this module's timeouts (STALL 1 s: a clear stall, yet no false alarm on a busy CI)."""
-    server = AppServer(
-        {
-            "CHATPROXY_SIMULATOR_URL": simulator.base_url,
-            "CHATPROXY_TIMEOUTS": json.dumps(TIMEOUTS),
-            "DJANGO_DEBUG": "1",
-            "DJANGO_LOG_LEVEL": "WARNING",
-        }
-    ).start()
+    server = AppServer(simulator_env(simulator.base_url, timeouts=TIMEOUTS)).start()
     yield server
     server.stop()
 
@@ -108,6 +101,16 @@ async def browser():
         browser = await pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
         yield browser
         await browser.close()
+
+
+async def screenshot_and_close(page, request) -> None:
+    """Keep the page's last state in test-artifacts/screenshots/<test name>.png, then close its context."""
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "-", request.node.name).strip("-")
+    try:
+        await page.screenshot(path=str(SCREENSHOTS / f"{name}.png"), full_page=True)
+    finally:
+        await page.context.close()
 
 
 class Console:
@@ -141,12 +144,7 @@ async def page(browser, app_server, sim, request):
     try:
         yield page
     finally:
-        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-        name = re.sub(r"[^A-Za-z0-9_.-]+", "-", request.node.name).strip("-")
-        try:
-            await page.screenshot(path=str(SCREENSHOTS / f"{name}.png"), full_page=True)
-        finally:
-            await context.close()
+        await screenshot_and_close(page, request)
     assert not console.problems, "unexpected browser console output:\n" + "\n".join(console.problems)
 
 

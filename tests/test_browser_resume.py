@@ -38,7 +38,6 @@ import asyncio
 import contextlib
 import itertools
 import json
-import os
 import re
 import secrets
 import socket
@@ -49,17 +48,15 @@ import pytest
 import pytest_asyncio
 
 from tests.browser_watch import WATCH_INIT_JS
-from tests.servers import AppServer
+from tests.servers import AppServer, simulator_env
 from tests.test_browser import (
-    CHROMIUM,
-    CHROMIUM_ARGS,
-    SCREENSHOTS,
     TIMEOUTS,
     UI_TIMEOUT_MS,
     Console,
     assert_no_reset,
+    browser,  # noqa: F401 (a fixture)
     clean_answer,
-    playwright_api,
+    screenshot_and_close,
 )
 
 pytestmark = [pytest.mark.browser, pytest.mark.asyncio(loop_scope="module")]
@@ -171,15 +168,7 @@ async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
 
 @pytest.fixture(scope="module")
 def app_server(simulator):
-    server = AppServer(
-        {
-            "CHATPROXY_SIMULATOR_URL": simulator.base_url,
-            "CHATPROXY_TIMEOUTS": json.dumps(TIMEOUTS),
-            "CHATPROXY_RESUME": json.dumps(RESUME),
-            "DJANGO_DEBUG": "1",
-            "DJANGO_LOG_LEVEL": "WARNING",
-        }
-    ).start()
+    server = AppServer(simulator_env(simulator.base_url, timeouts=TIMEOUTS, resume=RESUME)).start()
     yield server
     server.stop()
 
@@ -189,19 +178,6 @@ async def relay(app_server):
     relay = await Relay(app_server.port).start()
     yield relay
     await relay.stop()
-
-
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def browser():
-    if not os.access(CHROMIUM, os.X_OK):
-        reason = f"{CHROMIUM} is missing: run scripts/ensure-debian-packages.sh (Debian package chromium)"
-        if os.environ.get("CI"):
-            pytest.fail(reason)
-        pytest.skip(reason)
-    async with playwright_api.async_playwright() as pw:
-        browser = await pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
-        yield browser
-        await browser.close()
 
 
 class ExpectingConsole(Console):
@@ -223,7 +199,7 @@ class ExpectingConsole(Console):
 
 
 @pytest_asyncio.fixture(loop_scope="module")
-async def page(browser, relay, sim, request):
+async def page(browser, relay, sim, request):  # noqa: F811 (pytest passes the imported fixture)
     context = await browser.new_context(base_url=relay.url, viewport={"width": 900, "height": 900})
     context.set_default_timeout(UI_TIMEOUT_MS)
     await context.add_init_script(WATCH_INIT_JS)
@@ -234,12 +210,7 @@ async def page(browser, relay, sim, request):
     try:
         yield page
     finally:
-        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-        name = re.sub(r"[^A-Za-z0-9_.-]+", "-", request.node.name).strip("-")
-        try:
-            await page.screenshot(path=str(SCREENSHOTS / f"{name}.png"), full_page=True)
-        finally:
-            await context.close()
+        await screenshot_and_close(page, request)
     problems = page.console.problems
     assert not problems, "unexpected browser console output:\n" + "\n".join(problems)
 

@@ -12,9 +12,7 @@ import itertools
 import json
 import time
 
-import aiohttp
 import pytest
-import yarl
 from channels.testing import WebsocketCommunicator
 from django.contrib.auth.models import AnonymousUser
 from django.core.cache import caches
@@ -24,8 +22,8 @@ from chatproxy import limits, profiles
 from chatproxy.conf import resolve_policy
 from project.asgi import application
 from tests.asgi_calls import call
-from tests.fixtures_servers import LIVE_RESUME, LIVE_TIMEOUTS
-from tests.servers import AppServer
+from tests.fixtures_servers import LIVE_RESUME, LIVE_TIMEOUTS, csrf_session
+from tests.servers import AppServer, simulator_env
 
 _unique = itertools.count()
 
@@ -334,32 +332,18 @@ def test_unknown_limits_key_is_reported(settings):
 @pytest.fixture(scope="module")
 def two_workers(simulator, tmp_path_factory):
     """Two Daphne processes sharing one cache (a file cache: the test stand-in for Redis)."""
-    env = {
-        "CHATPROXY_SIMULATOR_URL": simulator.base_url,
-        "CHATPROXY_TIMEOUTS": json.dumps(LIVE_TIMEOUTS),
-        "CHATPROXY_RESUME": json.dumps(LIVE_RESUME),
-        "CHATPROXY_LIMITS": json.dumps({"MAX_STREAMS_PER_USER": 1}),
-        "DJANGO_CACHE_DIR": str(tmp_path_factory.mktemp("shared-cache")),
-        "DJANGO_DEBUG": "1",
-        "DJANGO_LOG_LEVEL": "ERROR",
-    }
+    env = simulator_env(simulator.base_url, log_level="ERROR", timeouts=LIVE_TIMEOUTS, resume=LIVE_RESUME,
+                        limits={"MAX_STREAMS_PER_USER": 1})
+    env["DJANGO_CACHE_DIR"] = str(tmp_path_factory.mktemp("shared-cache"))
     servers = [AppServer(env).start(), AppServer(env).start()]
     yield servers
     for server in servers:
         server.stop()
 
 
-async def _session(url: str) -> aiohttp.ClientSession:
-    session = aiohttp.ClientSession(url, cookie_jar=aiohttp.CookieJar(unsafe=True))
-    async with session.get("/") as response:
-        assert response.status == 200
-    session.headers["X-CSRFToken"] = session.cookie_jar.filter_cookies(yarl.URL(url))["csrftoken"].value
-    return session
-
-
 async def test_the_limit_holds_across_workers(two_workers, sim):
-    first = await _session(two_workers[0].url)
-    second = await _session(two_workers[1].url)
+    first = await csrf_session(two_workers[0].url)
+    second = await csrf_session(two_workers[1].url)
     try:
         body = {"messages": [{"role": "user", "content": f"A long one #{next(_unique)} [[sim {LONG}]]"}]}
         async with first.post("/chat/stream/", json=body) as running:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import importlib
 import itertools
-import json
 import math
 import sqlite3
 import time
@@ -30,7 +29,7 @@ from chatproxy import profiles
 from chatproxy.conf import Policy, resolve_policy
 from chatproxy.models import TimeoutProfile
 from tests.fixtures_servers import LIVE_TIMEOUTS
-from tests.servers import AppServer
+from tests.servers import AppServer, simulator_env
 from tests.sseclient import read_sse
 
 _unique = itertools.count()
@@ -380,12 +379,9 @@ def two_servers(simulator, tmp_path_factory):
     """Two Daphne processes sharing one SQLite database and one file cache, and an admin user."""
     shared = tmp_path_factory.mktemp("two-servers")
     env = {
-        "CHATPROXY_SIMULATOR_URL": simulator.base_url,
-        "CHATPROXY_TIMEOUTS": json.dumps(LIVE_TIMEOUTS),
+        **simulator_env(simulator.base_url, timeouts=LIVE_TIMEOUTS),
         "DJANGO_DB_PATH": str(shared / "db.sqlite3"),
         "DJANGO_CACHE_DIR": str(shared / "cache"),
-        "DJANGO_DEBUG": "1",
-        "DJANGO_LOG_LEVEL": "WARNING",
     }
     first = AppServer(env).start()
     second = AppServer(env).start()

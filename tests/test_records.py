@@ -29,7 +29,7 @@ from chatproxy.models import StreamRecord, TimeoutProfile
 from chatproxy.records import Sample
 from chatproxy.validation import parse_native_request
 from tests.fixtures_servers import LIVE_TIMEOUTS
-from tests.servers import AppServer
+from tests.servers import AppServer, simulator_env
 from tests.sseclient import read_sse
 
 _unique = itertools.count()
@@ -428,12 +428,7 @@ MIX = [
 
 @pytest.fixture(scope="module")
 def stats_server(simulator):
-    server = AppServer({
-        "CHATPROXY_SIMULATOR_URL": simulator.base_url,
-        "CHATPROXY_TIMEOUTS": json.dumps(LIVE_TIMEOUTS),
-        "DJANGO_DEBUG": "1",
-        "DJANGO_LOG_LEVEL": "WARNING",
-    }).start()
+    server = AppServer(simulator_env(simulator.base_url, timeouts=LIVE_TIMEOUTS)).start()
     server.manage("createsuperuser", "--noinput", "--username", "admin", "--email", "admin@example.com",
                   env={"DJANGO_SUPERUSER_PASSWORD": STATS_PASSWORD})
     # A reasoning model waits longer for its first token: a profile of its own (before the server's first request).

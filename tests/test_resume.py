@@ -16,7 +16,7 @@ import yarl
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.fixtures_servers import LIVE_RESUME
+from tests.fixtures_servers import LIVE_RESUME, csrf_session
 from tests.sseclient import SSEItem, parse_block, read_sse
 
 pytestmark = pytest.mark.upstream
@@ -25,14 +25,6 @@ _unique = itertools.count()
 
 def chat(directive: str) -> dict:
     return {"messages": [{"role": "user", "content": f"Tell me about tides #{next(_unique)} [[sim {directive}]]"}]}
-
-
-async def session_for(url: str) -> aiohttp.ClientSession:
-    session = aiohttp.ClientSession(url, cookie_jar=aiohttp.CookieJar(unsafe=True))
-    async with session.get("/") as response:
-        assert response.status == 200
-    session.headers["X-CSRFToken"] = session.cookie_jar.filter_cookies(yarl.URL(url))["csrftoken"].value
-    return session
 
 
 async def read_until(session: aiohttp.ClientSession, body: dict, stop_id: int) -> list[SSEItem]:
@@ -85,7 +77,7 @@ def test_resume_at_any_point_gives_exact_text(daphne, simulator, cut, use_query,
     directive = "chunks=24 gap=0.01" + (" stall_after=6 stall=30 times=1" if stall else "")
 
     async def scenario():
-        session = await session_for(daphne.url)
+        session = await csrf_session(daphne.url)
         try:
             body = chat(directive)
             first = await read_until(session, body, cut)
@@ -141,7 +133,7 @@ async def test_unknown_foreign_and_malformed_ids(client, daphne, sim):
     # Another (signed-in) user cannot see it.
     daphne.manage("createsuperuser", "--noinput", "--username", "mallory", "--email", "m@example.com",
                   env={"DJANGO_SUPERUSER_PASSWORD": "mallory-pass-1"})
-    other = await session_for(daphne.url)
+    other = await csrf_session(daphne.url)
     try:
         async with other.post("/admin/login/", data={"username": "mallory", "password": "mallory-pass-1",
                                                        "csrfmiddlewaretoken": other.headers["X-CSRFToken"],

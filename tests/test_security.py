@@ -21,7 +21,7 @@ from chatproxy.models import AccessKey, StreamRecord, TimeoutProfile
 from chatproxy.validation import max_body_bytes
 from project.asgi import application
 from tests.asgi_calls import CSRF_TOKEN, call
-from tests.servers import AppServer
+from tests.servers import AppServer, simulator_env
 
 CHAT = json.dumps({"messages": [{"role": "user", "content": "Tell me about locks [[sim chunks=3]]"}]}).encode()
 OPENAI_CHAT = json.dumps({"model": "gpt-4o-mini",
@@ -120,8 +120,7 @@ async def test_view_refuses_oversized_bodies_even_without_the_guard(chat_setting
 @pytest.fixture(scope="module")
 def uvicorn_server(simulator):
     """uvicorn streams request bodies to the application (Daphne buffers them first)."""
-    server = AppServer({"CHATPROXY_SIMULATOR_URL": simulator.base_url, "DJANGO_DEBUG": "1",
-                        "DJANGO_LOG_LEVEL": "ERROR"}, server="uvicorn").start()
+    server = AppServer(simulator_env(simulator.base_url, log_level="ERROR"), server="uvicorn").start()
     yield server
     server.stop()
 

@@ -6,6 +6,8 @@
 import assert from "node:assert/strict";
 import { afterEach, beforeEach, describe, test } from "node:test";
 
+import { FakeWebSocket, fakeFetch, nextSent, sse, sseResponse } from "./fakes.mjs";
+
 import {
   ChatProxyClient,
   ChatProxySocket,
@@ -283,31 +285,7 @@ describe("ResumeRecord", () => {
 // Reattaching over SSE
 // ---------------------------------------------------------------------------------------------
 
-function sseResponse(chunks, { close = true, signal } = {}) {
-  const encoder = new TextEncoder();
-  const body = new ReadableStream({
-    start(controller) {
-      for (const chunk of chunks) controller.enqueue(encoder.encode(chunk));
-      if (close) controller.close();
-      signal?.addEventListener("abort", () => controller.error(new DOMException("aborted", "AbortError")));
-    },
-  });
-  return new Response(body, { status: 200, headers: { "Content-Type": "text/event-stream" } });
-}
-
-const sse = (id, type, data) => `id: ${id}\nevent: ${type}\ndata: ${JSON.stringify(data)}\n\n`;
 const DONE = { finish_reason: "stop", attempts: 1, usage: null };
-
-function fakeFetch(answers) {
-  const calls = [];
-  const fetch = async (url, init) => {
-    calls.push({ url, init });
-    const answer = answers.shift();
-    if (!answer) throw new Error(`unexpected fetch ${url}`);
-    return answer(url, init);
-  };
-  return { fetch, calls };
-}
 
 const deltas = (events) => events.filter((e) => e.type === "delta").map((e) => e.data.text).join("");
 
@@ -446,44 +424,6 @@ describe("resuming while the browser is offline", () => {
 // ---------------------------------------------------------------------------------------------
 // Reattaching over WebSocket
 // ---------------------------------------------------------------------------------------------
-
-class FakeWebSocket {
-  static instances = [];
-
-  constructor(url) {
-    this.url = url;
-    this.readyState = 0;
-    this.sent = [];
-    FakeWebSocket.instances.push(this);
-    setTimeout(() => {
-      this.readyState = 1;
-      this.onopen?.({});
-    }, 0);
-  }
-
-  send(text) {
-    this.sent.push(JSON.parse(text));
-  }
-
-  close() {
-    this.readyState = 3;
-    setTimeout(() => this.onclose?.({ code: 1000 }), 0);
-  }
-
-  push(frame) {
-    this.onmessage?.({ data: JSON.stringify(frame) });
-  }
-
-  drop() {
-    this.readyState = 3;
-    this.onclose?.({ code: 1006 });
-  }
-}
-
-async function nextSent(socket) {
-  for (let i = 0; i < 100 && socket.sent.length === 0; i += 1) await new Promise((r) => setTimeout(r, 0));
-  return socket.sent.shift();
-}
 
 describe("ChatProxySocket with resumeFrom", () => {
   test("sends a resume frame, not a chat frame, and continues after lastEventId", async () => {
