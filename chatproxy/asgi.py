@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import io
 import logging
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -233,23 +234,15 @@ def _direct_request(scope: Scope, body: bytes) -> ASGIRequest | None:
 
 
 def _attach_user(request: HttpRequest) -> None:
-    """``request.user`` / ``request.auser()`` as ``AuthenticationMiddleware`` sets them."""
-    from django.contrib.auth import aget_user, get_user
-
-    cached: list[Any] = []
-
-    async def auser() -> Any:
-        if not cached:
-            cached.append(await aget_user(request))
-        return cached[0]
+    """``request.user`` / ``request.auser()`` as ``AuthenticationMiddleware`` sets them (its own helpers)."""
+    from django.contrib.auth.middleware import auser, get_user
 
     request.user = SimpleLazyObject(lambda: get_user(request))  # type: ignore[assignment]
-    request.auser = auser  # type: ignore[attr-defined]
+    request.auser = functools.partial(auser, request)  # type: ignore[attr-defined]
 
 
 def _touches_database(request: HttpRequest) -> bool:
-    cookie = getattr(settings, "SESSION_COOKIE_NAME", "sessionid")
-    return cookie in request.COOKIES or "HTTP_AUTHORIZATION" in request.META
+    return settings.SESSION_COOKIE_NAME in request.COOKIES or "HTTP_AUTHORIZATION" in request.META
 
 
 async def _send_response(response: HttpResponse | StreamingHttpResponse, receive: Receive, send: Send) -> None:
@@ -272,16 +265,16 @@ async def _send_response(response: HttpResponse | StreamingHttpResponse, receive
                 await send({"type": "http.response.body", "body": part, "more_body": True})
         await send({"type": "http.response.body", "body": b"", "more_body": False})
     except asyncio.CancelledError:
-        if not (watcher.done() and not watcher.cancelled() and watcher.result()):
+        client_left = watcher.done() and not watcher.cancelled() and watcher.exception() is None
+        if not client_left:
             raise
         sender.uncancel()  # the client left: that is the end of this response, not an error
     finally:
         watcher.cancel()
 
 
-async def _cancel_on_disconnect(receive: Receive, sender: asyncio.Task[Any]) -> bool:
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            sender.cancel()
-            return True
+async def _cancel_on_disconnect(receive: Receive, sender: asyncio.Task[Any]) -> None:
+    """Cancel ``sender`` when the client disconnects, and end (an error in ``receive`` ends it too)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+    sender.cancel()
