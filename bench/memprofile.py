@@ -47,7 +47,8 @@ def _component(frames: list[tuple[str, int]]) -> str:
 
 
 def run(name: str, users: int, pacer: procs.Pacer, databases: procs.Databases, opts: Any) -> dict[str, Any]:
-    # Requests are ~50x slower under tracemalloc: keep ``users`` small (50 is plenty per stream).
+    # Requests are far slower under tracemalloc (bench/README.md, "Memory"): keep ``users`` small
+    # (50 is plenty per stream).
     server = relay.start_server(name, pacer, databases, extra_env={
         "BENCH_DIAG": "1", "BENCH_TRACEMALLOC": "1", "BENCH_TRACEMALLOC_FRAMES": "8"})
     try:

@@ -47,7 +47,7 @@ CONFIGS: dict[str, tuple[str, dict[str, str]]] = {
     # Variants of one setting (secondary: one level unless asked for with --configs).
     "uvicorn, no journal": ("uvicorn", {**UVICORN, "BENCH_NO_JOURNAL": "1"}),
     "uvicorn, current SDK over aiohttp": ("uvicorn", {**UVICORN, "BENCH_SDK": "auto", "BENCH_HTTP_CLIENT": "aiohttp"}),
-    # UPSTREAM's defaults in the SPEC: SDK "auto", HTTP_CLIENT "httpx".
+    # UPSTREAM's defaults (docs/reference.md): SDK "auto", HTTP_CLIENT "httpx".
     "uvicorn, current SDK over httpx2": ("uvicorn", {**UVICORN, "BENCH_SDK": "auto", "BENCH_HTTP_CLIENT": "httpx"}),
     # The stream requests through Django's handler and middleware (RequestSizeGuard alone).
     "uvicorn, Django path": ("uvicorn", {**UVICORN, "BENCH_DJANGO_PATH": "1"}),

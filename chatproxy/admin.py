@@ -1,7 +1,7 @@
 """Admin for chatproxy's models.
 
 * Access keys: secrets are never shown; keys appear by prefix only.
-* Timeout profiles (SPEC 8): edited with the model's validation; an action applies the timeouts
+* Timeout profiles: edited with the model's validation; an action applies the timeouts
   suggested by the recorded streams.
 * Stream records: read-only list with filters, and a statistics page per model (percentiles,
   suggestions, histograms as inline SVG) with buttons that apply a suggestion.

@@ -1,7 +1,7 @@
 """Django cache calls from the event loop, without a thread hop where none is needed.
 
-Django's ``cache.aget()`` & co. run the blocking method in a thread for every backend (one thread
-hop, ~0.15 ms of CPU on a small machine). For an in-process backend (``LocMemCache``,
+Django's ``cache.aget()`` & co. run the blocking method in a thread for every backend (a thread hop,
+which costs CPU and latency on every call). For an in-process backend (``LocMemCache``,
 ``DummyCache``) that only guards memory with a lock and never waits for I/O, so chatproxy calls it
 directly on the event loop; any other backend (Redis, Memcached, database, file) still gets its
 thread, and every call site batches its work into one such hop.

@@ -1,4 +1,4 @@
-"""Built-in permission callables for ``CHATPROXY["PERMISSION"]`` (SPEC 10).
+"""Built-in permission callables for ``CHATPROXY["PERMISSION"]``.
 
 A permission is ``callable(request_or_scope) -> bool`` named by dotted path. It receives the Django
 ``HttpRequest`` (HTTP ways in) or the Channels ``scope`` dict (WebSocket). By the time it is

@@ -1,4 +1,4 @@
-"""Stream records (SPEC 8): one row per finished stream, statistics, and the timeouts they suggest.
+"""Stream records: one row per finished stream, statistics, and the timeouts they suggest.
 
 Writing
 -------

@@ -1,4 +1,4 @@
-"""Resumable streams (SPEC 9): an event log any worker can replay, and live events across workers.
+"""Resumable streams: an event log any worker can replay, and live events across workers.
 
 Writing. Each resumable stream is *tracked* by this process's :class:`Journal`: one task per
 process (not per stream, not per chunk) that every ``FLUSH_INTERVAL`` takes the new events of

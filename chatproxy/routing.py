@@ -1,4 +1,4 @@
-"""WebSocket routes; mount them in your ASGI app (SPEC 4):
+"""WebSocket routes; mount them in your ASGI app:
 
 ``URLRouter(chatproxy.routing.websocket_urlpatterns)`` inside ``AuthMiddlewareStack`` and
 ``AllowedHostsOriginValidator``.

@@ -1,4 +1,4 @@
-"""Server-Sent Events framing for the native stream (SPEC 6.1).
+"""Server-Sent Events framing for the native stream (``POST /chat/stream/``).
 
 Events are written as ``id:``/``event:``/``data:`` blocks with compact JSON; ``keepalive`` is a
 comment line, which EventSource and fetch-based parsers ignore but which resets every proxy's idle

@@ -18,7 +18,7 @@ NATIVE_FIELDS = frozenset({"messages", "model", "temperature", "max_tokens", "se
 
 
 class InvalidRequest(Exception):
-    """A request chatproxy refuses; ``status`` is 400 or 413, ``code`` the SPEC error code."""
+    """A request chatproxy refuses; ``status`` is 400 or 413, ``code`` the response's error code."""
 
     def __init__(self, message: str, *, status: int = 400, code: str = "bad_request", param: str | None = None):
         super().__init__(message)

@@ -1,6 +1,6 @@
 """HTTP ways in. Thin: validate, open a stream, translate its events to the wire.
 
-``POST /chat/stream/`` answers Server-Sent Events (SPEC 6.1). Retry and timeout logic lives in
+``POST /chat/stream/`` answers Server-Sent Events (events: docs/reference.md). Retry and timeout logic lives in
 :mod:`chatproxy.core`; this module only frames events and ties the stream's life to the client
 connection (Django cancels a streaming response's generator when the client goes away, which
 closes the stream and its upstream connection).

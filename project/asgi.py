@@ -1,4 +1,4 @@
-"""ASGI entry point: plain Django for HTTP, chatproxy's consumer for WebSocket (SPEC section 4).
+"""ASGI entry point: plain Django for HTTP, chatproxy's consumer for WebSocket.
 
 Run with ``python manage.py runserver`` (daphne's runserver, which also serves static files when
 DEBUG) or ``daphne project.asgi:application``.
@@ -22,8 +22,8 @@ import chatproxy.routing  # noqa: E402
 import chatproxy.upstream  # noqa: E402
 from chatproxy.asgi import DirectStreams  # noqa: E402
 
-# Import the openai SDK now, at server start: left to a worker's first stream, the import (a second
-# or two) would block that worker's event loop while a gateway's idle deadline runs (docs/deploy.md).
+# Import the openai SDK now, at server start: left to a worker's first stream, the import (slow: a
+# large package) would block that worker's event loop while a gateway's idle deadline runs (docs/deploy.md).
 chatproxy.upstream.preload()
 
 application = ProtocolTypeRouter(
@@ -36,7 +36,7 @@ application = ProtocolTypeRouter(
 )
 
 # What is loaded by now lives as long as the process: keep it out of the cyclic GC's full
-# collections, which would otherwise walk those ~200,000 objects each time and pause every stream
-# on this worker for ~150 ms (bench/README.md, "Where the CPU goes").
+# collections, which would otherwise walk all those objects each time and pause every stream on
+# this worker meanwhile (the pause is measured in bench/README.md, "Where the CPU goes").
 gc.collect()
 gc.freeze()

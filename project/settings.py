@@ -139,7 +139,8 @@ if REDIS_URL:
         }
     }
 else:
-    # One process only: fine for the demo, not for several workers (SPEC section 9).
+    # One process only: fine for the demo, not for several workers: a resume on another worker
+    # gets its live events through a shared layer (channels_redis).
     CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
     # The resume journal writes a key per stream about every 0.1 s: LocMemCache's default of 300
     # entries would evict live streams' events (and profile/limit keys) with a few hundred streams.
@@ -222,7 +223,7 @@ _upstream["HTTP_CLIENT"] = os.environ.get("CHATPROXY_HTTP_CLIENT", "").strip() o
 
 CHATPROXY: dict[str, Any] = {
     "UPSTREAM": _upstream,
-    # allow_any only for the local demo; anything else needs a logged-in user (SPEC section 10).
+    # allow_any only for the local demo; anything else needs a logged-in user.
     "PERMISSION": ("chatproxy.permissions.allow_any" if DEBUG else "chatproxy.permissions.authenticated"),
 }
 _timeouts = _env_json_object("CHATPROXY_TIMEOUTS")

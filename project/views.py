@@ -15,7 +15,7 @@ from django.views.decorators.http import require_safe
 
 logger = logging.getLogger(__name__)
 
-# Public URLs from SPEC section 6; this project mounts chatproxy at "chat/" (project/urls.py).
+# chatproxy's public URLs (docs/reference.md); this project mounts chatproxy at "chat/" (project/urls.py).
 STREAM_URL = "/chat/stream/"
 WEBSOCKET_PATH = "/ws/chat/"
 

@@ -1,4 +1,4 @@
-"""Fuzzing every way in (SPEC 10): no input gives a 5xx, a traceback or a leaked key, nor leaves a stream.
+"""Fuzzing every way in: no input gives a 5xx, a traceback or a leaked key, nor leaves a stream.
 
 Two parts:
 

@@ -1,4 +1,4 @@
-"""API keys for the OpenAI-compatible endpoint (SPEC 10): ``AccessKey``, the admin, ``chatproxy_key``."""
+"""API keys for the OpenAI-compatible endpoint: ``AccessKey``, the admin, ``chatproxy_key``."""
 
 from __future__ import annotations
 

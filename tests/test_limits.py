@@ -1,4 +1,4 @@
-"""Per-user limits (SPEC 5 ``LIMITS``, 10): concurrent streams across workers, requests per minute.
+"""Per-user limits (``CHATPROXY["LIMITS"]``): concurrent streams across workers, requests per minute.
 
 In-process for the wire shapes of every way in (429 + ``Retry-After``; an error frame on the
 WebSocket) and the mechanics (slots, expiry, identities); two live Daphne workers sharing one cache

@@ -1,4 +1,4 @@
-"""Timeout profiles (SPEC 8): validation, the default profile, specificity, precedence, live effect.
+"""Timeout profiles: validation, the default profile, specificity, precedence, live effect.
 
 The last test runs two Daphne processes on one SQLite database and one file cache: a profile
 saved through the admin of one process applies to the next stream of the other.

@@ -1,4 +1,4 @@
-"""Stream records, statistics and suggestions (SPEC 8), signals, and the admin pages showing them."""
+"""Stream records, statistics and suggestions, signals, and the admin pages showing them."""
 
 from __future__ import annotations
 

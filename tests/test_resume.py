@@ -1,4 +1,4 @@
-"""Resumable streams on one worker (SPEC 6.2, 9): replay by id, then live; cancel; owner only.
+"""Resumable streams on one worker: replay by id, then live; cancel; owner only.
 
 Across two workers behind nginx with Redis: tests/e2e/.
 """

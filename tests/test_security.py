@@ -1,4 +1,4 @@
-"""Security (SPEC 10): oversized bodies, permissions on every way in, CSRF, WebSocket origins, and the
+"""Security: oversized bodies, permissions on every way in, CSRF, WebSocket origins, and the
 upstream API key never reaching a client, a log line or the admin.
 """
 

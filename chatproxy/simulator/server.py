@@ -55,7 +55,7 @@ from aiohttp import web
 from .faults import DirectiveError, Faults, describe, fingerprint, parse_directives
 from .text import answer_tokens, content_text, continuation_tokens
 
-try:  # orjson is optional: ~10x faster per chunk, but the simulator must not depend on it.
+try:  # orjson is optional: much faster per chunk, but the simulator must not depend on it.
     import orjson
 
     def _dumps(obj: Any) -> bytes:

@@ -7,9 +7,9 @@ Bearer <key>``, a JSON body (``model``, ``messages``, ``stream: true``, ``stream
 :class:`chatproxy.upstream.sse.SSEStream`, as for the current SDK.
 
 Why: per stream the current SDK builds its request through typed-parameter transforms and httpx
-models (~1 ms of CPU), and per chunk its httpx wrappers sit between aiohttp and the parser (~7 us);
-here neither exists (``bench/``). Same contract and error mapping as the other adapters, proven by
-the same fault suite (``tests/test_adapters.py``):
+models, and per chunk its httpx wrappers sit between aiohttp and the parser; here neither exists
+(what that saves is measured by ``make bench``: bench/README.md, "Upstream paths"). Same contract
+and error mapping as the other adapters, proven by the same fault suite (``tests/test_adapters.py``):
 
 ======================================================  ===========================================
 HTTP status >= 400 at open                              ``status_error(status, retry_after=...)``

@@ -1,9 +1,9 @@
 """The OpenAI streaming body, read as raw SSE lines: the adapters that see the body's bytes share it.
 
 Per chunk: one ``find`` and slice per line, one ``orjson.loads`` and a few dict lookups -- no SDK
-chunk object (FACTS: building one costs ~105 us). Subclasses give the bytes
-(:meth:`SSEStream._body_chunks`), the transport's error classes, and map those errors to chatproxy's
-(:meth:`SSEStream._body_error`). What the stream yields and raises:
+chunk object, whose construction costs more per chunk than this whole path (bench/README.md,
+"Upstream paths"). Subclasses give the bytes (:meth:`SSEStream._body_chunks`), the transport's error
+classes, and map those errors to chatproxy's (:meth:`SSEStream._body_error`). What the stream yields and raises:
 
 * each non-empty ``choices[0].delta.content``; ``finish_reason`` and ``usage`` are recorded;
 * the end at ``data: [DONE]`` (the rest of the body is drained briefly so the connection can be
