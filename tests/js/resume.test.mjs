@@ -1,6 +1,7 @@
-// Unit tests of resuming in chatproxy.js: the sessionStorage record that lets the page survive a
-// reload (ResumeRecord), reattaching to a recorded stream (streamChat / ChatProxySocket /
-// ChatProxyClient with resumeFrom), expired streams, and the resume back-off.
+// Unit tests of resuming in the browser client: the sessionStorage record that lets the page
+// survive a reload (ResumeRecord, resume.js), reattaching to a recorded stream (streamChat /
+// ChatProxySocket / ChatProxyClient with resumeFrom), expired streams, and the resume back-off
+// (reconnect.js).
 // Run: node --test tests/js/
 
 import assert from "node:assert/strict";
@@ -8,14 +9,11 @@ import { afterEach, beforeEach, describe, test } from "node:test";
 
 import { FakeWebSocket, fakeFetch, nextSent, sse, sseResponse } from "./fakes.mjs";
 
-import {
-  ChatProxyClient,
-  ChatProxySocket,
-  ResumeRecord,
-  recordedFinal,
-  resumeDelayMs,
-  streamChat,
-} from "../../chatproxy/static/chatproxy/chatproxy.js";
+import { ChatProxyClient } from "../../chatproxy/static/chatproxy/client.js";
+import { resumeDelayMs } from "../../chatproxy/static/chatproxy/reconnect.js";
+import { ResumeRecord, recordedFinal } from "../../chatproxy/static/chatproxy/resume.js";
+import { streamChat } from "../../chatproxy/static/chatproxy/sse.js";
+import { ChatProxySocket } from "../../chatproxy/static/chatproxy/websocket.js";
 
 // ---------------------------------------------------------------------------------------------
 // Fakes

@@ -1,4 +1,5 @@
-// Unit tests of chatproxy.js's SSE parser and transports, without a browser or a server.
+// Unit tests of the browser client's SSE parser (parser.js) and transports (sse.js, websocket.js,
+// client.js), without a browser or a server.
 // Run: node --test tests/js/   (Node 18/20 find *.test.mjs in a directory; Node 22+: node --test tests/js/*.test.mjs)
 
 import assert from "node:assert/strict";
@@ -6,14 +7,12 @@ import { describe, test } from "node:test";
 
 import { FakeWebSocket, fakeFetch, nextSent, sse, sseResponse, tick } from "./fakes.mjs";
 
-import {
-  ChatProxyClient,
-  ChatProxySocket,
-  SSEParser,
-  getCookie,
-  streamChat,
-  withDirective,
-} from "../../chatproxy/static/chatproxy/chatproxy.js";
+import { ChatProxyClient } from "../../chatproxy/static/chatproxy/client.js";
+import { withDirective } from "../../chatproxy/static/chatproxy/demo.js";
+import { getCookie } from "../../chatproxy/static/chatproxy/endpoints.js";
+import { SSEParser } from "../../chatproxy/static/chatproxy/parser.js";
+import { streamChat } from "../../chatproxy/static/chatproxy/sse.js";
+import { ChatProxySocket } from "../../chatproxy/static/chatproxy/websocket.js";
 
 /** Parse `chunks` and return what the parser reported, in order. */
 function parse(chunks, { end = true } = {}) {

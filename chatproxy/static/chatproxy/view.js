@@ -1,0 +1,157 @@
+/**
+ * view.js: AnswerView renders one streaming answer into the page from the events of a chat.
+ * Model output only ever becomes text nodes, never HTML.
+ */
+
+import { ClientErrorCode, MESSAGES, ServerErrorCode } from "./errors.js";
+
+// How an error's note looks (its data-kind): a stop the user asked for is no alarm, an expired
+// stream is a notice (the part shown is good); every other error is one.
+// A Map, so that a code such as "constructor" finds nothing.
+const NOTE_KIND = new Map([
+  [ClientErrorCode.CANCELLED, "quiet"],
+  [ClientErrorCode.EXPIRED, "notice"],
+]);
+
+/**
+ * Renders one streaming answer. Model output only ever becomes text nodes.
+ *
+ * `element` holds the answer text and carries `data-state` = streaming | reconnecting | done |
+ * error (and `data-error-code` on error); `note`, if given, shows "Reconnecting…" or the error
+ * message beside it; `status`, if given, gets one short line per state change (for aria-live).
+ */
+export class AnswerView {
+  /**
+   * @param {HTMLElement} element  holds the answer text
+   * @param {object} [o]
+   * @param {HTMLElement|null} [o.note]    beside the answer: "Reconnecting…" or the error message
+   * @param {HTMLElement|null} [o.status]  a live region for one short line per state change
+   * @param {function} [o.onChange]        called with each event the view rendered
+   */
+  constructor(element, { note = null, status = null, onChange = () => {} } = {}) {
+    this.element = element;
+    this.note = note;
+    this.status = status;
+    this.onChange = onChange;
+    this.textNode = element.ownerDocument.createTextNode("");
+    element.replaceChildren(this.textNode);
+    this.final = null;
+    this._sawText = false;
+    this._waitingNoted = false;
+    this.setState("streaming");
+    this._setStatus("Waiting for the answer…");
+  }
+
+  /** The answer text so far. */
+  get text() {
+    return this.textNode.data;
+  }
+
+  /**
+   * Show `text` received by an earlier page as this answer's beginning, and wait for the rest
+   * (the stream is being resumed): state "reconnecting" until the next delta.
+   */
+  restore(text) {
+    this.textNode.data = text;
+    this._sawText = text.length > 0;
+    this.setState("reconnecting");
+    this._setNote("Reconnecting…", "quiet");
+    this._setStatus("Resuming the answer…");
+  }
+
+  /**
+   * Show a finished answer from an earlier page: `final` is {type: "done"} or
+   * {type: "error", data: {code, message}}. The status line is left alone.
+   */
+  restoreFinished(text, final) {
+    this.textNode.data = text;
+    this._sawText = text.length > 0;
+    const status = this.status;
+    this.status = null;
+    try {
+      this.handle(final?.type === "error" ? final : { type: "done", data: {} });
+    } finally {
+      this.status = status;
+    }
+  }
+
+  /** Set `data-state` (and `aria-busy`): streaming | reconnecting | done | error. */
+  setState(state) {
+    this.element.dataset.state = state;
+    this.element.setAttribute("aria-busy", String(state === "streaming" || state === "reconnecting"));
+  }
+
+  /** Feed one event from a ChatProxyClient / streamChat callback. */
+  handle(event) {
+    const data = event.data ?? {};
+    switch (event.type) {
+      case "start":
+        break;
+      case "delta":
+        if (typeof data.text !== "string") break;
+        if (this.element.dataset.state === "reconnecting") {
+          this.setState("streaming");
+          this._setNote(null);
+        }
+        if (!this._sawText) {
+          this._sawText = true;
+          this._setStatus("Answering…");
+        }
+        this.textNode.appendData(data.text);
+        break;
+      case "keepalive":
+        if (!this._sawText && !this._waitingNoted && this.element.dataset.state === "streaming") {
+          this._waitingNoted = true;
+          this._setStatus("Still working on it…");
+        }
+        break;
+      case "retry":
+      case "resuming":
+        this.setState("reconnecting");
+        this._setNote("Reconnecting…", "quiet");
+        this._setStatus("Reconnecting…");
+        break;
+      case "reset":
+        this.textNode.data = "";
+        this._sawText = false;
+        this.setState("streaming");
+        this._setNote(null);
+        this._setStatus("Starting the answer over…");
+        break;
+      case "done": {
+        this.final = event;
+        this.setState("done");
+        delete this.element.dataset.errorCode;
+        this._setNote(null);
+        const attempts = Number(data.attempts);
+        this._setStatus(attempts > 1 ? `Done (recovered after ${attempts} attempts).` : "Done.");
+        break;
+      }
+      case "error": {
+        this.final = event;
+        const code = typeof data.code === "string" ? data.code : ServerErrorCode.INTERNAL;
+        const message =
+          typeof data.message === "string" && data.message ? data.message : MESSAGES.server;
+        this.setState("error");
+        this.element.dataset.errorCode = code;
+        this._setNote(message, NOTE_KIND.get(code) ?? "error");
+        this._setStatus(message);
+        break;
+      }
+      default:
+        return;
+    }
+    this.onChange(event);
+  }
+
+  _setNote(text, kind = "quiet") {
+    if (!this.note) return;
+    this.note.textContent = text ?? "";
+    this.note.hidden = !text;
+    this.note.dataset.kind = kind;
+  }
+
+  _setStatus(text) {
+    if (this.status) this.status.textContent = text;
+  }
+}
