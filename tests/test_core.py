@@ -12,7 +12,7 @@ import itertools
 import pytest
 
 from chatproxy.conf import Policy
-from chatproxy.core import ChatRequest, ChatStream, Event, _overlap
+from chatproxy.core import ChatRequest, ChatStream, Event
 from chatproxy.upstream import build_upstream
 
 pytestmark = pytest.mark.upstream
@@ -319,16 +319,3 @@ async def test_cancel_ends_with_one_cancelled_error(upstream, sim):
     assert [e.name for e in events] == ["start", "error"] and events[-1].data["code"] == "cancelled"
     await sim.await_until(lambda s: s["active_requests"] == 0, timeout=1.0)
 
-
-@pytest.mark.parametrize(
-    ("before", "after", "expected"),
-    [
-        ("The quick brown", " brown fox", 6),
-        ("The quick brown", "brown fox", 5),
-        ("The quick brown", "n fox", 0),  # starts mid-word: not an overlap
-        ("abc", "xyz", 0),
-        ("", "xyz", 0),
-    ],
-)
-def test_overlap(before, after, expected):
-    assert _overlap(before, after) == expected
