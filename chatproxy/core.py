@@ -49,6 +49,7 @@ from chatproxy.conf import Policy
 from chatproxy.stream.answer import Answer
 from chatproxy.stream.attempts import TOTAL_TIMEOUT_MARGIN, AttemptRunner, Done
 from chatproxy.stream.events import KEEPALIVE, Event, EventLog, EventsDropped, Reader
+from chatproxy.stream.retry import GiveUp
 from chatproxy.stream.values import ChatRequest, StreamStats, Target
 from chatproxy.stream.watchdog import Watchdog
 from chatproxy.upstream.base import Upstream
@@ -110,6 +111,7 @@ class ChatStream:
         self._log = EventLog(grace=grace, persistent=persistent, abandoned=self.cancel)
         self._default: Subscription | None = None
         self._pump: asyncio.Task[None] | None = None
+        self._running = False  # the pump began: a task cancelled before it runs never sees the cancellation
         self._cancel_requested = False
 
     # ------------------------------------------------------------------ consumer side
@@ -160,7 +162,8 @@ class ChatStream:
         """Stop generating: the stream ends with ``error`` code ``cancelled``."""
         if self._pump is not None and not self._pump.done():
             self._cancel_requested = True
-            self._pump.cancel()
+            if self._running:
+                self._pump.cancel()
 
     async def aclose(self) -> None:
         """Stop (if running) and wait until the upstream connection is closed."""
@@ -178,6 +181,7 @@ class ChatStream:
     # ------------------------------------------------------------------ the pump
 
     async def _run(self) -> None:
+        self._running = True
         log = self._log
         loop = log.loop
         policy = self.policy
@@ -189,7 +193,10 @@ class ChatStream:
                                on_retry=self._retried if self._on_retry is not None else None)
         watchdog.start()
         try:
-            outcome = await runner.run(Target(self.upstream, self.request, policy))
+            if self._cancel_requested:  # before the pump ran (the last client left at once)
+                outcome: Done | GiveUp = GiveUp("cancelled")
+            else:
+                outcome = await runner.run(Target(self.upstream, self.request, policy))
             if isinstance(outcome, Done):
                 self._finish("done", {"finish_reason": outcome.finish_reason, "attempts": outcome.attempts,
                                       "usage": outcome.usage})

@@ -396,6 +396,14 @@ async def test_keepalive_after_exactly_keepalive_seconds_of_silence() -> None:
 
 
 @on_virtual_clock
+async def test_keepalive_fires_on_the_instant_it_is_due_whatever_the_float_rounding() -> None:
+    # 1000.3 - 1000.0 < 0.3 in binary floating point: the keepalive due at last emit + 0.3 must still count.
+    policy = P.with_options(keepalive=0.3, first_token=5.0)
+    run = await play([say("a", first=1.0)], policy)
+    assert run.times("keepalive") == [at(0.3), at(0.6), at(0.9)]
+
+
+@on_virtual_clock
 async def test_keepalives_go_on_during_a_backoff() -> None:
     policy = P.with_options(keepalive=1.0)
     run = await play([refuse(RateLimited(retry_after=2.5)), say("ok")], policy)
@@ -561,3 +569,16 @@ async def test_an_abandoned_attempt_is_closed_before_the_next_opens() -> None:
 def test_overlap(before: str, after: str, expected: int) -> None:
     assert overlap(before, after) == expected
 
+
+
+@on_virtual_clock
+async def test_a_client_leaving_before_the_pump_ran_still_ends_the_stream() -> None:
+    finished: list[ChatStream] = []
+    upstream = ScriptedUpstream([say("a")])
+    stream = ChatStream(upstream, REQUEST, P, on_finish=finished.append)
+    stream.subscribe().close()  # cancels the stream before its pump task ever ran
+    await stream.aclose()
+    assert finished == [stream] and stream.stats.outcome == "cancelled"
+    events = stream.events_after(0)
+    assert_well_formed(events)
+    assert events[-1].data == {"code": "cancelled"} and upstream.opened == []

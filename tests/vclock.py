@@ -22,6 +22,9 @@ P = ParamSpec("P")
 T = TypeVar("T")
 
 START = 1000.0  # far from 0, so nothing mistakes the first instant for "never"
+# Loop turns at one virtual instant before the clock calls it a livelock (a timer re-arming itself
+# for the instant it fires at would otherwise spin forever, as time never moves on by itself).
+STUCK_TURNS = 200_000
 
 
 class _JumpingSelector(selectors.DefaultSelector):  # type: ignore[misc,valid-type]
@@ -30,15 +33,20 @@ class _JumpingSelector(selectors.DefaultSelector):  # type: ignore[misc,valid-ty
     def __init__(self) -> None:
         super().__init__()
         self.loop: VirtualClockLoop | None = None
+        self.turns = 0  # loop turns since the clock last moved
 
     def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
         if timeout is None:  # no timer at all: only real I/O (a thread, a signal) can wake the loop
             return super().select(None)
         ready = super().select(0)
         if ready or timeout <= 0:
+            self.turns += 1
+            if self.turns > STUCK_TURNS:
+                raise RuntimeError(f"virtual time stuck: {STUCK_TURNS} loop turns without the clock moving")
             return ready
         assert self.loop is not None
         self.loop.jump(timeout)
+        self.turns = 0
         return ready
 
 
