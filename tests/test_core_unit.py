@@ -8,12 +8,12 @@ virtual seconds it spans. The real-HTTP tests against the simulator are in ``tes
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 
 import pytest
 
 from chatproxy.conf import Policy
-from chatproxy.core import KEEPALIVE, ChatRequest, ChatStream, Event, EventsDropped
+from chatproxy.core import ChatRequest, ChatStream, Event, EventsDropped
 from chatproxy.errors import (
     RateLimited,
     StallTimeout,
@@ -23,7 +23,9 @@ from chatproxy.errors import (
     status_error,
 )
 from chatproxy.stream.joiner import overlap
+from tests import streamrun
 from tests.scripted import Attempt, ScriptedUpstream, refuse, say
+from tests.streamrun import assert_well_formed
 from tests.vclock import START, VirtualClockLoop, on_virtual_clock
 
 P = Policy(
@@ -57,39 +59,12 @@ def rng_of(*values: float) -> Callable[[], float]:
     return rng
 
 
-class Run:
-    """The events of one stream, each with the virtual time (since start) it reached the reader."""
+class Run(streamrun.Run):
+    """A :class:`tests.streamrun.Run` on the virtual clock (times since start) with its scripted upstream."""
 
     def __init__(self, timed: list[tuple[float, Event]], stream: ChatStream, upstream: ScriptedUpstream) -> None:
-        self.timed = timed
-        self.stream = stream
+        super().__init__(timed, stream)
         self.upstream = upstream
-        self.events = [event for _, event in timed]
-        self.names = [event.name for event in self.events]
-
-    def named(self, name: str) -> list[Event]:
-        return [e for e in self.events if e.name == name]
-
-    def times(self, name: str) -> list[float]:
-        return [t for t, e in self.timed if e.name == name]
-
-    def deltas(self) -> list[str]:
-        return [e.data["text"] for e in self.named("delta")]
-
-    @property
-    def text(self) -> str:
-        """The answer as a client shows it (a reset discards what came before)."""
-        parts: list[str] = []
-        for event in self.events:
-            if event.name == "reset":
-                parts = []
-            elif event.name == "delta":
-                parts.append(event.data["text"])
-        return "".join(parts)
-
-    @property
-    def last(self) -> Event:
-        return self.events[-1]
 
     def opened_at(self) -> list[float]:
         return [o.at - START for o in self.upstream.opened]
@@ -97,15 +72,6 @@ class Run:
     def closed_at(self) -> list[float | None]:
         return [None if o.stream is None or o.stream.closed_at is None else o.stream.closed_at - START
                 for o in self.upstream.opened]
-
-
-def assert_well_formed(events: Sequence[Event]) -> None:
-    """``start`` first, exactly one terminal event and it is last, seq 1, 2, 3 ...; keepalives unnumbered."""
-    names = [e.name for e in events]
-    assert names[0] == "start"
-    assert [n for n in names if n in ("done", "error")] == [names[-1]], names
-    assert [e.seq for e in events if e.name != "keepalive"] == list(range(1, len(names) - names.count("keepalive") + 1))
-    assert all(e is KEEPALIVE for e in events if e.name == "keepalive")
 
 
 def assert_all_closed(upstream: ScriptedUpstream) -> None:
