@@ -34,7 +34,7 @@ BOOTSTRAP_FUNCS = {("AsyncioSelectorReactor.run", "/twisted/internet/asyncioreac
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("chatproxy: upstream adapter", ("chatproxy/upstream/",)),
     ("chatproxy: journal (resume.py)", ("chatproxy/resume.py",)),
-    ("chatproxy: core (core.py)", ("chatproxy/core.py",)),
+    ("chatproxy: core (core.py, stream/)", ("chatproxy/core.py", "chatproxy/stream/")),
     ("chatproxy: SSE view (views.py, sse.py)", ("chatproxy/views.py", "chatproxy/sse.py")),
     ("chatproxy: stream records (records.py)", ("chatproxy/records.py",)),
     ("chatproxy: other (asgi guard, service, auth, profiles, limits)", ("chatproxy/",)),

@@ -12,8 +12,9 @@ import itertools
 import pytest
 
 from chatproxy.conf import Policy
-from chatproxy.core import ChatRequest, ChatStream, Event, _overlap
+from chatproxy.core import ChatRequest, ChatStream
 from chatproxy.upstream import build_upstream
+from tests.streamrun import Run, assert_well_formed
 
 pytestmark = pytest.mark.upstream
 
@@ -50,54 +51,14 @@ def ask(directive: str = "", text: str = "Tell me about rivers") -> ChatRequest:
     return ChatRequest(model="gpt-4o-mini", messages=[{"role": "user", "content": message}])
 
 
-class Run:
-    """The events of one stream with the loop time each one arrived."""
-
-    def __init__(self, timed: list[tuple[float, Event]], stream: ChatStream) -> None:
-        self.timed = timed
-        self.stream = stream
-        self.events = [event for _, event in timed]
-
-    def named(self, name: str) -> list[Event]:
-        return [e for e in self.events if e.name == name]
-
-    def times(self, name: str) -> list[float]:
-        return [t for t, e in self.timed if e.name == name]
-
-    @property
-    def text(self) -> str:
-        """The answer as a client shows it (a reset discards what came before)."""
-        parts: list[str] = []
-        for event in self.events:
-            if event.name == "reset":
-                parts = []
-            elif event.name == "delta":
-                parts.append(event.data["text"])
-        return "".join(parts)
-
-    @property
-    def last(self) -> Event:
-        return self.events[-1]
-
-
 async def run(upstream, request: ChatRequest, policy: Policy = FAST, **kwargs) -> Run:
     stream = ChatStream(upstream, request, policy, **kwargs).start()
     loop = asyncio.get_running_loop()
     timed = [(loop.time(), event) async for event in stream]
     await stream.aclose()
     run = Run(timed, stream)
-    assert_well_formed(run)
+    assert_well_formed(run.events)
     return run
-
-
-def assert_well_formed(run: Run) -> None:
-    """Exactly one terminal event, last; seq 1, 2, 3, ...; keepalives carry no seq."""
-    names = [e.name for e in run.events]
-    assert names[0] == "start"
-    terminal = [n for n in names if n in ("done", "error")]
-    assert len(terminal) == 1 and names[-1] in ("done", "error"), names
-    seqs = [e.seq for e in run.events if e.name != "keepalive"]
-    assert seqs == list(range(1, len(seqs) + 1))
 
 
 async def clean_text(upstream, request: ChatRequest) -> str:
@@ -319,16 +280,3 @@ async def test_cancel_ends_with_one_cancelled_error(upstream, sim):
     assert [e.name for e in events] == ["start", "error"] and events[-1].data["code"] == "cancelled"
     await sim.await_until(lambda s: s["active_requests"] == 0, timeout=1.0)
 
-
-@pytest.mark.parametrize(
-    ("before", "after", "expected"),
-    [
-        ("The quick brown", " brown fox", 6),
-        ("The quick brown", "brown fox", 5),
-        ("The quick brown", "n fox", 0),  # starts mid-word: not an overlap
-        ("abc", "xyz", 0),
-        ("", "xyz", 0),
-    ],
-)
-def test_overlap(before, after, expected):
-    assert _overlap(before, after) == expected

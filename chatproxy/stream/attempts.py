@@ -1,0 +1,166 @@
+"""The attempt runner: plays a target's attempts until one answers or the retry plan gives up.
+
+One attempt opens the upstream, reads it and hands each chunk to the answer (or, after partial
+output, to a :class:`~chatproxy.stream.joiner.Joiner`), inside an ``asyncio.timeout`` that the
+watchdog expires. Per chunk: one timestamp, the gap bookkeeping, and the answer's append and
+wake-up; no Task, no ``wait_for``, no log line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from chatproxy.errors import UpstreamError
+from chatproxy.stream.answer import Answer
+from chatproxy.stream.events import EventLog
+from chatproxy.stream.joiner import Diverged, Joiner
+from chatproxy.stream.retry import GiveUp, Retry, plan_retry
+from chatproxy.stream.values import StreamStats, Target
+from chatproxy.stream.watchdog import Watchdog
+from chatproxy.upstream.base import UpstreamRequest
+
+# How far past the stream's deadline an SDK's total timeout sits: the watchdog ends the attempt first.
+TOTAL_TIMEOUT_MARGIN = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class Done:
+    """An attempt answered to the end."""
+
+    finish_reason: str | None
+    usage: dict[str, Any] | None
+    attempts: int
+
+
+class AttemptRunner:
+    """Runs attempts for one stream; shared by every target the stream tries.
+
+    ``attempts`` counts across targets (``StreamStats.attempts``, the ``retry`` and ``done`` events);
+    ``max_attempts`` and the rest of the retry plan come from each target's policy.
+    ``on_retry(reason, attempt, delay)`` is called as each ``retry`` event is emitted.
+    """
+
+    __slots__ = ("_allow_reset", "_answer", "_log", "_loop", "_on_retry", "_rng", "_stats", "_watchdog", "attempts")
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        log: EventLog,
+        answer: Answer,
+        watchdog: Watchdog,
+        stats: StreamStats,
+        *,
+        rng: Callable[[], float],
+        allow_reset: bool,
+        on_retry: Callable[[str, int, float], Any] | None,
+    ) -> None:
+        self._loop = loop
+        self._log = log
+        self._answer = answer
+        self._watchdog = watchdog
+        self._stats = stats
+        self._rng = rng
+        self._allow_reset = allow_reset
+        self._on_retry = on_retry
+        self.attempts = 0
+
+    async def run(self, target: Target) -> Done | GiveUp:
+        """Attempt ``target`` until it answers (:class:`Done`) or the plan says :class:`GiveUp`."""
+        policy = target.policy
+        tries = 0
+        while True:
+            tries += 1
+            self.attempts += 1
+            self._stats.attempts = self.attempts
+            try:
+                finish_reason, usage = await self._attempt(target)
+            except Diverged:
+                return GiveUp("upstream_unavailable")
+            except UpstreamError as exc:
+                decision = plan_retry(
+                    exc, tries, policy,
+                    partial=self._answer.length > 0,
+                    deadline_expired=self._watchdog.expired == "deadline",
+                    now=self._loop.time(),
+                    deadline_at=self._watchdog.deadline_at,
+                    rng=self._rng,
+                )
+                if isinstance(decision, GiveUp):
+                    return decision
+                self._retry(exc.reason, decision, policy.max_attempts)
+                if decision.delay > 0:
+                    await asyncio.sleep(decision.delay)
+                continue
+            return Done(finish_reason, usage, self.attempts)
+
+    def _retry(self, reason: str, decision: Retry, max_attempts: int) -> None:
+        self._stats.retry_reasons.append(reason)
+        self._log.emit(
+            "retry",
+            {"attempt": self.attempts + 1, "max_attempts": max_attempts, "reason": reason,
+             "delay": round(decision.delay, 3)},
+        )
+        if self._on_retry is not None:
+            self._on_retry(reason, self.attempts + 1, decision.delay)
+
+    def _request(self, target: Target) -> UpstreamRequest:
+        policy = target.policy
+        request = target.request
+        messages = request.messages
+        if self._answer.length and policy.on_partial == "continue":
+            messages = [*messages, {"role": "assistant", "content": self._answer.text(), "prefix": True}]
+        remaining = max(0.001, self._watchdog.deadline_at - self._loop.time())
+        return UpstreamRequest(
+            model=request.model,
+            messages=messages,
+            params=request.params,
+            extra_body=request.extra_body,
+            connect_timeout=min(policy.connect, remaining),
+            # No socket-read timeout: the watchdog timer is the read deadline (first token, stall).
+            # One would cost a timer armed and cancelled on every socket read (aiohttp's sock_read,
+            # httpcore's per-read deadline); bench/ has the numbers.
+            read_timeout=None,
+            total_timeout=remaining + TOTAL_TIMEOUT_MARGIN,
+        )
+
+    async def _attempt(self, target: Target) -> tuple[str | None, dict[str, Any] | None]:
+        """Run one attempt to its end; sends its text on. Raises UpstreamError on failure."""
+        loop = self._loop
+        watchdog = self._watchdog
+        stats = self._stats
+        request = self._request(target)
+        joiner = None
+        if self._answer.length:
+            mode = "continue" if target.policy.on_partial == "continue" else "restart"
+            joiner = Joiner(self._answer, mode, allow_reset=self._allow_reset)
+        deliver = self._answer.add if joiner is None else joiner.feed
+
+        stream = None
+        try:
+            async with asyncio.timeout(None) as timeout:
+                watchdog.watch(timeout, first_token=target.policy.first_token, stall=target.policy.stall)
+                stream = await target.upstream.open(request)
+                async for text in stream:
+                    now = loop.time()
+                    if watchdog.got_chunk:
+                        if now - watchdog.last_chunk > stats.longest_gap:
+                            stats.longest_gap = now - watchdog.last_chunk
+                        watchdog.last_chunk = now
+                    else:
+                        watchdog.first_chunk(now)
+                    deliver(text)
+                if joiner is not None:
+                    joiner.end()
+                return stream.finish_reason, stream.usage
+        except TimeoutError:
+            failure = watchdog.failure()
+            if failure is None:
+                raise
+            raise failure from None
+        finally:
+            watchdog.unwatch()
+            if stream is not None:
+                await stream.aclose()

@@ -1,0 +1,43 @@
+"""The plain values a stream is made of: what was asked, where it may be answered, what happened."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from chatproxy.conf import Policy
+from chatproxy.upstream.base import Upstream
+
+
+@dataclass(frozen=True, slots=True)
+class ChatRequest:
+    """What the user asked for, validated."""
+
+    model: str
+    messages: Sequence[Mapping[str, Any]]
+    params: Mapping[str, Any] = field(default_factory=dict)
+    extra_body: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """One place an answer can come from: an upstream adapter, the request for it, and the policy
+    its attempts follow (first-token and stall limits, attempts, backoff, partial output)."""
+
+    upstream: Upstream
+    request: ChatRequest
+    policy: Policy
+
+
+@dataclass(slots=True)
+class StreamStats:
+    """What happened, for records and signals. Times are seconds."""
+
+    attempts: int = 0
+    retry_reasons: list[str] = field(default_factory=list)
+    time_to_first_token: float | None = None
+    longest_gap: float = 0.0
+    chars_sent: int = 0
+    outcome: str = "running"  # "done" or an error code
+    duration: float = 0.0
