@@ -1,7 +1,10 @@
 """Who is asking, and may they: shared by every HTTP way in.
 
-* Session users: the user is loaded asynchronously; CSRF is enforced for them (the views are
-  ``csrf_exempt`` so that a failure is answered in the endpoint's own JSON error shape).
+* Session users: the user is loaded asynchronously; CSRF is enforced for the POSTs of a
+  signed-in user (the views are ``csrf_exempt`` so that a failure is answered in the endpoint's
+  own JSON error shape). An anonymous request (only possible with a permissive ``PERMISSION``)
+  needs no token, as in Django REST framework: it carries no credential a forged request could
+  ride on, and a cross-site JSON POST needs a CORS preflight anyway.
 * ``Authorization: Bearer <key>`` (OpenAI-compatible endpoint): an :class:`AccessKey`; no CSRF,
   since no cookie is involved.
 * Then ``CHATPROXY["PERMISSION"]`` decides.
@@ -85,7 +88,7 @@ async def user_from_key(plain: str) -> Any:
 
 
 async def authorize(request: HttpRequest, *, allow_bearer: bool = False) -> None:
-    """Load the user (session or key), check CSRF for sessions, apply PERMISSION.
+    """Load the user (session or key), check CSRF for a signed-in session user, apply PERMISSION.
 
     Raises :class:`AuthFailure`; on success ``request.user`` is the loaded user.
     """
@@ -94,7 +97,7 @@ async def authorize(request: HttpRequest, *, allow_bearer: bool = False) -> None
         request.user = await user_from_key(token)
     else:
         request.user = await request.auser()  # type: ignore[attr-defined]
-        if request.method == "POST":
+        if request.method == "POST" and request.user.is_authenticated:
             reason = csrf_failure(request)
             if reason:
                 raise AuthFailure(403, "csrf_failed", reason)

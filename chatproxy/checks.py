@@ -3,7 +3,8 @@
 * ``chatproxy.E001`` a ``CHATPROXY["TIMEOUTS"]`` value is invalid or the values contradict each other
   (e.g. ``KEEPALIVE >= GATEWAY``, ``STALL >= DEADLINE``)
 * ``chatproxy.E002`` ``UPSTREAM.SDK`` / ``UPSTREAM.HTTP_CLIENT`` is not a known choice
-* ``chatproxy.E003`` the openai SDK generation asked for is not installed
+* ``chatproxy.E003`` the openai SDK generation asked for explicitly is not installed (or another one is),
+  or ``SDK`` "none" (also what "auto" picks without openai) and aiohttp does not import
 * ``chatproxy.E004`` ``PERMISSION`` cannot be imported
 * ``chatproxy.E005`` ``CHATPROXY`` (or one of its sections) is not a dict
 * ``chatproxy.E006`` a ``LIMITS`` value is not a positive whole number (the per-user limits may be None: off)
@@ -32,7 +33,7 @@ from django.utils.module_loading import import_string
 
 from chatproxy import conf, profiles
 from chatproxy.records import RECORDS_DEFAULTS
-from chatproxy.upstream import INSTALL_AIOHTTP, INSTALL_CURRENT, INSTALL_LEGACY, detect_sdk
+from chatproxy.upstream import INSTALL_AIOHTTP, INSTALL_CURRENT, INSTALL_LEGACY, detect_sdk, resolve_sdk
 
 SECTIONS = {**{k: v for k, v in conf.DEFAULTS.items() if isinstance(v, dict)}, "RECORDS": RECORDS_DEFAULTS}
 PER_PROCESS_CACHES = (
@@ -165,15 +166,13 @@ def _check_timeouts() -> list[Any]:
 
 
 def _check_sdk(wanted: str) -> list[Any]:
-    if wanted == "none":
+    if resolve_sdk(wanted) == "none":  # "auto" without openai too: the SDK-less adapter
         if importlib.util.find_spec("aiohttp") is not None:
             return []
-        return [Error("CHATPROXY['UPSTREAM']['SDK'] is 'none' but aiohttp is not installed.", id="chatproxy.E003",
-                      hint=f"Install it: {INSTALL_AIOHTTP}, or change UPSTREAM.SDK.")]
+        return [Error(f"CHATPROXY['UPSTREAM']['SDK'] is {wanted!r} (no SDK) but aiohttp is not installed.",
+                      id="chatproxy.E003", hint=f"Install it: {INSTALL_AIOHTTP}, or change UPSTREAM.SDK.")]
     installed = detect_sdk()
-    if wanted == "auto" and installed is not None:
-        return []
-    if wanted == installed:
+    if wanted in ("auto", installed):
         return []
     if installed is None:
         found = "no usable openai package is installed"

@@ -130,6 +130,14 @@ class ChatConsumer(AsyncWebsocketConsumer):
                          "retry_after": exc.retry_after}
             await self.send(text_data=orjson.dumps(frame_out).decode())
             return
+        except Exception:
+            # The upstream could not be built (a bad configuration) or the stream not started: the
+            # client gets the one friendly error for this request, the socket stays open for the rest.
+            logger.exception("chatproxy could not start a stream for WebSocket request %r", request_id)
+            frame_out = {"type": "error", "code": "internal", "request_id": request_id,
+                         "message": friendly_message("internal")}
+            await self.send(text_data=orjson.dumps(frame_out).decode())
+            return
         stream = reader.stream
         self.stream_ids[request_id] = stream.stream_id
         task = asyncio.get_running_loop().create_task(self.relay(request_id, stream.stream_id, reader))

@@ -1,29 +1,62 @@
-"""Per-user limits, enforced across workers through the Django cache (SPEC 5 ``LIMITS``, 10).
+"""Per-user limits, enforced across workers through the Django cache (``LIMITS``).
 
 Two limits apply when a stream starts (every way in: SSE, OpenAI-compatible, WebSocket ``chat``);
 resuming a stream starts nothing and is not limited:
 
-* ``LIMITS["MAX_STREAMS_PER_USER"]``: streams running at once. A user holds one *slot* per
-  running stream. Slot ``i`` of user ``W`` is the cache key ``chatproxy:slot:W:i``
-  (``0 <= i < MAX``), taken with an atomic ``cache.add`` and deleted when the stream ends (its
-  ``on_finish``). Each slot expires on its own after the stream's ``DEADLINE`` plus
-  ``RESUME.GRACE`` plus :data:`SLOT_MARGIN`, so a worker that crashed mid-stream does not hold
-  slots for ever. No slot free: 429 with ``Retry-After: BUSY_RETRY_AFTER``.
+* ``LIMITS["MAX_STREAMS_PER_USER"]``: streams running at once, counted in a few time-window
+  counters (below) at a constant number of cache operations per stream, whatever the limit. Over
+  it: 429 with ``Retry-After: BUSY_RETRY_AFTER``.
 * ``LIMITS["REQUESTS_PER_MINUTE"]`` (``None``: off): streams started per calendar minute, a
-  fixed-window counter ``chatproxy:rpm:W:<minute>`` (``cache.add`` then ``cache.incr``). Over
+  fixed-window counter ``chatproxy:rpm:<who>:<minute>`` (``cache.add`` then ``cache.incr``). Over
   it: 429 with ``Retry-After`` = the seconds left in the minute.
+
+Counting running streams
+------------------------
+A stream holds a *lease*: a count of one in a window counter, taken when it starts and given back
+(``cache.decr``) when it ends. A worker that crashed never gives it back, so a lease must lapse on
+its own once the stream cannot be running any more: ``ttl`` seconds after it started (its
+``DEADLINE`` plus ``RESUME.GRACE`` plus :data:`SLOT_MARGIN`). Leases of different lengths are
+sorted into *classes*: a lease of ``ttl`` seconds belongs to the class of length ``L``, the
+smallest power of two at least ``ttl`` (from ``2**MIN_CLASS`` to ``2**MAX_CLASS`` seconds; a
+longer ``ttl`` is counted in the largest class, so it lapses after ``2**MAX_CLASS`` seconds at the
+latest). Time is cut into windows of ``L`` seconds, numbered ``floor(now / L)``; the counter
+``chatproxy:run:<who>:<log2 L>:<window>`` holds the leases of that class taken in that window.
+
+Admission of a stream of ``who`` (:func:`admit`), at time ``now`` in window ``c`` of its class:
+
+1. ``cache.add(key, 0)`` then ``cache.incr(key)`` on its class's window ``c`` (atomic on every
+   Django backend that shares data between processes: Redis ``INCRBY``, Memcached ``incr``; and
+   under LocMemCache's lock);
+2. one ``cache.get_many`` of the *live* windows: ``c - 1`` and ``c`` of every class;
+3. if their sum exceeds the limit, ``cache.decr`` its own window again and refuse.
+
+Why windows ``c - 1`` and ``c``: a lease of class ``L`` taken at ``t`` in window ``j`` ends before
+``t + L < (j + 2) * L``, so at ``now >= c * L`` it can still run only if ``j >= c - 1``; an older
+window is never read again, which is how a crashed worker's leases lapse (after ``L`` to ``2 * L``
+seconds, i.e. within ``4 * ttl``; each counter also expires from the cache then, so it is only
+garbage collection). Why the limit holds across workers: if more than ``MAX`` leases were held at
+once, take the one whose ``incr`` came last; every other one was counted before it read the
+windows, and none had been given back (all are held), so it read more than ``MAX`` and refused
+itself. Two admissions racing for the last lease may both refuse: a spurious 429 the client
+retries after ``Retry-After``, never one lease too many. Admission costs three cache calls
+(``add``, ``incr``, ``get_many`` of ``2 * (MAX_CLASS - MIN_CLASS + 1)`` keys) in one thread hop,
+and ending one ``decr``, whatever ``MAX_STREAMS_PER_USER`` is.
+
+A counter the cache evicted (a cache too small for its load) loses its leases: that user may run
+more streams until the window is no longer read. ``DummyCache`` stores nothing, so it enforces
+nothing.
 
 The cache is ``RESUME.CACHE`` (``"default"`` by default): the one chatproxy already requires to
 be shared by every worker (Redis in production). A per-process cache (``LocMemCache``) enforces
-the limits per process only; ``DummyCache`` does not enforce them.
+the limits per process only.
 
-Who ``W`` is (:func:`identity`): a signed-in user (session or API key) is ``u:<pk>``, so a user's
-keys and browser sessions share one budget. An anonymous visitor (only possible with a
-``PERMISSION`` such as ``allow_any``) is ``ip:<client address>``: the session key is not used
-because a client chooses its own cookie and could mint a fresh budget per request. Behind a
-reverse proxy the client address is the proxy's unless the ASGI server is told to trust it
-(``daphne --proxy-headers``, ``uvicorn --proxy-headers --forwarded-allow-ips``); otherwise every
-anonymous visitor shares one budget.
+Who ``who`` is (:func:`identity`): always the identity string a limit counts against. A
+signed-in user (session or API key) is ``u:<pk>``, so a user's keys and browser sessions share
+one budget. An anonymous visitor (only possible with a ``PERMISSION`` such as ``allow_any``) is
+``ip:<client address>``: the session key is not used because a client chooses its own cookie and
+could mint a fresh budget per request. Behind a reverse proxy the client address is the proxy's
+unless the ASGI server is told to trust it (``daphne --proxy-headers``, ``uvicorn
+--proxy-headers --forwarded-allow-ips``); otherwise every anonymous visitor shares one budget.
 """
 
 from __future__ import annotations
@@ -31,7 +64,6 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,10 +72,13 @@ from django.core.cache import caches
 from chatproxy import cachecalls
 from chatproxy.conf import get_config
 
-#: Seconds a slot outlives its stream's deadline (and grace) before it lapses on its own.
+#: Seconds a lease outlives its stream's deadline (and grace) before it may lapse on its own.
 SLOT_MARGIN = 30.0
-#: ``Retry-After`` (seconds) when every slot is taken: streams usually end within seconds.
+#: ``Retry-After`` (seconds) when the concurrency limit is reached: streams usually end within seconds.
 BUSY_RETRY_AFTER = 5
+#: Lease classes are ``2**MIN_CLASS`` .. ``2**MAX_CLASS`` seconds long (32 s .. about 24 days).
+MIN_CLASS = 5
+MAX_CLASS = 21
 
 
 class LimitExceeded(Exception):
@@ -76,28 +111,48 @@ def _cache() -> Any:
     return caches[get_config()["RESUME"]["CACHE"]]
 
 
-def slot_key(who: str, index: int) -> str:
-    return f"chatproxy:slot:{who}:{index}"
+def lease_class(ttl: float) -> int:
+    """``log2`` of the length of the class a lease of ``ttl`` seconds is counted in."""
+    wanted = max(1, math.ceil(ttl))
+    return min(MAX_CLASS, max(MIN_CLASS, (wanted - 1).bit_length()))
+
+
+def _window_key(who: str, klass: int, window: int) -> str:
+    return f"chatproxy:run:{who}:{klass}:{window}"
+
+
+def _live_keys(who: str, now: float) -> list[str]:
+    """The counters that may hold a lease still running at ``now``: two windows per class."""
+    keys = []
+    for klass in range(MIN_CLASS, MAX_CLASS + 1):
+        window = int(now // (1 << klass))
+        keys += (_window_key(who, klass, window - 1), _window_key(who, klass, window))
+    return keys
+
+
+def running(who: str) -> int:
+    """How many leases ``who`` holds now, as an admission would count them (blocking cache call)."""
+    counts = _cache().get_many(_live_keys(who, time.time()))
+    return sum(max(0, value) for value in counts.values() if isinstance(value, int))
 
 
 @dataclass(eq=False)
 class Slot:
-    """One running stream's claim on ``MAX_STREAMS_PER_USER``; :meth:`release` when it ends."""
+    """One running stream's lease on ``MAX_STREAMS_PER_USER``; :meth:`release` when it ends."""
 
-    key: str | None  # None: no concurrency limit was taken
-    token: str = ""
+    key: str | None  # the window counter holding the lease; None: no lease is held
 
     def release_now(self) -> None:
-        """Free the slot (blocking cache calls): only if it is still ours, not a successor's."""
-        if self.key is None:
-            return
-        cache = _cache()
-        if cache.get(self.key) == self.token:
-            cache.delete(self.key)
-        self.key = None
+        """Give the lease back (a blocking cache call); a second call does nothing."""
+        key, self.key = self.key, None
+        if key is not None:
+            try:
+                _cache().decr(key)
+            except ValueError:  # the counter lapsed or was evicted: nothing left to give back
+                pass
 
     def release(self) -> None:
-        """Free the slot off the event loop (from a stream's ``on_finish``). Never raises."""
+        """:meth:`release_now` off the event loop (from a stream's ``on_finish``). Never raises."""
         if self.key is None:
             return
         if cachecalls.in_process(_cache()):
@@ -126,27 +181,35 @@ def _count_request(who: str, per_minute: int) -> None:
         )
 
 
-def _take_slot(who: str, max_streams: int, ttl: float) -> Slot:
+def _take_lease(who: str, max_streams: int, ttl: float) -> Slot:
     cache = _cache()
-    keys = [slot_key(who, index) for index in range(max_streams)]
-    taken = cache.get_many(keys)
-    token = uuid.uuid4().hex
-    timeout = max(1, math.ceil(ttl))
-    for key in keys:
-        if key not in taken and cache.add(key, token, timeout):
-            return Slot(key, token)
-    raise LimitExceeded(
-        f"Too many answers at once: at most {max_streams} may run at the same time. "
-        "Wait for one to finish, or stop one.",
-        BUSY_RETRY_AFTER,
-    )
+    now = time.time()
+    klass = lease_class(ttl)
+    length = 1 << klass
+    window = int(now // length)
+    key = _window_key(who, klass, window)
+    cache.add(key, 0, math.ceil((window + 2) * length - now) + 1)  # kept while it is read (see above)
+    try:
+        cache.incr(key)
+    except ValueError:  # DummyCache (or evicted at once): nothing can be counted
+        return Slot(None)
+    lease = Slot(key)
+    counts = cache.get_many(_live_keys(who, now))
+    if sum(max(0, value) for value in counts.values() if isinstance(value, int)) > max_streams:
+        lease.release_now()
+        raise LimitExceeded(
+            f"Too many answers at once: at most {max_streams} may run at the same time. "
+            "Wait for one to finish, or stop one.",
+            BUSY_RETRY_AFTER,
+        )
+    return lease
 
 
-def admit_now(who: str, ttl: float) -> Slot:
-    """Apply both limits for a new stream of ``who`` (blocking cache calls); raises LimitExceeded.
+def admit(who: str, ttl: float) -> Slot:
+    """Apply both limits to a new stream of ``who`` (blocking cache calls); raises LimitExceeded.
 
-    ``ttl``: seconds after which the slot lapses if it was never released (the stream's longest
-    possible life plus a margin).
+    ``ttl``: seconds after which the lease may lapse if it was never released (the stream's
+    longest possible life plus a margin).
     """
     limits = get_config()["LIMITS"]
     per_minute = limits.get("REQUESTS_PER_MINUTE")
@@ -155,13 +218,13 @@ def admit_now(who: str, ttl: float) -> Slot:
     max_streams = limits.get("MAX_STREAMS_PER_USER")
     if max_streams is None:
         return Slot(None)
-    return _take_slot(who, int(max_streams), ttl)
+    return _take_lease(who, int(max_streams), ttl)
 
 
-async def admit(who: str, ttl: float) -> Slot:
-    """:func:`admit_now` from the event loop: no cache call when no limit is set, else all of them
-    in one thread hop (none for an in-process cache)."""
+async def aadmit(who: str, ttl: float) -> Slot:
+    """:func:`admit` from the event loop: no cache call when no limit is set, else all of them in
+    one thread hop (none for an in-process cache)."""
     limits = get_config()["LIMITS"]
     if limits.get("REQUESTS_PER_MINUTE") is None and limits.get("MAX_STREAMS_PER_USER") is None:
         return Slot(None)
-    return await cachecalls.run(_cache(), admit_now, who, ttl)
+    return await cachecalls.run(_cache(), admit, who, ttl)

@@ -61,14 +61,14 @@ async def open_stream(
     any worker, and when its last client leaves it keeps generating for ``RESUME.GRACE`` seconds
     waiting for a resume. Otherwise the stream stops as soon as its client leaves.
 
-    ``who`` is whom the stream counts against (:func:`chatproxy.limits.identity_of`; default:
-    ``user``). Raises :class:`chatproxy.limits.LimitExceeded` (answer 429) before anything starts
-    when a limit is reached; the slot taken is freed when the stream ends.
+    ``who`` is the identity string the stream counts against (:func:`chatproxy.limits.identity_of`;
+    default: ``user``'s identity). Raises :class:`chatproxy.limits.LimitExceeded` (answer 429) before
+    anything starts when a limit is reached; the lease taken is given back when the stream ends.
     """
     await profiles.arefresh()  # at most one cache read; a query only after a profile changed
     policy = resolve_policy(request.model, options)
     grace = float(get_config()["RESUME"]["GRACE"]) if resumable else 0.0
-    slot = await limits.admit(who or limits.identity(user, None), policy.deadline + grace + limits.SLOT_MARGIN)
+    slot = await limits.aadmit(who or limits.identity(user, None), policy.deadline + grace + limits.SLOT_MARGIN)
     try:
         stream = ChatStream(
             get_upstream(), request, policy, allow_reset=allow_reset, grace=grace, persistent=resumable,

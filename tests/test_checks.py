@@ -150,3 +150,84 @@ def test_ids_are_documented():
     source = Path(checks.__file__).read_text()
     for code in set(re.findall(r'id="(chatproxy\.[EW]\d{3})"', source)):
         assert f"``{code}``" in documented
+
+
+# ----------------------------------------------------------------- "auto" without any openai package
+
+# Installed as sitecustomize in a child process: openai neither imports nor has package metadata,
+# as after a plain `pip install chatproxy`.
+NO_OPENAI = '''
+import importlib.abc, importlib.metadata, sys
+
+class _NoOpenAI(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "openai" or name.startswith("openai."):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+
+sys.meta_path.insert(0, _NoOpenAI())
+_from_name = importlib.metadata.Distribution.from_name.__func__
+
+def _from_name_without_openai(cls, name):
+    if name.lower().replace("_", "-") == "openai":
+        raise importlib.metadata.PackageNotFoundError(name)
+    return _from_name(cls, name)
+
+importlib.metadata.Distribution.from_name = classmethod(_from_name_without_openai)
+'''
+
+
+def test_auto_without_openai_uses_the_sdk_less_adapter(monkeypatch):
+    monkeypatch.setattr(checks, "detect_sdk", lambda: None)
+    monkeypatch.setattr("chatproxy.upstream.detect_sdk", lambda: None)
+    assert "chatproxy.E003" not in found({"UPSTREAM": {**UPSTREAM, "SDK": "auto"}})
+    assert "chatproxy.E003" in found({"UPSTREAM": {**UPSTREAM, "SDK": "current"}})
+
+
+PROBE = """
+import importlib.metadata, chatproxy.upstream
+try:
+    import openai
+except ImportError:
+    print("no openai")
+try:
+    importlib.metadata.version("openai")
+except importlib.metadata.PackageNotFoundError:
+    print("no metadata")
+built = chatproxy.upstream.build_upstream(base_url="http://127.0.0.1:9/v1", api_key="k")
+print(chatproxy.upstream.detect_sdk(), built.name)
+"""
+
+
+def _probe(env: dict[str, str]) -> list[str]:
+    """What a child process with ``env`` finds of openai, and the adapter "auto" builds there."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True, text=True, check=True,
+                          timeout=30)
+    return done.stdout.splitlines()
+
+
+async def test_a_project_without_openai_checks_and_streams(simulator, tmp_path):
+    """`pip install chatproxy` alone: `manage.py check` passes and a stream is answered (SDK "auto")."""
+    import aiohttp
+
+    from tests.servers import AppServer, simulator_env
+
+    (tmp_path / "sitecustomize.py").write_text(NO_OPENAI)
+    env = {**simulator_env(simulator.base_url, log_level="ERROR"), "CHATPROXY_SDK": "auto",
+           "PYTHONPATH": str(tmp_path)}
+    server = AppServer(env)
+    assert _probe(server.env) == ["no openai", "no metadata", "None raw/aiohttp"]
+    checked = server.manage("check")
+    assert "no issues" in checked
+    server.start()
+    try:
+        body = {"messages": [{"role": "user", "content": "Rivers? [[sim chunks=3]]"}]}
+        async with aiohttp.ClientSession(server.url) as session, session.post("/chat/stream/", json=body) as reply:
+            assert reply.status == 200
+            text = (await reply.read()).decode()
+        assert "event: delta" in text and "event: done" in text
+    finally:
+        server.stop()

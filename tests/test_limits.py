@@ -115,14 +115,13 @@ async def _held_call(path, body, client, first: asyncio.Event, gone: asyncio.Eve
     return status
 
 
-async def slots_free(who: str = "ip:10.0.0.1", count: int = 2) -> None:
-    """Wait until ``who`` holds no slot (releases happen in a worker thread after the stream ends)."""
-    cache = caches["default"]
+async def slots_free(who: str = "ip:10.0.0.1") -> None:
+    """Wait until ``who`` holds no lease (releases happen after the stream ends)."""
     for _ in range(100):
-        if not cache.get_many([limits.slot_key(who, i) for i in range(count)]):
+        if limits.running(who) == 0:
             return
         await asyncio.sleep(0.02)
-    raise AssertionError("slots still held")
+    raise AssertionError("leases still held")
 
 
 # --------------------------------------------------------------------------- every way in
@@ -182,7 +181,7 @@ async def test_bad_requests_take_no_slot(limit_settings, sim):
     for _ in range(5):
         reply = await call(application, "POST", "/chat/stream/", b'{"messages": []}', client=("10.0.0.1", 1))
         assert reply.status == 400
-    assert not caches["default"].get_many([limits.slot_key("ip:10.0.0.1", i) for i in range(2)])
+    assert limits.running("ip:10.0.0.1") == 0
 
 
 async def test_every_ending_frees_the_slot(limit_settings, sim):
@@ -228,59 +227,118 @@ def test_requests_per_minute_window_resets(monkeypatch, settings):
     caches["default"].clear()
     now = [60.0 * 16_667 + 20]  # 20 s into a minute
     monkeypatch.setattr(limits.time, "time", lambda: now[0])
-    limits.admit_now("u:1", 10)
+    limits.admit("u:1", 10)
     with pytest.raises(limits.LimitExceeded) as refused:
-        limits.admit_now("u:1", 10)
+        limits.admit("u:1", 10)
     assert refused.value.retry_after == 40
     now[0] += 40  # the next minute
-    limits.admit_now("u:1", 10)
+    limits.admit("u:1", 10)
 
 
 # --------------------------------------------------------------------------- mechanics
 
 
-def test_slots_lapse_when_a_worker_crashed(monkeypatch, settings):
-    """A slot nobody releases (its worker died) expires after its TTL."""
+def test_leases_lapse_when_a_worker_crashed(monkeypatch, settings):
+    """A lease nobody gives back (its worker died) is counted for at least its ttl, then lapses
+    (within twice its class's length, the class being the power of two at least ttl)."""
     settings.CHATPROXY = {"LIMITS": {"MAX_STREAMS_PER_USER": 2}}
-    cache = caches["default"]
-    cache.clear()
-    clock = [time.time()]
-    monkeypatch.setattr("django.core.cache.backends.locmem.time.time", lambda: clock[0])
-    limits.admit_now("u:7", ttl=100)
-    limits.admit_now("u:7", ttl=100)  # both taken, never released
-    with pytest.raises(limits.LimitExceeded):
-        limits.admit_now("u:7", ttl=100)
-    clock[0] += 99
-    with pytest.raises(limits.LimitExceeded):
-        limits.admit_now("u:7", ttl=100)
-    clock[0] += 2
-    limits.admit_now("u:7", ttl=100)
+    caches["default"].clear()
+    start = 128.0 * 13_000_000 + 127.5  # the last half second of a 128 s window: the worst case
+    clock = [start]
+    monkeypatch.setattr(limits.time, "time", lambda: clock[0])  # limits' windows and LocMem's expiry
+    limits.admit("u:7", ttl=100)
+    limits.admit("u:7", ttl=100)  # both taken, never released
+    for elapsed in (0, 60, 99.9):
+        clock[0] = start + elapsed
+        with pytest.raises(limits.LimitExceeded):
+            limits.admit("u:7", ttl=100)
+    assert limits.lease_class(100) == 7  # 128 s: lapsed once the window after next begins
+    clock[0] = start + 128.5
+    assert limits.running("u:7") == 0
+    limits.admit("u:7", ttl=100)
 
 
-def test_release_frees_only_its_own_slot(settings):
-    settings.CHATPROXY = {"LIMITS": {"MAX_STREAMS_PER_USER": 1}}
-    cache = caches["default"]
-    cache.clear()
-    first = limits.admit_now("u:8", ttl=100)
-    cache.set(first.key, "someone-else", 100)  # say it lapsed and another stream took it
+def test_release_gives_back_one_lease_once(settings):
+    settings.CHATPROXY = {"LIMITS": {"MAX_STREAMS_PER_USER": 2}}
+    caches["default"].clear()
+    first = limits.admit("u:8", ttl=100)
+    second = limits.admit("u:8", ttl=100)
+    assert limits.running("u:8") == 2
     first.release_now()
-    assert cache.get(limits.slot_key("u:8", 0)) == "someone-else"
-    cache.delete(limits.slot_key("u:8", 0))
-    second = limits.admit_now("u:8", ttl=100)
+    first.release_now()  # twice is harmless: the other stream's lease stays counted
+    first.release()
+    assert limits.running("u:8") == 1
+    limits.admit("u:8", ttl=100)
+    with pytest.raises(limits.LimitExceeded):
+        limits.admit("u:8", ttl=100)
     second.release_now()
-    second.release_now()  # twice is harmless
-    assert cache.get(limits.slot_key("u:8", 0)) is None
+    assert limits.running("u:8") == 1
+
+
+def test_refused_admission_takes_nothing(settings):
+    settings.CHATPROXY = {"LIMITS": {"MAX_STREAMS_PER_USER": 1}}
+    caches["default"].clear()
+    limits.admit("u:9", ttl=100)
+    for _ in range(3):
+        with pytest.raises(limits.LimitExceeded):
+            limits.admit("u:9", ttl=100)
+    assert limits.running("u:9") == 1
+
+
+def test_leases_of_every_length_count_together(settings):
+    """A short lease's admission sees the long ones (and the other way round)."""
+    settings.CHATPROXY = {"LIMITS": {"MAX_STREAMS_PER_USER": 3}}
+    caches["default"].clear()
+    for ttl in (1, 10_000, 10**9):  # the smallest class, a middle one, beyond the largest
+        limits.admit("u:10", ttl=ttl)
+    for ttl in (30, 3_000_000):
+        with pytest.raises(limits.LimitExceeded):
+            limits.admit("u:10", ttl=ttl)
+    assert limits.lease_class(1) == limits.MIN_CLASS and limits.lease_class(10**9) == limits.MAX_CLASS
+
+
+class CountingCache:
+    """The cache's calls and the keys they touch, counted (the real cache answers them)."""
+
+    def __init__(self, cache) -> None:
+        self.cache = cache
+        self.calls = 0
+        self.keys = 0
+
+    def __getattr__(self, name):
+        method = getattr(self.cache, name)
+
+        def counted(*args, **kwargs):
+            self.calls += 1
+            self.keys += len(args[0]) if name.endswith("_many") else 1
+            return method(*args, **kwargs)
+
+        return counted
+
+
+@pytest.mark.parametrize("max_streams", [4, 100_000])
+def test_admission_costs_the_same_whatever_the_limit(settings, monkeypatch, max_streams):
+    settings.CHATPROXY = {"LIMITS": {"MAX_STREAMS_PER_USER": max_streams}}
+    caches["default"].clear()
+    counting = CountingCache(caches["default"])
+    monkeypatch.setattr(limits, "_cache", lambda: counting)
+    leases = [limits.admit("u:11", ttl=330) for _ in range(3)]
+    for lease in leases:
+        lease.release_now()
+    # add + incr + one get_many per admission, one decr per release; the keys read are fixed
+    assert counting.calls == 3 * 3 + 3
+    assert counting.keys == 3 * (2 + 2 * (limits.MAX_CLASS - limits.MIN_CLASS + 1)) + 3
 
 
 async def test_slot_ttl_covers_the_whole_stream(limit_settings, sim, monkeypatch):
     seen = []
-    admit = limits.admit
+    aadmit = limits.aadmit
 
     async def spy(who, ttl):
         seen.append((who, ttl))
-        return await admit(who, ttl)
+        return await aadmit(who, ttl)
 
-    monkeypatch.setattr(limits, "admit", spy)
+    monkeypatch.setattr(limits, "aadmit", spy)
     reply = await call(application, "POST", "/chat/stream/", chat(), client=("10.0.0.3", 1), leave_after=None)
     assert reply.status == 200
     # DEADLINE (20 s in settings, unless a profile says otherwise) + GRACE 0 + the margin
@@ -370,3 +428,77 @@ async def test_the_limit_holds_across_workers(two_workers, sim):
         await second.close()
     await sim.await_until(lambda s: s["active_requests"] == 0, timeout=3)
 
+
+
+# --------------------------------------------------------------------------- on Redis
+
+
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory):
+    from tests.e2e.stack import HOST, redis_ping, start_redis, wait_until
+
+    proc, port = start_redis(tmp_path_factory.mktemp("redis"))
+    try:
+        wait_until(lambda: redis_ping(port), "redis", [proc], timeout=10)
+        yield f"redis://{HOST}:{port}/0"
+    finally:
+        proc.stop()
+
+
+@pytest.fixture
+def redis_limits(redis_server, settings):
+    settings.CACHES = {**settings.CACHES,
+                       "limits": {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": redis_server}}
+    settings.CHATPROXY = {"LIMITS": {"MAX_STREAMS_PER_USER": 3}, "RESUME": {"CACHE": "limits"}}
+    caches["limits"].clear()
+    yield settings
+    caches["limits"].clear()
+
+
+def test_on_redis_concurrent_admissions_never_exceed_the_limit(redis_limits):
+    """Eight threads (each its own Redis connections, as workers would) admit and release in a loop."""
+    import threading
+
+    held = 0
+    most = 0
+    admitted = 0
+    lock = threading.Lock()
+
+    def worker() -> None:
+        nonlocal held, most, admitted
+        for _ in range(40):
+            try:
+                lease = limits.admit("u:20", ttl=330)
+            except limits.LimitExceeded:
+                continue
+            with lock:
+                held += 1
+                admitted += 1
+                most = max(most, held)
+            time.sleep(0.001)
+            with lock:
+                held -= 1
+            lease.release_now()
+
+    threads = [threading.Thread(target=worker) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert 0 < most <= 3 and admitted >= 40
+    assert limits.running("u:20") == 0
+
+
+def test_on_redis_a_crashed_workers_leases_lapse(redis_limits, monkeypatch):
+    start = 64.0 * 27_000_000 + 10
+    clock = [start]
+    monkeypatch.setattr(limits, "time", type("Clock", (), {"time": staticmethod(lambda: clock[0])}))
+    for _ in range(3):
+        limits.admit("u:21", ttl=60)  # never released
+    with pytest.raises(limits.LimitExceeded):
+        limits.admit("u:21", ttl=60)
+    clock[0] = start + 59
+    assert limits.running("u:21") == 3
+    clock[0] = start + 2 * 64
+    assert limits.running("u:21") == 0
+    limits.admit("u:21", ttl=60)

@@ -267,24 +267,48 @@ async def test_only_the_owner_may_resume_or_cancel(chat_settings, sim):
 # --------------------------------------------------------------------------- CSRF and origins
 
 
-async def test_session_posts_need_the_csrf_token(chat_settings, sim):
-    no_token = [(b"cookie", f"csrftoken={CSRF_TOKEN}".encode())]
-    for url, body in (("/chat/stream/", CHAT), ("/chat/stream/" + "0" * 32 + "/cancel/", b"")):
+@pytest.mark.django_db(transaction=True)
+async def test_signed_in_session_posts_need_the_csrf_token(chat_settings, sim):
+    user, _ = await sync_to_async(_user_with_session_and_key)("csrf-user", is_staff=False)
+    no_token = [(b"cookie", user + f"; csrftoken={CSRF_TOKEN}".encode())]
+    for url, body in (("/chat/stream/", CHAT), ("/chat/stream/" + "0" * 32 + "/cancel/", b""),
+                      ("/chat/v1/chat/completions", OPENAI_CHAT)):
         refused = await call(application, "POST", url, body, headers=no_token, session=False)
-        assert refused.status == 403 and refused.json()["error"]["code"] == "csrf_failed"
-        assert "X-CSRFToken" in refused.json()["error"]["message"]
+        assert refused.status == 403, url
+        error = refused.json()["error"]
+        assert error["code"] == "csrf_failed" and "X-CSRFToken" in error["message"]
         wrong = await call(application, "POST", url, body, session=False,
                            headers=[*no_token, (b"x-csrftoken", b"x" * 32)])
-        assert wrong.status == 403
-        foreign = await call(application, "POST", url, body, headers=[(b"origin", b"http://evil.example")])
+        assert wrong.status == 403 and wrong.json()["error"]["code"] == "csrf_failed"
+        foreign = await call(application, "POST", url, body, session=False,
+                             headers=[*no_token, (b"x-csrftoken", CSRF_TOKEN.encode()),
+                                      (b"origin", b"http://evil.example")])
         assert foreign.status == 403 and foreign.json()["error"]["code"] == "csrf_failed"
-    refused = await call(application, "POST", "/chat/v1/chat/completions", OPENAI_CHAT, headers=no_token,
-                         session=False)
-    assert refused.status == 401  # anonymous: told to send a key
     assert sim.stats()["total_requests"] == 0
-    ok = await call(application, "POST", "/chat/stream/", CHAT, headers=[(b"origin", b"http://localhost")],
-                    leave_after=None)
+    with_token = [*no_token, (b"x-csrftoken", CSRF_TOKEN.encode()), (b"origin", b"http://localhost")]
+    ok = await call(application, "POST", "/chat/stream/", CHAT, headers=with_token, session=False, leave_after=None)
     assert ok.status == 200 and b"event: done" in ok.body
+    ok = await call(application, "POST", "/chat/v1/chat/completions", OPENAI_CHAT, headers=with_token, session=False)
+    assert ok.status == 200 and ok.json()["object"] == "chat.completion"
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_anonymous_posts_need_no_csrf_token(chat_settings, sim):
+    """With a permissive PERMISSION an anonymous visitor has no session to forge: no token needed."""
+    for headers in ([], [(b"cookie", f"csrftoken={CSRF_TOKEN}".encode()), (b"x-csrftoken", b"x" * 32)]):
+        sse = await call(application, "POST", "/chat/stream/", CHAT, headers=headers, session=False, leave_after=None)
+        assert sse.status == 200 and b"event: done" in sse.body
+        oai = await call(application, "POST", "/chat/v1/chat/completions", OPENAI_CHAT, headers=headers,
+                         session=False)
+        assert oai.status == 200 and oai.json()["choices"][0]["message"]["content"]
+        cancel = await call(application, "POST", "/chat/stream/" + "0" * 32 + "/cancel/", b"", headers=headers,
+                            session=False)
+        assert cancel.status == 404  # got past authorization: no such stream
+    # A bearer key needs none either (no cookie involved).
+    _, key = await sync_to_async(_user_with_session_and_key)("csrf-key", is_staff=False)
+    by_key = await call(application, "POST", "/chat/v1/chat/completions", OPENAI_CHAT, session=False,
+                        headers=[(b"authorization", f"Bearer {key}".encode())])
+    assert by_key.status == 200
 
 
 async def test_get_needs_no_token(chat_settings):

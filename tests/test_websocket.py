@@ -165,3 +165,36 @@ async def test_real_client_with_foreign_origin_is_refused(daphne):
     with pytest.raises(websockets.exceptions.InvalidStatus):
         async with websockets.connect(url, origin="http://evil.example"):
             pass
+
+
+async def test_a_stream_that_cannot_start_gets_an_error_frame_and_the_socket_stays(ws, sim, chatproxy_settings,
+                                                                                  monkeypatch, caplog):
+    """A bad configuration (an SDK that is not installed) or any failure while starting a stream:
+    one friendly error frame for that request, nothing internal in it, and the socket still works."""
+    from chatproxy import consumers, service
+    from chatproxy.upstream import detect_sdk
+
+    missing = "current" if detect_sdk() == "legacy" else "legacy"
+    upstream = {**chatproxy_settings.CHATPROXY["UPSTREAM"], "SDK": missing}
+    chatproxy_settings.CHATPROXY = {**chatproxy_settings.CHATPROXY, "UPSTREAM": upstream}
+    await ws.send_json_to(chat_frame("bad-config"))
+    frame = await ws.receive_json_from(timeout=RECEIVE)
+    assert frame == {"type": "error", "code": "internal", "request_id": "bad-config",
+                     "message": "Something went wrong on our side. Please try again."}
+    assert "chatproxy.consumers" in {r.name for r in caplog.records}
+
+    async def broken(*args, **kwargs):
+        raise RuntimeError("sk-test-ws internals")
+
+    monkeypatch.setattr(consumers, "open_stream", broken)
+    await ws.send_json_to(chat_frame("broken"))
+    frame = await ws.receive_json_from(timeout=RECEIVE)
+    assert frame["code"] == "internal" and frame["request_id"] == "broken" and "sk-" not in json.dumps(frame)
+    monkeypatch.setattr(consumers, "open_stream", service.open_stream)
+
+    chatproxy_settings.CHATPROXY = {**chatproxy_settings.CHATPROXY,
+                                    "UPSTREAM": {**upstream, "SDK": "none"}}  # fixed: the same socket works
+    await ws.send_json_to(chat_frame("fixed", "chunks=2"))
+    frames = await frames_until_end(ws, {"fixed"})
+    assert frames[-1]["type"] == "done"
+    assert sim.stats()["total_requests"] == 1

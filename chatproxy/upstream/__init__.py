@@ -5,6 +5,8 @@ Public API:
 * :func:`detect_sdk` -- which openai generation is installed: ``"current"`` (openai >= 1),
   ``"legacy"`` (openai 0.27 / 0.28) or ``None`` (not installed, or too old). It reads package
   metadata only; nothing is imported.
+* :func:`resolve_sdk` -- the adapter ``UPSTREAM.SDK`` stands for: ``"auto"`` is the installed
+  generation, or ``"none"`` (no SDK: plain aiohttp, a hard dependency) when no usable openai is installed.
 * :func:`build_upstream` -- the :class:`~chatproxy.upstream.base.Upstream` for the settings
   ``UPSTREAM.SDK`` / ``HTTP_CLIENT`` / ``BASE_URL`` / ``API_KEY``. A choice that cannot work here
   (SDK not installed, wrong generation installed, aiohttp extra missing, no API key for the
@@ -27,7 +29,7 @@ from typing import Any
 from chatproxy.errors import ConfigurationError
 from chatproxy.upstream.base import Upstream
 
-__all__ = ["HTTP_CLIENT_CHOICES", "SDK_CHOICES", "build_upstream", "detect_sdk", "preload"]
+__all__ = ["HTTP_CLIENT_CHOICES", "SDK_CHOICES", "build_upstream", "detect_sdk", "preload", "resolve_sdk"]
 
 SDK_CHOICES = ("auto", "current", "legacy", "none")
 HTTP_CLIENT_CHOICES = ("httpx", "aiohttp")
@@ -68,6 +70,11 @@ def detect_sdk() -> str | None:
     return _generation(version) if version else None
 
 
+def resolve_sdk(sdk: str) -> str:
+    """``sdk`` with ``"auto"`` replaced by what it picks: :func:`detect_sdk`'s answer, else ``"none"``."""
+    return (detect_sdk() or "none") if sdk == "auto" else sdk
+
+
 def build_upstream(
     *,
     sdk: str = "auto",
@@ -75,8 +82,9 @@ def build_upstream(
     base_url: str | None,
     api_key: str | None,
 ) -> Upstream:
-    """The adapter for ``sdk`` (``"auto"``: the installed generation; ``"none"``: no SDK, the API over
-    aiohttp directly, see :mod:`chatproxy.upstream.raw`).
+    """The adapter for ``sdk`` (``"none"``: no SDK, the API over aiohttp directly, see
+    :mod:`chatproxy.upstream.raw`; ``"auto"``: the installed openai generation, else ``"none"``, so
+    a plain ``pip install chatproxy`` works with aiohttp alone).
 
     ``http_client`` picks the current SDK's transport (``"httpx"``: the SDK default,
     ``"aiohttp"``: ``openai.DefaultAioHttpClient``); the legacy SDK and ``"none"`` always use aiohttp.
@@ -89,6 +97,10 @@ def build_upstream(
         raise ConfigurationError(
             f"UPSTREAM.HTTP_CLIENT must be one of {', '.join(HTTP_CLIENT_CHOICES)}, not {http_client!r}"
         )
+    version = _openai_version()
+    installed = _generation(version) if version else None
+    if sdk == "auto":
+        sdk = installed or "none"
     if sdk == "none":
         try:
             from chatproxy.upstream.raw import RawUpstream
@@ -96,14 +108,7 @@ def build_upstream(
             fix = INSTALL_AIOHTTP
             raise ConfigurationError(f'UPSTREAM.SDK "none" needs aiohttp ({type(exc).__name__}): {fix}') from exc
         return RawUpstream(base_url=base_url, api_key=api_key)
-    version = _openai_version()
-    installed = _generation(version) if version else None
-    if sdk == "auto":
-        if installed is None:
-            found = f"openai {version} is installed but unsupported" if version else "openai is not installed"
-            raise ConfigurationError(f"{found}: {INSTALL_CURRENT}, or {INSTALL_LEGACY} for openai 0.27")
-        sdk = installed
-    elif installed != sdk:
+    if installed != sdk:
         found = f"openai {version} is installed" if version else "openai is not installed"
         fix = INSTALL_LEGACY if sdk == "legacy" else INSTALL_CURRENT
         raise ConfigurationError(f'UPSTREAM.SDK is "{sdk}" but {found}: {fix}')
@@ -130,10 +135,8 @@ def preload() -> None:
     """
     from chatproxy.conf import get_config
 
-    sdk = get_config()["UPSTREAM"]["SDK"]
-    if sdk == "auto":
-        sdk = detect_sdk()
-    module = {"current": "current", "legacy": "legacy", "none": "raw"}.get(sdk or "")
+    sdk = resolve_sdk(get_config()["UPSTREAM"]["SDK"])
+    module = {"current": "current", "legacy": "legacy", "none": "raw"}.get(sdk)
     if module is not None:
         try:
             importlib.import_module(f"chatproxy.upstream.{module}")
