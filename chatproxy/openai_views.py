@@ -7,13 +7,17 @@ resilient core serves it; only the wire differs:
   keepalives are SSE comments; a final failure is one in-band ``data: {"error": ...}`` event
   (the openai client raises ``APIError`` with the friendly message). A restart that diverges
   from text already sent cannot be expressed here, so it ends with that error too.
-* ``stream: false``: one ``chat.completion`` object. If the answer takes longer than ``KEEPALIVE``
-  the response is committed as 200 and JSON-insignificant whitespace is sent as keepalive, so no
-  gateway times out (a later failure is then a 200 whose body is the error object).
+* ``stream: false``: one ``chat.completion`` object, or a failure with its own status code and
+  OpenAI's error shape. An answer not ready by the commit point (:func:`commit_after`: just under
+  ``GATEWAY``, the front proxy's idle deadline) is committed as 200 then, and JSON-insignificant
+  whitespace is sent every ``KEEPALIVE`` seconds until it is, so no gateway times out; a failure
+  after that point is a 200 whose body is the error object (the official client returns that
+  object instead of raising).
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -24,7 +28,7 @@ from django.views.decorators.csrf import csrf_exempt
 
 from chatproxy import limits, sse
 from chatproxy.auth import AuthFailure, authorize
-from chatproxy.conf import get_config
+from chatproxy.conf import Policy, get_config
 from chatproxy.core import Event, Subscription
 from chatproxy.messages import friendly_message
 from chatproxy.service import open_stream
@@ -44,6 +48,17 @@ ERROR_STATUS = {
     "cancelled": (499, "api_error"),
     "internal": (500, "api_error"),
 }
+
+
+#: Seconds the commit point stays ahead of ``GATEWAY`` at most (a fifth of it when that is less):
+#: room for a busy event loop and the network between the worker and the gateway.
+COMMIT_MARGIN = 5.0
+
+
+def commit_after(policy: Policy) -> float:
+    """Seconds of silence a non-streamed answer may keep before it must commit to 200."""
+    margin = min(COMMIT_MARGIN, policy.gateway / 5)
+    return max(policy.keepalive, policy.gateway - margin)
 
 
 def openai_error(status: int, message: str, *, type_: str, code: str | None, param: str | None = None) -> JsonResponse:
@@ -155,49 +170,42 @@ class _Wire:
             self.reader.close()  # not resumable: the stream stops and closes its upstream now
 
     async def completion(self) -> HttpResponse:
-        """Collect the answer; answer normally if it is quick, else keep the connection warm."""
-        keepalive_seen = False
-        parts: list[str] = []
-        final: Event | None = None
-        started = time.monotonic()
+        """Collect the answer: a plain response (its real status) if it ends before the commit
+        point (:func:`commit_after`), else a 200 kept warm with whitespace until it is ready."""
+        collector = asyncio.get_running_loop().create_task(self._collect())
         try:
-            async for event in self.reader:
-                if event.name == "delta":
-                    parts.append(event.data["text"])  # type: ignore[index]
-                elif event.name == "keepalive":
-                    keepalive_seen = True
-                    break
-                elif event.name in ("done", "error"):
-                    final = event
-                if final is None and time.monotonic() - started >= self._keepalive:
-                    # Deltas and retries keep coming, so no keepalive event will: still slow.
-                    keepalive_seen = True
-                    break
-            if not keepalive_seen:
-                return self._final_response(final, parts)
-        except BaseException:
+            done, _ = await asyncio.wait((collector,), timeout=commit_after(self.reader.stream.policy))
+        except BaseException:  # the client went away (or shutdown) before the commit point
+            collector.cancel()
             self.reader.close()
             raise
-        # Slow answer: commit to 200 now and send whitespace until it is ready.
-        return StreamingHttpResponse(self._warm_body(parts), content_type="application/json")
-
-    async def _warm_body(self, parts: list[str]) -> AsyncIterator[bytes]:
-        final: Event | None = None
-        yield b" "
-        last_sent = time.monotonic()
-        try:
-            async for event in self.reader:
-                if event.name == "delta":
-                    parts.append(event.data["text"])  # type: ignore[index]
-                elif event.name in ("done", "error"):
-                    final = event
-                now = time.monotonic()
-                if final is None and (event.name == "keepalive" or now - last_sent >= self._keepalive):
-                    yield b" "
-                    last_sent = now
-        finally:
+        if done:
             self.reader.close()
-        yield self._final_response(final, parts).content
+            return self._final_response(*collector.result())
+        # Slow answer: commit to 200 now, before the gateway's idle deadline, and send whitespace.
+        return StreamingHttpResponse(self._warm_body(collector), content_type="application/json")
+
+    async def _collect(self) -> tuple[Event | None, list[str]]:
+        """The answer's text and its final event (``done`` / ``error``; None if the stream stopped)."""
+        parts: list[str] = []
+        async for event in self.reader:
+            if event.name == "delta":
+                parts.append(event.data["text"])  # type: ignore[index]
+            elif event.name in ("done", "error"):
+                return event, parts
+        return None, parts
+
+    async def _warm_body(self, collector: asyncio.Task[tuple[Event | None, list[str]]]) -> AsyncIterator[bytes]:
+        try:
+            yield b" "
+            while not collector.done():
+                await asyncio.wait((collector,), timeout=self._keepalive)
+                if not collector.done():
+                    yield b" "
+            yield self._final_response(*collector.result()).content
+        finally:
+            collector.cancel()
+            self.reader.close()
 
     def _final_response(self, final: Event | None, parts: list[str]) -> JsonResponse:
         if final is None or final.name == "error":

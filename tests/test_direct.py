@@ -78,9 +78,10 @@ async def test_refusals_have_a_content_length_and_the_endpoint_shape(chat_settin
     bad = await call(application, "POST", "/chat/stream/", b'{"messages": []}')
     assert bad.status == 400 and int(bad.headers["content-length"]) == len(bad.body)
     assert bad.json()["error"]["code"] == "bad_request"
-    no_csrf = await call(application, "POST", "/chat/stream/", CHAT, session=False,
-                         headers=[(b"cookie", b"csrftoken=" + b"x" * 32)])
-    assert no_csrf.status == 403 and no_csrf.json()["error"]["code"] == "csrf_failed"
+    chat_settings.CHATPROXY = {**chat_settings.CHATPROXY, "PERMISSION": "tests.test_security.deny_all"}
+    denied = await call(application, "POST", "/chat/stream/", CHAT)
+    assert denied.status == 403 and denied.json()["error"]["code"] == "permission_denied"
+    assert int(denied.headers["content-length"]) == len(denied.body)
     assert sim.stats()["total_requests"] == 0
 
 

@@ -70,13 +70,52 @@ async def test_include_usage(oai, sim):
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens > 0
 
 
-async def test_slow_non_streaming_answer_is_kept_warm(oai, sim):
-    # The first token comes after several KEEPALIVE periods: whitespace keeps the gateway happy,
-    # and the client still parses one chat.completion.
-    faulty, clean = ask("first_delay=0.8")
-    completion = await oai.chat.completions.create(model="gpt-4o-mini", messages=faulty)
+async def test_slow_non_streaming_answer_is_kept_warm(oai, daphne, api_key, sim):
+    """An answer longer than the commit point (just under GATEWAY): a 200 committed before GATEWAY,
+    whitespace every KEEPALIVE, then the chat.completion, which the official client parses."""
+    import time
+
+    import aiohttp
+    import orjson
+
+    from tests.fixtures_servers import LIVE_TIMEOUTS
+
+    gateway, keepalive = LIVE_TIMEOUTS["GATEWAY"], LIVE_TIMEOUTS["KEEPALIVE"]
+    faulty, clean = ask("gap=0.2", chunks=12)  # about 2.4 s: past the commit point and GATEWAY
+    body = {"model": "gpt-4o-mini", "messages": faulty}
+    async with aiohttp.ClientSession() as session:
+        started = time.monotonic()
+        async with session.post(f"{daphne.url}/chat/v1/chat/completions", json=body,
+                                headers={"Authorization": f"Bearer {api_key}"}) as reply:
+            committed = time.monotonic() - started
+            assert reply.status == 200
+            pieces, last, longest = [], time.monotonic(), committed
+            async for piece in reply.content.iter_any():
+                now = time.monotonic()
+                longest, last = max(longest, now - last), now
+                pieces.append(piece)
+    raw = b"".join(pieces)
+    assert committed > keepalive * 3  # not at the first keepalive any more
+    assert committed < gateway and longest < gateway  # the gateway never saw GATEWAY seconds of silence
+    assert raw.startswith(b" ") and raw.strip().startswith(b"{")
+    completion = orjson.loads(raw)
+    assert completion["object"] == "chat.completion"
     expected = await oai.chat.completions.create(model="gpt-4o-mini", messages=clean)
-    assert completion.choices[0].message.content == expected.choices[0].message.content
+    assert completion["choices"][0]["message"]["content"] == expected.choices[0].message.content
+    official = await oai.chat.completions.create(model="gpt-4o-mini", messages=ask("gap=0.2", chunks=12)[0])
+    assert official.object == "chat.completion" and official.choices[0].message.content
+
+
+async def test_non_streaming_failure_after_keepalive_keeps_its_status(oai, sim):
+    """Three attempts each answered 503 after a delay: the failure comes after several KEEPALIVE
+    periods but before the commit point, so it is a real 503 in OpenAI's error shape."""
+    messages, _ = ask("status=503 headers_delay=0.25")
+    with pytest.raises(openai.InternalServerError) as caught:
+        await oai.chat.completions.create(model="gpt-4o-mini", messages=messages)
+    assert caught.value.status_code == 503
+    assert caught.value.body["code"] == "upstream_unavailable" and caught.value.body["type"] == "api_error"
+    attempts = [r for r in sim.stats()["requests"] if r.get("status") == 503]
+    assert len(attempts) == 3
 
 
 async def test_final_failure_is_an_in_band_error(oai, sim):
