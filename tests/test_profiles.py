@@ -26,8 +26,9 @@ from django.db.models import ProtectedError
 from django.test import override_settings
 
 from chatproxy import profiles
-from chatproxy.conf import Policy, resolve_policy
 from chatproxy.models import TimeoutProfile
+from chatproxy.policy import Policy, from_profile
+from chatproxy.profiles import resolve_policy
 from tests.fixtures_servers import LIVE_TIMEOUTS
 from tests.servers import AppServer, simulator_env
 from tests.sseclient import read_sse
@@ -337,13 +338,13 @@ def test_lost_version_key_is_recreated(no_throttle, django_assert_num_queries):
 
 
 @pytest.mark.django_db
-def test_without_a_working_cache_snapshots_expire(no_throttle, monkeypatch, settings):
+def test_without_a_working_cache_snapshots_expire(no_throttle, settings):
     settings.CACHES = {"default": {"BACKEND": "django.core.cache.backends.dummy.DummyCache"}}
     TimeoutProfile.objects.create(name="chat", model_pattern="gpt-*", stall_timeout=3)
     assert resolve_policy("gpt-4o").stall == 3.0
     TimeoutProfile.objects.filter(name="chat").update(stall_timeout=6)
-    assert resolve_policy("gpt-4o").stall == 3.0  # trusted for RELOAD_FALLBACK seconds
-    monkeypatch.setattr(profiles, "RELOAD_FALLBACK", 0.0)
+    assert resolve_policy("gpt-4o").stall == 3.0  # trusted for PROFILES.REFRESH seconds
+    settings.CHATPROXY = {"PROFILES": {"REFRESH": 1e-9}}
     assert resolve_policy("gpt-4o").stall == 6.0
 
 
@@ -362,10 +363,10 @@ async def test_async_refresh_and_no_database_from_the_event_loop(async_db, no_th
     assert resolve_policy("gpt-4o").stall == 6.0
 
 
-def test_policy_of_maps_every_field():
-    row = {name: getattr(Policy(), attr) for name, attr in profiles.PROFILE_TO_POLICY.items()}
+def test_from_profile_maps_every_field():
+    row = Policy().profile_values()
     row.update(name="x", stall_timeout=4.0, keepalive_interval=2.0, gateway_timeout=30.0, max_attempts=5)
-    assert profiles.policy_of(row) == Policy(stall=4.0, keepalive=2.0, gateway=30.0, max_attempts=5, profile="x")
+    assert from_profile(row) == Policy(stall=4.0, keepalive=2.0, gateway=30.0, max_attempts=5, profile="x")
 
 
 # --------------------------------------------------------------------------- live effect, two processes
