@@ -19,10 +19,10 @@ from django.template.response import TemplateResponse
 from django.urls import path
 from django.utils.translation import gettext_lazy as _
 
-from chatproxy import profiles, records
+from chatproxy import records
 from chatproxy.conf import settings_policy
 from chatproxy.models import DEFAULT_PROFILE, DEFAULT_UNDELETABLE, AccessKey, StreamRecord, TimeoutProfile
-from chatproxy.profiles import PROFILE_TO_POLICY
+from chatproxy.policy import PROFILE_FIELDS, from_profile
 
 
 @admin.register(AccessKey)
@@ -80,7 +80,7 @@ class TimeoutProfileAdmin(admin.ModelAdmin):
         initial = super().get_changeform_initial_data(request)
         default = TimeoutProfile.objects.filter(name=DEFAULT_PROFILE).first()
         if default is not None:
-            for name in PROFILE_TO_POLICY:
+            for name in PROFILE_FIELDS:
                 initial.setdefault(name, getattr(default, name))
         return initial
 
@@ -114,7 +114,7 @@ class TimeoutProfileAdmin(admin.ModelAdmin):
 
 def _apply(request: HttpRequest, profile: TimeoutProfile, samples: list[records.Sample]) -> None:
     """Apply what ``samples`` suggest to ``profile``, reporting the outcome as admin messages."""
-    suggestion = records.suggest(samples, profiles.policy_of(profile))
+    suggestion = records.suggest(samples, from_profile(profile))
     if suggestion is None:
         messages.warning(request, f"{profile.name}: not enough recorded streams ({len(samples)}; "
                                   f"{records.MIN_SAMPLES} needed). Nothing changed.")
@@ -244,13 +244,13 @@ def _create_for_model(request: HttpRequest, model: str, template: TimeoutProfile
     if TimeoutProfile.objects.filter(model_pattern=model).exists():
         messages.error(request, f"A profile with the pattern {model!r} exists already: apply to it instead.")
         return
-    base = profiles.policy_of(template) if template is not None else settings_policy()
+    base = from_profile(template) if template is not None else settings_policy()
     suggestion = records.suggest(samples, base)
     if suggestion is None:
         messages.warning(request, f"{model}: not enough recorded streams ({len(samples)}; "
                                   f"{records.MIN_SAMPLES} needed). Nothing created.")
         return
-    values = {name: getattr(base, attr) for name, attr in PROFILE_TO_POLICY.items()}
+    values = base.profile_values()
     values.update(suggestion.values())
     name = model[:100]
     if TimeoutProfile.objects.filter(name=name).exists():

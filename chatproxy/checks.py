@@ -14,9 +14,11 @@
 * ``chatproxy.E009`` no ``ASGI_APPLICATION``: streaming needs ASGI (under WSGI responses are buffered)
 * ``chatproxy.E010`` chatproxy's WebSocket consumer is routed but Channels is not configured
 * ``chatproxy.E011`` a ``RECORDS`` value is invalid
+* ``chatproxy.E012`` ``PROFILES.REFRESH`` is not a positive number of seconds
 * ``chatproxy.W001`` no upstream API key is configured
 * ``chatproxy.W002`` an unknown key in ``CHATPROXY`` (probably a typo: it is ignored)
-* ``chatproxy.W003`` timeout-profile changes cannot reach other worker processes (per-process cache)
+* ``chatproxy.W003`` timeout-profile changes reach other worker processes only by the periodic
+  ``PROFILES.REFRESH`` read, not at once (per-process cache)
 * ``chatproxy.W004`` ``manage.py runserver`` would serve WSGI (``daphne`` is not in ``INSTALLED_APPS``)
 """
 
@@ -31,11 +33,18 @@ from django.conf import settings
 from django.core.checks import Error, Warning, register
 from django.utils.module_loading import import_string
 
-from chatproxy import conf, profiles
-from chatproxy.records import RECORDS_DEFAULTS
-from chatproxy.upstream import INSTALL_AIOHTTP, INSTALL_CURRENT, INSTALL_LEGACY, detect_sdk, resolve_sdk
+from chatproxy import conf, policy, profiles
+from chatproxy.upstream import (
+    HTTP_CLIENT_CHOICES,
+    INSTALL_AIOHTTP,
+    INSTALL_CURRENT,
+    INSTALL_LEGACY,
+    SDK_CHOICES,
+    detect_sdk,
+    resolve_sdk,
+)
 
-SECTIONS = {**{k: v for k, v in conf.DEFAULTS.items() if isinstance(v, dict)}, "RECORDS": RECORDS_DEFAULTS}
+SECTIONS = {key: conf.DEFAULTS[key] for key in conf.SECTIONS}
 PER_PROCESS_CACHES = (
     "django.core.cache.backends.locmem.LocMemCache",
     "django.core.cache.backends.dummy.DummyCache",
@@ -54,11 +63,11 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[Any]:
     problems += _check_timeouts()
 
     upstream = config["UPSTREAM"]
-    if upstream["SDK"] not in conf.SDK_CHOICES or upstream["HTTP_CLIENT"] not in conf.HTTP_CLIENT_CHOICES:
+    if upstream["SDK"] not in SDK_CHOICES or upstream["HTTP_CLIENT"] not in HTTP_CLIENT_CHOICES:
         problems.append(Error(
             f"CHATPROXY['UPSTREAM']: SDK={upstream['SDK']!r}, HTTP_CLIENT={upstream['HTTP_CLIENT']!r}.",
             id="chatproxy.E002",
-            hint=f"SDK is one of {conf.SDK_CHOICES}; HTTP_CLIENT one of {conf.HTTP_CLIENT_CHOICES}.",
+            hint=f"SDK is one of {SDK_CHOICES}; HTTP_CLIENT one of {HTTP_CLIENT_CHOICES}.",
         ))
     else:
         problems += _check_sdk(upstream["SDK"])
@@ -75,7 +84,8 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[Any]:
     problems += _check_limits(config["LIMITS"])
     problems += _check_resume(config["RESUME"])
     problems += _check_models(upstream)
-    problems += _check_records({**RECORDS_DEFAULTS, **(config.get("RECORDS") or {})})
+    problems += _check_records(config["RECORDS"])
+    problems += _check_profiles(config["PROFILES"])
     return problems
 
 
@@ -105,15 +115,16 @@ def check_deployment(app_configs: Any = None, **kwargs: Any) -> list[Any]:
     if not settings.DEBUG:
         backend = settings.CACHES.get(profiles.CACHE_ALIAS, {}).get("BACKEND", "")
         if backend in PER_PROCESS_CACHES:
-            reach = (f"reaches other worker processes only after up to {profiles.RELOAD_FALLBACK:g} s"
-                     if backend.endswith("DummyCache")
-                     else "never reaches other worker processes (each has its own LocMemCache)")
             problems.append(Warning(
-                f"The {profiles.CACHE_ALIAS!r} cache is {backend.rsplit('.', 1)[-1]}: a timeout-profile change made "
-                f"in the admin {reach}.",
+                f"The {profiles.CACHE_ALIAS!r} cache is {backend.rsplit('.', 1)[-1]}, not shared by worker "
+                "processes: a timeout-profile change made in the admin or the shell reaches the other workers "
+                f"only by their periodic re-read, up to {conf.profiles_refresh():g} s later "
+                "(CHATPROXY['PROFILES']['REFRESH']), not within "
+                f"{profiles.CHECK_INTERVAL:g} s.",
                 id="chatproxy.W003",
                 hint=f"Use a cache shared by all workers for the {profiles.CACHE_ALIAS!r} alias (Redis, Memcached, "
-                     "the database or file cache). A single-process deployment can silence this check.",
+                     "the database or file cache), or accept the delay (lower REFRESH to shorten it: one query "
+                     "per interval and process). A single-process deployment can silence this check.",
             ))
     return problems
 
@@ -148,21 +159,12 @@ def _check_unknown_keys() -> list[Any]:
 
 
 def _check_timeouts() -> list[Any]:
-    try:
-        policy = conf.settings_policy()
-    except (TypeError, ValueError) as exc:
-        return [Error(f"CHATPROXY['TIMEOUTS'] has a value of the wrong type: {exc}", id="chatproxy.E001",
-                      hint="Timeouts are numbers of seconds; MAX_ATTEMPTS is a whole number.")]
-    problems = []
-    for problem in policy.problems():
-        hint = "Fix the value in settings.CHATPROXY['TIMEOUTS'] (SPEC section 5)."
-        if problem.startswith("keepalive"):
-            hint = (f"Set KEEPALIVE well below GATEWAY (now {policy.gateway:g} s), e.g. "
-                    f"{policy.gateway / 4:g} s, or raise GATEWAY to your proxy's real idle timeout.")
-        elif problem.startswith(("stall", "first_token")):
-            hint = f"Lower it below DEADLINE (now {policy.deadline:g} s) or raise DEADLINE."
-        problems.append(Error(f"CHATPROXY['TIMEOUTS']: {problem}.", id="chatproxy.E001", hint=hint))
-    return problems
+    timeouts = conf.get_config()["TIMEOUTS"]
+    return [
+        Error(f"CHATPROXY['TIMEOUTS'][{problem.knob.setting!r}] is {problem.value!r}: it {problem.message}.",
+              id="chatproxy.E001", hint=f"{problem.fix[:1].upper()}{problem.fix[1:]}.")
+        for problem in policy.problems(policy.timeout_values(timeouts), policy.by_setting)
+    ]
 
 
 def _check_sdk(wanted: str) -> list[Any]:
@@ -249,6 +251,15 @@ def _check_records(records: Mapping[str, Any]) -> list[Any]:
         problems.append(Error(f"CHATPROXY['RECORDS']['RETENTION_DAYS'] is {days!r}.", id="chatproxy.E011",
                               hint="Use a positive number of days (default 30)."))
     return problems
+
+
+def _check_profiles(section: Mapping[str, Any]) -> list[Any]:
+    refresh = section.get("REFRESH")
+    if policy.is_duration(refresh):
+        return []
+    return [Error(f"CHATPROXY['PROFILES']['REFRESH'] is {refresh!r}.", id="chatproxy.E012",
+                  hint=f"Use a positive number of seconds (default {conf.DEFAULTS['PROFILES']['REFRESH']:g}): the "
+                       "longest a worker serves a timeout profile after it changed in the database.")]
 
 
 def _consumer_routed() -> bool:

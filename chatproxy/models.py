@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import math
 import secrets
 from datetime import timedelta
 from typing import Any
@@ -23,8 +22,7 @@ from django.dispatch import receiver
 from django.utils import timezone
 from django.utils.translation import gettext_lazy as _
 
-from chatproxy import profiles
-from chatproxy.conf import DEFAULTS, ON_PARTIAL_CHOICES
+from chatproxy import policy, profiles
 from chatproxy.profiles import DEFAULT_NAME as DEFAULT_PROFILE
 from chatproxy.profiles import DEFAULT_PATTERN
 
@@ -91,17 +89,17 @@ class AccessKey(models.Model):
 
 # --------------------------------------------------------------------------- timeout profiles
 
-_TIMEOUT_DEFAULTS = DEFAULTS["TIMEOUTS"]
-# Durations that must be > 0, and those that may be 0 (no backoff, never wait for Retry-After).
-POSITIVE_SECONDS = (
-    "connect_timeout", "first_token_timeout", "stall_timeout", "deadline", "keepalive_interval", "gateway_timeout",
-)
-NON_NEGATIVE_SECONDS = ("backoff_initial", "backoff_max", "retry_after_max")
-MAX_ATTEMPTS_LIMIT = 10
 
-
-def _seconds(verbose: str, default: float, help_text: str) -> models.FloatField:
-    return models.FloatField(verbose, default=default, help_text=help_text)
+def _policy_field(name: str) -> Any:
+    """The model field for the policy knob stored in the field ``name`` (:mod:`chatproxy.policy`)."""
+    knob = policy.knob_for_field(name)
+    options: dict[str, Any] = {"default": knob.default, "help_text": _(knob.help_text)}
+    if knob.kind == "attempts":
+        return models.PositiveSmallIntegerField(_(knob.label), **options)
+    if knob.kind == "choice":
+        choices = [(choice, choice) for choice in knob.choices]
+        return models.CharField(_(knob.label), max_length=10, choices=choices, **options)
+    return models.FloatField(_(knob.label), **options)
 
 
 class TimeoutProfile(models.Model):
@@ -109,8 +107,11 @@ class TimeoutProfile(models.Model):
 
     The most specific enabled match wins (:mod:`chatproxy.profiles`); the profile named
     ``default`` always exists, cannot be disabled or deleted, and matches every model.
-    Validation lives here (:meth:`clean`), and :meth:`save` runs it, so the admin, model forms
-    and the shell all refuse a profile that cannot work, with a message saying what to change.
+    The timeouts are :mod:`chatproxy.policy`'s knobs: their defaults, labels, help texts and
+    validation are defined there. :meth:`clean` adds what only a profile has (the ``default``
+    profile's rules, a pattern), reports the policy's problems on the fields to change, and
+    :meth:`save` runs it, so the admin, model forms and the shell all refuse a profile that cannot
+    work, with a message saying what to change.
     """
 
     name = models.CharField(_("name"), max_length=100, unique=True)
@@ -119,46 +120,18 @@ class TimeoutProfile(models.Model):
         help_text=_("A glob on the model name: * any text, ? one character, [abc] one of. "
                     "Examples: o1*, gpt-4o-mini, claude-*. The most specific matching profile wins."),
     )
-    connect_timeout = _seconds(_("connect timeout"), _TIMEOUT_DEFAULTS["CONNECT"], _("Seconds, TCP/TLS connect."))
-    first_token_timeout = _seconds(
-        _("first-token timeout"), _TIMEOUT_DEFAULTS["FIRST_TOKEN"],
-        _("Seconds from sending a request to its first chunk. Reasoning models need a minute; chat models a few "
-          "seconds."),
-    )
-    stall_timeout = _seconds(
-        _("stall timeout"), _TIMEOUT_DEFAULTS["STALL"],
-        _("Longest allowed silence between two chunks, in seconds, before the attempt is retried."),
-    )
-    deadline = _seconds(
-        _("deadline"), _TIMEOUT_DEFAULTS["DEADLINE"],
-        _("Seconds for the whole answer: every attempt and backoff included."),
-    )
-    max_attempts = models.PositiveSmallIntegerField(
-        _("max attempts"), default=_TIMEOUT_DEFAULTS["MAX_ATTEMPTS"],
-        help_text=_("1 to 10, the first try included."),
-    )
-    backoff_initial = _seconds(
-        _("initial backoff"), _TIMEOUT_DEFAULTS["BACKOFF_INITIAL"],
-        _("Seconds before the first retry (doubled each retry, full jitter); 0 retries at once."),
-    )
-    backoff_max = _seconds(_("maximum backoff"), _TIMEOUT_DEFAULTS["BACKOFF_MAX"], _("Seconds, the backoff cap."))
-    retry_after_max = _seconds(
-        _("longest Retry-After"), _TIMEOUT_DEFAULTS["RETRY_AFTER_MAX"],
-        _("Seconds; an upstream asking to wait longer fails fast instead."),
-    )
-    keepalive_interval = _seconds(
-        _("keepalive interval"), _TIMEOUT_DEFAULTS["KEEPALIVE"],
-        _("Seconds of silence towards the client before a keepalive frame; must be well below the gateway timeout."),
-    )
-    gateway_timeout = _seconds(
-        _("gateway timeout"), _TIMEOUT_DEFAULTS["GATEWAY"],
-        _("The front proxy's idle deadline in seconds (nginx proxy_read_timeout, load balancer idle timeout)."),
-    )
-    on_partial = models.CharField(
-        _("on partial output"), max_length=10, default=_TIMEOUT_DEFAULTS["ON_PARTIAL"],
-        choices=[(choice, choice) for choice in ON_PARTIAL_CHOICES],
-        help_text=_("After text was sent: restart the answer, continue it, or fail."),
-    )
+    # The policy's knobs: defaults, labels, help texts and validation come from chatproxy.policy.
+    connect_timeout = _policy_field("connect_timeout")
+    first_token_timeout = _policy_field("first_token_timeout")
+    stall_timeout = _policy_field("stall_timeout")
+    deadline = _policy_field("deadline")
+    max_attempts = _policy_field("max_attempts")
+    backoff_initial = _policy_field("backoff_initial")
+    backoff_max = _policy_field("backoff_max")
+    retry_after_max = _policy_field("retry_after_max")
+    keepalive_interval = _policy_field("keepalive_interval")
+    gateway_timeout = _policy_field("gateway_timeout")
+    on_partial = _policy_field("on_partial")
     enabled = models.BooleanField(_("enabled"), default=True)
 
     class Meta:
@@ -194,33 +167,9 @@ class TimeoutProfile(models.Model):
         elif not (self.model_pattern or "").strip():
             add("model_pattern", "Enter a glob such as 'o1*' or an exact model name.")
 
-        bad = set()
-        for name in POSITIVE_SECONDS:
-            value = getattr(self, name)
-            if value is None or not math.isfinite(value) or value <= 0:
-                add(name, "Enter a positive number of seconds (greater than 0).")
-                bad.add(name)
-        for name in NON_NEGATIVE_SECONDS:
-            value = getattr(self, name)
-            if value is None or not math.isfinite(value) or value < 0:
-                add(name, "Enter a number of seconds, 0 or more.")
-                bad.add(name)
-        if self.max_attempts is None or not 1 <= self.max_attempts <= MAX_ATTEMPTS_LIMIT:
-            add("max_attempts", f"Enter a whole number from 1 to {MAX_ATTEMPTS_LIMIT} (the first try counts as one).")
-
-        if not bad & {"keepalive_interval", "gateway_timeout"} and self.keepalive_interval >= self.gateway_timeout:
-            add("keepalive_interval",
-                f"Must be shorter than the gateway timeout ({self.gateway_timeout:g} s), or the gateway cuts a "
-                f"silent stream before a keepalive goes out: lower it (e.g. to {self.gateway_timeout / 4:g} s) "
-                "or raise the gateway timeout.")
-        if "deadline" not in bad:
-            for name, label in (("stall_timeout", "stall timeout"), ("first_token_timeout", "first-token timeout")):
-                if name not in bad and getattr(self, name) >= self.deadline:
-                    add(name, f"Must be below the deadline ({self.deadline:g} s), or no retry can ever happen: "
-                              f"lower the {label} or raise the deadline.")
-        if not bad & {"backoff_initial", "backoff_max"} and self.backoff_initial > self.backoff_max:
-            add("backoff_initial",
-                f"Must not exceed the maximum backoff ({self.backoff_max:g} s): lower it or raise the maximum.")
+        values = {knob.name: getattr(self, knob.field) for knob in policy.KNOBS}
+        for problem in policy.problems(values, policy.by_label):
+            add(problem.knob.field, problem.sentence())
         if errors:
             raise ValidationError(errors)
 

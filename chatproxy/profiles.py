@@ -19,20 +19,29 @@ the admin, not in settings.
 
 How a change reaches every worker without a query per request
 --------------------------------------------------------------
-Each process keeps a snapshot of the enabled profiles (as ready-made :class:`~chatproxy.conf.Policy`
+Each process keeps a snapshot of the enabled profiles (as ready-made :class:`~chatproxy.policy.Policy`
 values, with a per-model memo) tagged with a *version*: a random token stored under
 :data:`VERSION_KEY` in Django's ``default`` cache, without expiry. Saving or deleting a profile
 writes a new token once the transaction commits (and forgets the local snapshot at once).
 
-Before a stream is opened, :func:`arefresh` compares the cached token with the snapshot's, at most
-once every :data:`CHECK_INTERVAL` seconds per process: one cache read, and a database read only
-when the token changed. So a saved change applies to the next request in every process within
-``CHECK_INTERVAL`` (at once in the process that saved it). Nothing here runs per chunk.
+Before a stream is opened, :func:`arefresh` looks at two things, at most once every
+:data:`CHECK_INTERVAL` seconds per process (one cache read):
 
-The cache must be shared by all workers (Redis, Memcached, the file or database cache) for
-changes to reach them; a per-process cache (``LocMemCache``) only serves one process (system
-check ``chatproxy.W003``). If the token is missing (evicted, or a ``DummyCache``), snapshots are
-reloaded every :data:`RELOAD_FALLBACK` seconds instead; so is a snapshot whose load failed.
+* the cached token: when it differs from the snapshot's, the profiles are reloaded. With a cache
+  shared by all workers (Redis, Memcached, the file or database cache) a saved change so applies
+  to the next request in every process within ``CHECK_INTERVAL`` (at once in the process that
+  saved it);
+* the snapshot's age: once it is ``CHATPROXY["PROFILES"]["REFRESH"]`` seconds old (default 5), the
+  profiles are read again whatever the token says, and the snapshot is rebuilt only if a row
+  differs. That read is the guarantee: whatever the cache (a per-process ``LocMemCache``, a
+  ``DummyCache``, an evicted token) and however the rows changed (another process, the shell,
+  ``queryset.update()``, raw SQL, a delete), every worker applies the change within ``REFRESH``
+  seconds. It costs one query per ``REFRESH`` seconds per process, reading the profiles table,
+  which holds one row per tuned model family; a failed load is retried after the same interval.
+
+Nothing here runs per chunk, and a request costs no query: a lookup between two checks is a dict
+read. System check ``chatproxy.W003`` says when only the ``REFRESH`` read can carry changes
+between workers (a per-process cache), and ``chatproxy.E012`` when ``REFRESH`` is invalid.
 
 Sync callers (the shell, management commands, sync views) get the same check from
 :func:`policy_for`; in a running event loop :func:`policy_for` never touches the database (Django
@@ -47,11 +56,13 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any
 
-from chatproxy.conf import Policy
+from chatproxy.conf import profiles_refresh, settings_policy
+from chatproxy.policy import PROFILE_FIELDS as TIMEOUT_FIELDS
+from chatproxy.policy import Policy, by_label, from_profile
 
 logger = logging.getLogger("chatproxy.profiles")
 
@@ -63,26 +74,13 @@ CACHE_ALIAS = "default"
 VERSION_KEY = "chatproxy:profiles:version"
 #: Seconds between two version checks in one process.
 CHECK_INTERVAL = 0.5
-#: Seconds a snapshot is trusted when no version token can be read, or when loading failed.
-RELOAD_FALLBACK = 5.0
 #: Models remembered per snapshot (the memo is dropped when it grows past this).
 MEMO_SIZE = 1024
 
-# TimeoutProfile field -> Policy field
-PROFILE_TO_POLICY = {
-    "connect_timeout": "connect",
-    "first_token_timeout": "first_token",
-    "stall_timeout": "stall",
-    "deadline": "deadline",
-    "max_attempts": "max_attempts",
-    "backoff_initial": "backoff_initial",
-    "backoff_max": "backoff_max",
-    "retry_after_max": "retry_after_max",
-    "keepalive_interval": "keepalive",
-    "gateway_timeout": "gateway",
-    "on_partial": "on_partial",
-}
-PROFILE_FIELDS = (*PROFILE_TO_POLICY, "name", "model_pattern", "enabled")
+#: The columns a snapshot reads.
+PROFILE_FIELDS = (*TIMEOUT_FIELDS, "name", "model_pattern", "enabled")
+#: The policy of a profile row; the name :mod:`chatproxy.records` uses for :func:`chatproxy.policy.from_profile`.
+policy_of = from_profile
 
 
 def specificity(name: str, pattern: str) -> tuple[int, int, int]:
@@ -131,14 +129,6 @@ def ordered(candidates: Iterable[Any]) -> list[Any]:
     return result
 
 
-def policy_of(row: Any) -> Policy:
-    """The :class:`Policy` a profile (model instance or ``values()`` dict) stands for."""
-    get = row.get if isinstance(row, dict) else lambda name: getattr(row, name)
-    values: dict[str, Any] = {policy: get(attr) for attr, policy in PROFILE_TO_POLICY.items()}
-    values["max_attempts"] = int(values["max_attempts"])
-    return Policy(profile=str(get("name")), **values)
-
-
 # ------------------------------------------------------------------ the per-process snapshot
 
 
@@ -157,6 +147,7 @@ class Snapshot:
     loaded_at: float  # time.monotonic()
     entries: tuple[_Entry, ...] = ()
     failed: bool = False
+    rows: tuple[dict[str, Any], ...] = ()  # as read, to tell whether a periodic re-read found a change
     memo: dict[str, Policy | None] = field(default_factory=dict)
 
     def policy_for(self, model: str) -> Policy | None:
@@ -225,13 +216,16 @@ def _read_version() -> str | None:
     return version if isinstance(version, str) else None
 
 
+def _due(now: float) -> bool:
+    """Whether a lookup at ``now`` should check first: every ``CHECK_INTERVAL``, and always once the
+    snapshot is ``REFRESH`` seconds old (so no request is served from an older one)."""
+    return now - _checked_at >= CHECK_INTERVAL or now - _snapshot.loaded_at >= profiles_refresh()
+
+
 def _stale(version: str | None, now: float) -> bool:
+    """Whether the profiles must be read again: the token moved, or the snapshot is ``REFRESH`` old."""
     current = _snapshot
-    if version is not None and version != current.version:
-        return True
-    if version is None or current.failed:
-        return now - current.loaded_at >= RELOAD_FALLBACK
-    return False
+    return (version is not None and version != current.version) or now - current.loaded_at >= profiles_refresh()
 
 
 def _query() -> Any:
@@ -240,20 +234,32 @@ def _query() -> Any:
 
     TimeoutProfile = apps.get_model("chatproxy", "TimeoutProfile")
     # ``default`` is always in force, even if someone bypassed validation to disable it.
-    return TimeoutProfile.objects.filter(Q(enabled=True) | Q(name=DEFAULT_NAME)).values(*PROFILE_FIELDS)
+    query = TimeoutProfile.objects.filter(Q(enabled=True) | Q(name=DEFAULT_NAME))
+    return query.order_by("name").values(*PROFILE_FIELDS)
 
 
-def _build(version: str | None, rows: Sequence[dict[str, Any]], now: float) -> Snapshot:
+def _loaded(version: str | None, rows: Sequence[dict[str, Any]], now: float) -> Snapshot:
+    """The snapshot for ``rows`` just read: the current one (memo kept) when nothing changed."""
+    current = _snapshot
+    rows = tuple(rows)
+    if current is not _EMPTY and not current.failed and rows == current.rows:
+        return replace(current, version=version, loaded_at=now)
+    if current is not _EMPTY and version == current.version and not current.failed:
+        logger.info("timeout profiles changed in the database without a new version token; reloaded")
+    return _build(version, rows, now)
+
+
+def _build(version: str | None, rows: tuple[dict[str, Any], ...], now: float) -> Snapshot:
     entries = []
     for row in rows:
-        policy = policy_of(row)
-        problems = policy.problems()
+        policy = from_profile(row)
+        problems = policy.problems(by_label)
         if problems:
             # Only possible when validation was bypassed (queryset.update, raw SQL).
-            logger.error("timeout profile %r is ignored: %s", row["name"], "; ".join(problems))
+            logger.error("timeout profile %r is ignored: %s", row["name"], "; ".join(p.sentence() for p in problems))
             continue
         entries.append(_Entry(row["name"], row["model_pattern"], policy))
-    return Snapshot(version=version, loaded_at=now, entries=tuple(ordered(entries)))
+    return Snapshot(version=version, loaded_at=now, entries=tuple(ordered(entries)), rows=rows)
 
 
 def _failed(version: str | None, now: float, exc: BaseException) -> Snapshot:
@@ -272,7 +278,7 @@ def refresh() -> Snapshot:
     if _in_event_loop():
         return _snapshot
     now = time.monotonic()
-    if now - _checked_at < CHECK_INTERVAL and _snapshot is not _EMPTY:
+    if not _due(now):
         return _snapshot
     _checked_at = now
     version = _read_version()
@@ -282,7 +288,7 @@ def refresh() -> Snapshot:
         except Exception as exc:
             _snapshot = _failed(version, now, exc)
         else:
-            _snapshot = _build(version, rows, now)
+            _snapshot = _loaded(version, rows, now)
     return _snapshot
 
 
@@ -300,7 +306,7 @@ async def arefresh() -> Snapshot:
     if checking is not None and not checking.done() and checking.get_loop() is asyncio.get_running_loop():
         return await asyncio.shield(checking)
     now = time.monotonic()
-    if now - _checked_at < CHECK_INTERVAL and _snapshot is not _EMPTY:
+    if not _due(now):
         return _snapshot
     _checking = asyncio.get_running_loop().create_task(_check(now))
     return await asyncio.shield(_checking)
@@ -316,7 +322,7 @@ async def _check(now: float) -> Snapshot:
         except Exception as exc:
             _snapshot = _failed(version, now, exc)
         else:
-            _snapshot = _build(version, rows, now)
+            _snapshot = _loaded(version, rows, now)
     return _snapshot
 
 
@@ -344,7 +350,7 @@ def policy_for(model: str) -> Policy | None:
     for the requests that follow).
     """
     if _in_event_loop():
-        if time.monotonic() - _checked_at >= CHECK_INTERVAL:
+        if _due(time.monotonic()):
             _refresh_soon()
         return _snapshot.policy_for(model)
     return refresh().policy_for(model)
@@ -359,3 +365,17 @@ def _refresh_soon() -> None:
     if _background is not None and not _background.done() and _background.get_loop() is loop:
         return
     _background = loop.create_task(arefresh())
+
+
+def resolve_policy(model: str, options: Mapping[str, Any] | None = None) -> Policy:
+    """The policy for one request to ``model``.
+
+    Layers, strongest first: ``options`` (per-request, already validated by the caller), the
+    most specific enabled admin ``TimeoutProfile`` for ``model`` (its name goes to
+    ``Policy.profile``), ``CHATPROXY["TIMEOUTS"]``, built-in defaults. Settings and defaults only
+    apply when no profile can be loaded: the ``default`` profile matches every model.
+    """
+    policy = policy_for(model) or settings_policy()
+    if options:
+        policy = policy.with_options(**options)
+    return policy

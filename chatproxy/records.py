@@ -63,8 +63,6 @@ from chatproxy.core import ChatStream
 
 logger = logging.getLogger("chatproxy.records")
 
-RECORDS_DEFAULTS = {"ENABLED": True, "RETENTION_DAYS": 30}
-
 #: Most recent streams per model that statistics look at.
 SAMPLE_LIMIT = 5000
 #: Fewer streams than this give statistics but no suggestion.
@@ -85,8 +83,8 @@ DEFAULT_WINDOW = "24h"
 
 
 def records_config() -> dict[str, Any]:
-    """``CHATPROXY["RECORDS"]`` over :data:`RECORDS_DEFAULTS`."""
-    return {**RECORDS_DEFAULTS, **(get_config().get("RECORDS") or {})}
+    """``CHATPROXY["RECORDS"]`` over its defaults (:data:`chatproxy.conf.DEFAULTS`)."""
+    return dict(get_config()["RECORDS"])
 
 
 # --------------------------------------------------------------------------- writing

@@ -13,7 +13,7 @@ import weakref
 from typing import Any
 
 from chatproxy import limits, profiles, records, signals
-from chatproxy.conf import get_config, resolve_policy, upstream_api_key
+from chatproxy.conf import get_config, upstream_api_key
 from chatproxy.core import ChatRequest, ChatStream, Subscription
 from chatproxy.upstream import build_upstream
 from chatproxy.upstream.base import Upstream
@@ -66,7 +66,7 @@ async def open_stream(
     anything starts when a limit is reached; the lease taken is given back when the stream ends.
     """
     await profiles.arefresh()  # at most one cache read; a query only after a profile changed
-    policy = resolve_policy(request.model, options)
+    policy = profiles.resolve_policy(request.model, options)
     grace = float(get_config()["RESUME"]["GRACE"]) if resumable else 0.0
     slot = await limits.aadmit(who or limits.identity(user, None), policy.deadline + grace + limits.SLOT_MARGIN)
     try:

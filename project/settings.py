@@ -25,6 +25,7 @@ Environment variables (all optional):
                                   '{"STALL": 0.5, "KEEPALIVE": 0.2}' (tests use tiny values)
 ``CHATPROXY_LIMITS``              a JSON object merged into CHATPROXY["LIMITS"], e.g.
                                   '{"MAX_STREAMS_PER_USER": 2, "REQUESTS_PER_MINUTE": 30}'
+``CHATPROXY_PROFILES``            a JSON object merged into CHATPROXY["PROFILES"], e.g. '{"REFRESH": 1}'
 ================================  ===================================================================
 """
 
@@ -235,3 +236,6 @@ if _resume:
 _limits = _env_json_object("CHATPROXY_LIMITS")
 if _limits:
     CHATPROXY["LIMITS"] = _limits
+_profiles = _env_json_object("CHATPROXY_PROFILES")
+if _profiles:
+    CHATPROXY["PROFILES"] = _profiles

@@ -39,21 +39,39 @@ def test_sound_settings_pass():
 def test_e001_keepalive_not_below_gateway():
     result = found(with_upstream(TIMEOUTS={"KEEPALIVE": 60, "GATEWAY": 60}))
     (error,) = result["chatproxy.E001"]
-    assert "keepalive must be shorter than the gateway timeout" in error.msg
-    assert "e.g. 15 s" in error.hint
+    assert error.msg.startswith("CHATPROXY['TIMEOUTS']['KEEPALIVE'] is 60.0: it must be shorter than GATEWAY (60 s)")
+    assert error.hint.startswith("Lower KEEPALIVE (e.g. to 15 s) or raise GATEWAY")
 
 
 def test_e001_stall_and_first_token_not_below_deadline():
     result = found(with_upstream(TIMEOUTS={"STALL": 300, "FIRST_TOKEN": 400, "DEADLINE": 300}))
-    messages = " ".join(e.msg for e in result["chatproxy.E001"])
-    assert "stall must be shorter than the deadline" in messages
-    assert "first_token must be shorter than the deadline" in messages
-    assert all("DEADLINE (now 300 s)" in e.hint for e in result["chatproxy.E001"])
+    assert sorted(e.msg.split("]")[1] for e in result["chatproxy.E001"]) == ["['FIRST_TOKEN'", "['STALL'"]
+    assert all("must be below DEADLINE (300 s), or no retry can ever happen" in e.msg
+               for e in result["chatproxy.E001"])
+    assert {e.hint for e in result["chatproxy.E001"]} == {"Lower STALL or raise DEADLINE.",
+                                                          "Lower FIRST_TOKEN or raise DEADLINE."}
 
 
-def test_e001_wrong_type():
-    (error,) = found(with_upstream(TIMEOUTS={"STALL": "ten"}))["chatproxy.E001"]
-    assert "wrong type" in error.msg
+@pytest.mark.parametrize(
+    ("timeouts", "says"),
+    [
+        ({"STALL": "ten"}, "['STALL'] is 'ten': it must be a positive number of seconds"),
+        ({"CONNECT": 0}, "['CONNECT'] is 0.0: it must be a positive number of seconds"),
+        ({"BACKOFF_MAX": -1}, "['BACKOFF_MAX'] is -1.0: it must be a number of seconds, 0 or more"),
+        ({"MAX_ATTEMPTS": 11}, "['MAX_ATTEMPTS'] is 11: it must be a whole number from 1 to 10"),
+        ({"ON_PARTIAL": "retry"}, "['ON_PARTIAL'] is 'retry': it must be one of restart, continue, fail"),
+        ({"BACKOFF_INITIAL": 5}, "['BACKOFF_INITIAL'] is 5.0: it must not exceed BACKOFF_MAX (4 s)"),
+    ],
+)
+def test_e001_each_value(timeouts, says):
+    (error,) = found(with_upstream(TIMEOUTS=timeouts))["chatproxy.E001"]
+    assert says in error.msg
+
+
+def test_e001_relations_skip_values_already_wrong():
+    # GATEWAY is wrong on its own: no second error comparing KEEPALIVE with it.
+    (error,) = found(with_upstream(TIMEOUTS={"KEEPALIVE": 90, "GATEWAY": "sixty"}))["chatproxy.E001"]
+    assert "['GATEWAY']" in error.msg and error.hint == "Enter e.g. 60, the default."
 
 
 def test_e002_unknown_sdk_choice():
@@ -121,6 +139,17 @@ def test_e011_records(records):
     assert "chatproxy.E011" in found(with_upstream(RECORDS=records))
 
 
+@pytest.mark.parametrize("refresh", [0, -1, "5", None, True, float("inf")])
+def test_e012_profiles_refresh(refresh):
+    (error,) = found(with_upstream(PROFILES={"REFRESH": refresh}))["chatproxy.E012"]
+    assert f"CHATPROXY['PROFILES']['REFRESH'] is {refresh!r}" in error.msg and "positive number" in error.hint
+
+
+def test_sections_may_be_none():
+    # None for a section means its defaults, for the checks and for the code that reads it.
+    assert found(with_upstream(RECORDS=None, PROFILES=None, TIMEOUTS=None)) == {}
+
+
 def test_w001_no_api_key(monkeypatch):
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     assert "chatproxy.W001" in found({"UPSTREAM": {"API_KEY": None}})
@@ -132,9 +161,10 @@ def test_w003_per_process_cache_in_production():
     shared = {"default": {"BACKEND": "django.core.cache.backends.filebased.FileBasedCache",
                           "LOCATION": "/tmp/chatproxy-test-checks-cache"}}
     (warning,) = found(with_upstream(), DEBUG=False, CACHES=locmem)["chatproxy.W003"]
-    assert "never reaches other worker processes" in warning.msg
-    (warning,) = found(with_upstream(), DEBUG=False, CACHES=dummy)["chatproxy.W003"]
-    assert "only after up to 5 s" in warning.msg
+    assert "is LocMemCache" in warning.msg
+    assert "reaches the other workers only by their periodic re-read, up to 5 s later" in warning.msg
+    (warning,) = found(with_upstream(PROFILES={"REFRESH": 2}), DEBUG=False, CACHES=dummy)["chatproxy.W003"]
+    assert "is DummyCache" in warning.msg and "up to 2 s later" in warning.msg
     assert "chatproxy.W003" not in found(with_upstream(), DEBUG=False, CACHES=shared)
     assert "chatproxy.W003" not in found(with_upstream(), DEBUG=True, CACHES=locmem)
 

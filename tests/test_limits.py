@@ -19,7 +19,7 @@ from django.core.cache import caches
 from django.core.checks import run_checks
 
 from chatproxy import limits, profiles
-from chatproxy.conf import resolve_policy
+from chatproxy.profiles import resolve_policy
 from project.asgi import application
 from tests.asgi_calls import call
 from tests.fixtures_servers import LIVE_RESUME, LIVE_TIMEOUTS, csrf_session

@@ -1,7 +1,9 @@
 """Timeout profiles: validation, the default profile, specificity, precedence, live effect.
 
-The last test runs two Daphne processes on one SQLite database and one file cache: a profile
-saved through the admin of one process applies to the next stream of the other.
+The last tests run Daphne in child processes: two on one SQLite database and one file cache (a
+profile saved through the admin of one process applies to the next stream of the other), and one
+with a per-process cache (a profile saved from ``manage.py shell`` applies within
+``PROFILES.REFRESH``).
 """
 
 from __future__ import annotations
@@ -24,10 +26,12 @@ from django.core.exceptions import ValidationError
 from django.db import connection, transaction
 from django.db.models import ProtectedError
 from django.test import override_settings
+from django.test.utils import CaptureQueriesContext
 
 from chatproxy import profiles
-from chatproxy.conf import Policy, resolve_policy
 from chatproxy.models import TimeoutProfile
+from chatproxy.policy import Policy, from_profile
+from chatproxy.profiles import resolve_policy
 from tests.fixtures_servers import LIVE_TIMEOUTS
 from tests.servers import AppServer, simulator_env
 from tests.sseclient import read_sse
@@ -43,6 +47,26 @@ def _fresh_profiles(fresh_profiles):
 @pytest.fixture
 def no_throttle(monkeypatch):
     monkeypatch.setattr(profiles, "CHECK_INTERVAL", 0.0)
+
+
+class Clock:
+    """``profiles``' view of ``time``: a monotonic clock the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.fixture
+def clock(monkeypatch) -> Clock:
+    clock = Clock()
+    monkeypatch.setattr(profiles, "time", clock)
+    return clock
 
 
 def profile(**fields) -> TimeoutProfile:
@@ -337,13 +361,57 @@ def test_lost_version_key_is_recreated(no_throttle, django_assert_num_queries):
 
 
 @pytest.mark.django_db
-def test_without_a_working_cache_snapshots_expire(no_throttle, monkeypatch, settings):
+def test_without_a_working_cache_snapshots_expire(no_throttle, settings):
     settings.CACHES = {"default": {"BACKEND": "django.core.cache.backends.dummy.DummyCache"}}
     TimeoutProfile.objects.create(name="chat", model_pattern="gpt-*", stall_timeout=3)
     assert resolve_policy("gpt-4o").stall == 3.0
     TimeoutProfile.objects.filter(name="chat").update(stall_timeout=6)
-    assert resolve_policy("gpt-4o").stall == 3.0  # trusted for RELOAD_FALLBACK seconds
-    monkeypatch.setattr(profiles, "RELOAD_FALLBACK", 0.0)
+    assert resolve_policy("gpt-4o").stall == 3.0  # trusted for PROFILES.REFRESH seconds
+    settings.CHATPROXY = {"PROFILES": {"REFRESH": 1e-9}}
+    assert resolve_policy("gpt-4o").stall == 6.0
+
+
+@pytest.mark.django_db
+def test_one_query_per_refresh_interval_never_per_request(clock, settings):
+    settings.CHATPROXY = {"PROFILES": {"REFRESH": 5.0}}
+    TimeoutProfile.objects.create(name="chat", model_pattern="gpt-*", stall_timeout=3)
+    assert resolve_policy("gpt-4o").profile == "chat"  # loaded
+    loaded = profiles.snapshot()
+    with CaptureQueriesContext(connection) as queries:
+        for _ in range(1499):  # 14.99 s of lookups, one every 10 ms: many version checks, three intervals begun
+            clock.advance(0.01)
+            assert resolve_policy("gpt-4o").profile == "chat"
+    assert len(queries) == 2, [q["sql"] for q in queries]  # the re-reads at 5 s and 10 s
+    assert "chatproxy_timeoutprofile" in queries[0]["sql"]
+    assert profiles.snapshot().entries is loaded.entries  # nothing changed: the snapshot (and its memo) is kept
+
+
+@pytest.mark.django_db
+def test_a_change_nobody_announced_applies_within_refresh(clock, settings):
+    settings.CHATPROXY = {"PROFILES": {"REFRESH": 2.0}}
+    TimeoutProfile.objects.create(name="chat", model_pattern="gpt-*", stall_timeout=3)
+    assert resolve_policy("gpt-4o").stall == 3.0
+    # No signal, no new version token: what another process with its own LocMemCache, or raw SQL, looks like.
+    TimeoutProfile.objects.filter(name="chat").update(stall_timeout=6)
+    clock.advance(1.99)
+    assert resolve_policy("gpt-4o").stall == 3.0
+    clock.advance(0.01)
+    assert resolve_policy("gpt-4o").stall == 6.0  # the first lookup once the snapshot is REFRESH old
+    TimeoutProfile.objects.filter(name="chat")._raw_delete(connection.alias)  # a delete nobody announced
+    clock.advance(2.0)
+    assert resolve_policy("gpt-4o").profile == "default"
+
+
+async def test_async_refresh_rereads_after_refresh(async_db, clock):
+    await TimeoutProfile.objects.acreate(name="chat", model_pattern="gpt-*", stall_timeout=3)
+    await profiles.arefresh()
+    assert resolve_policy("gpt-4o").stall == 3.0
+    await TimeoutProfile.objects.filter(name="chat").aupdate(stall_timeout=6)
+    clock.advance(1.0)
+    await profiles.arefresh()  # a version check (a cache read), the token is unchanged: no reload
+    assert resolve_policy("gpt-4o").stall == 3.0
+    clock.advance(4.0)  # the default REFRESH
+    await profiles.arefresh()  # re-read through the async ORM, off the event loop
     assert resolve_policy("gpt-4o").stall == 6.0
 
 
@@ -362,10 +430,10 @@ async def test_async_refresh_and_no_database_from_the_event_loop(async_db, no_th
     assert resolve_policy("gpt-4o").stall == 6.0
 
 
-def test_policy_of_maps_every_field():
-    row = {name: getattr(Policy(), attr) for name, attr in profiles.PROFILE_TO_POLICY.items()}
+def test_from_profile_maps_every_field():
+    row = Policy().profile_values()
     row.update(name="x", stall_timeout=4.0, keepalive_interval=2.0, gateway_timeout=30.0, max_attempts=5)
-    assert profiles.policy_of(row) == Policy(stall=4.0, keepalive=2.0, gateway=30.0, max_attempts=5, profile="x")
+    assert from_profile(row) == Policy(stall=4.0, keepalive=2.0, gateway=30.0, max_attempts=5, profile="x")
 
 
 # --------------------------------------------------------------------------- live effect, two processes
@@ -478,3 +546,50 @@ async def test_admin_change_reaches_the_other_process(two_servers, sim):
                                 allow_redirects=False) as response:
             assert response.status == 302
         await wait_for_profile(other, "default", within=profiles.CHECK_INTERVAL + 2.0)
+
+
+# --------------------------------------------------------------------------- a per-process cache
+
+REFRESH = 1.0
+SHELL_SAVE_DEFAULT = (
+    "from chatproxy.models import TimeoutProfile\n"
+    "default = TimeoutProfile.objects.get(name='default')\n"
+    "default.stall_timeout = 0.15\n"
+    "default.save()\n"
+)
+SHELL_UPDATE_DEFAULT = (  # no signal, no version token: only the periodic re-read can see it
+    "from chatproxy.models import TimeoutProfile\n"
+    "TimeoutProfile.objects.filter(name='default').update(stall_timeout=0.5)\n"
+)
+
+
+@pytest.fixture(scope="module")
+def locmem_server(simulator):
+    """One Daphne process whose ``default`` cache is its own LocMemCache, with ``PROFILES.REFRESH`` 1 s."""
+    env = simulator_env(simulator.base_url, timeouts=LIVE_TIMEOUTS, profiles={"REFRESH": REFRESH})
+    server = AppServer({**env, "DJANGO_CACHE_DIR": "", "REDIS_URL": ""}).start()
+    yield server
+    server.stop()
+
+
+async def wait_for_retries(server: AppServer, retried: bool, within: float) -> float:
+    """Seconds until a stream with a 0.35 s pause on ``server`` is (or is no longer) retried for a stall."""
+    started = time.monotonic()
+    while True:
+        result = await stream_on(server, "chunks=6 stall_after=2 stall=0.35 times=1")
+        assert result.named("done"), result.events
+        if bool(result.named("retry")) is retried:
+            return time.monotonic() - started
+        assert time.monotonic() - started < within, f"{server.url} still uses the old stall timeout"
+
+
+async def test_a_shell_change_reaches_a_server_with_a_per_process_cache(locmem_server, sim):
+    server = locmem_server
+    assert await wait_for_retries(server, retried=False, within=1.0) < 1.0  # default: 0.5 s stall timeout
+
+    # manage.py shell is another process with another LocMemCache: its version token reaches no one.
+    await asyncio.to_thread(server.manage, "shell", "-c", SHELL_SAVE_DEFAULT)
+    assert await wait_for_retries(server, retried=True, within=REFRESH + 2.0) < REFRESH + 2.0
+
+    await asyncio.to_thread(server.manage, "shell", "-c", SHELL_UPDATE_DEFAULT)
+    assert await wait_for_retries(server, retried=False, within=REFRESH + 2.0) < REFRESH + 2.0

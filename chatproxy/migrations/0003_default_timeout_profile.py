@@ -13,20 +13,21 @@ logger = logging.getLogger("chatproxy.migrations")
 
 def create_default(apps, schema_editor):
     from chatproxy import conf, profiles
+    from chatproxy.policy import Policy
 
     TimeoutProfile = apps.get_model("chatproxy", "TimeoutProfile")
     try:
         policy = conf.settings_policy()
-        problems = policy.problems()
+        problems = [str(problem) for problem in policy.problems()]
     except (TypeError, ValueError) as exc:
         problems = [str(exc)]
     if problems:
         logger.warning("CHATPROXY['TIMEOUTS'] is invalid (%s): the default profile gets the built-in defaults",
                        "; ".join(problems))
-        policy = conf.Policy()
-    values = {attr: getattr(policy, field) for attr, field in profiles.PROFILE_TO_POLICY.items()}
+        policy = Policy()
     TimeoutProfile.objects.using(schema_editor.connection.alias).get_or_create(
-        name=profiles.DEFAULT_NAME, defaults={"model_pattern": profiles.DEFAULT_PATTERN, "enabled": True, **values}
+        name=profiles.DEFAULT_NAME,
+        defaults={"model_pattern": profiles.DEFAULT_PATTERN, "enabled": True, **policy.profile_values()},
     )
     profiles.bump_version()
 

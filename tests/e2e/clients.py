@@ -22,6 +22,7 @@ from typing import Any
 import aiohttp
 import yarl
 
+from chatproxy.policy import KNOBS
 from tests.sseclient import parse_block
 
 STREAM_CAP = 45.0  # seconds: no scenario may take longer (the workers' DEADLINE is 30 s)
@@ -134,12 +135,7 @@ def cookie_header(session: aiohttp.ClientSession, base_url: str) -> str:
 
 PROFILE_ADMIN = "/admin/chatproxy/timeoutprofile/"
 # CHATPROXY["TIMEOUTS"] key -> TimeoutProfile field
-PROFILE_FIELDS = {
-    "CONNECT": "connect_timeout", "FIRST_TOKEN": "first_token_timeout", "STALL": "stall_timeout",
-    "DEADLINE": "deadline", "MAX_ATTEMPTS": "max_attempts", "BACKOFF_INITIAL": "backoff_initial",
-    "BACKOFF_MAX": "backoff_max", "RETRY_AFTER_MAX": "retry_after_max", "KEEPALIVE": "keepalive_interval",
-    "GATEWAY": "gateway_timeout", "ON_PARTIAL": "on_partial",
-}
+PROFILE_FIELDS = {knob.setting: knob.field for knob in KNOBS}
 
 
 def profile_values(timeouts: dict[str, Any]) -> dict[str, Any]:

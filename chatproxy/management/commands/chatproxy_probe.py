@@ -15,8 +15,9 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from chatproxy import records
-from chatproxy.conf import Policy, get_config, resolve_policy, upstream_api_key
+from chatproxy.conf import Policy, get_config, upstream_api_key
 from chatproxy.errors import ConfigurationError, UpstreamError
+from chatproxy.profiles import resolve_policy
 from chatproxy.upstream import build_upstream
 from chatproxy.upstream.base import Upstream, UpstreamRequest
 
