@@ -22,9 +22,9 @@ or a restart of the same request streams the same units, tool-call ids included:
 * text: :func:`~chatproxy.simulator.text.answer_tokens`;
 * a tool call is made when ``tools`` are given, ``tool_choice`` is not ``none``, and either the
   choice forces one (``required`` or a named function) or the last message is not a tool result.
-  The tool is the named one, else the first whose name occurs in the last user message, else the
-  first. ``parallel_tool_calls: true`` (explicitly) or the ``tool_calls=N`` directive make N calls
-  (the next tools in order, wrapping around);
+  The tool is the named one, else the one whose name's words (``get_weather``: "weather") occur
+  most in the last user message, the first on a tie. ``parallel_tool_calls: true`` (explicitly)
+  makes two calls, the ``tool_calls=N`` directive N (the next tools in order, wrapping around);
 * arguments and JSON answers are generated from the JSON schema (:func:`schema_value`);
 * after tool results the answer first names each result (``"get_weather returned {...}."``),
   then goes on with generated text.
@@ -172,8 +172,8 @@ def schema_value(schema: Any, rng: random.Random, depth: int = 0) -> Any:
         low = _int(schema.get("minimum"), 1)
         return rng.randint(low, max(low, _int(schema.get("maximum"), low + 99)))
     if kind == "number":
-        low = _num(schema.get("minimum"), 0.0)
-        return round(rng.uniform(low, max(low, _num(schema.get("maximum"), low + 100.0))), 2)
+        floor = _num(schema.get("minimum"), 0.0)
+        return round(rng.uniform(floor, max(floor, _num(schema.get("maximum"), floor + 100.0))), 2)
     if kind == "boolean":
         return rng.random() < 0.5
     if kind == "null":
@@ -199,9 +199,19 @@ def _pick_tools(req: AnswerRequest, last_user: str, count: int) -> list[ToolSpec
     if req.forced_tool in names:
         start = names.index(req.forced_tool)
     else:
-        low = last_user.lower()
-        start = next((i for i, name in enumerate(names) if name.lower() in low), 0)
+        words = set(re.findall(r"[a-z0-9]+", last_user.lower()))
+        scores = [sum(part in words for part in _name_parts(name)) for name in names]
+        start = scores.index(max(scores))
     return [req.tools[(start + k) % len(req.tools)] for k in range(count)]
+
+
+def _name_parts(name: str) -> list[str]:
+    """``get_weather`` -> ``["weather"]``: the words of a tool name that say what it is about."""
+    parts = (p.lower() for p in re.split(r"[_\-]+|(?<=[a-z])(?=[A-Z])", name))
+    return [p for p in parts if len(p) > 2 and p not in _VERBS]
+
+
+_VERBS = {"get", "set", "fetch", "list", "find", "search", "lookup", "run", "call", "tool"}
 
 
 def _tool_results(messages: Sequence[Mapping[str, Any]]) -> str:

@@ -273,7 +273,7 @@ async def stream_messages(
     overloaded = {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}
     delivery = Delivery(request, resp, record, faults, keepalive=_PING, error_frame=_event("error", overloaded))
     await delivery.silence(faults.first_delay)
-    message = {
+    message: dict[str, Any] = {
         "id": f"msg_sim{uuid.uuid4().hex[:20]}",
         "type": "message",
         "role": "assistant",

@@ -53,7 +53,7 @@ from aiohttp import web
 
 from . import chat, messages
 from .faults import DirectiveError, describe
-from .wire import STATE_KEY, RequestRecord, SimState, install_connection_hooks, loads
+from .wire import STATE_KEY, RequestRecord, SimState, dumps, install_connection_hooks, loads
 
 __all__ = [
     "MODELS",
@@ -92,13 +92,13 @@ async def models_handler(request: web.Request) -> web.Response:
         return error_response(401, _NO_KEY, code=None)
     created = 1_700_000_000
     data = [{"id": name, "object": "model", "created": created, "owned_by": "chatproxy-simulator"} for name in MODELS]
-    return web.Response(body=chat.dumps({"object": "list", "data": data}), content_type="application/json")
+    return web.Response(body=dumps({"object": "list", "data": data}), content_type="application/json")
 
 
 async def stats_handler(request: web.Request) -> web.Response:
     state = request.app[STATE_KEY]
     state.mark(request, control=True)
-    return web.Response(body=chat.dumps(state.snapshot()), content_type="application/json")
+    return web.Response(body=dumps(state.snapshot()), content_type="application/json")
 
 
 async def reset_handler(request: web.Request) -> web.Response:
@@ -128,7 +128,7 @@ async def faults_handler(request: web.Request) -> web.Response:
             state.rules.delete(model)
     except DirectiveError as exc:
         return error_response(400, f"Simulator fault rule error: {exc}", param="fault")
-    return web.Response(body=chat.dumps({"rules": state.rules.as_list()}), content_type="application/json")
+    return web.Response(body=dumps({"rules": state.rules.as_list()}), content_type="application/json")
 
 
 def _response_headers(record: RequestRecord) -> dict[str, str]:
@@ -190,8 +190,10 @@ async def _handle(request: web.Request, api: str) -> web.StreamResponse:
         if faults.status is not None or faults.error is not None:
             headers = chat.retry_headers(faults)
             record.outcome = "status"
-            if faults.error is not None:
-                response = (messages if anthropic else chat).preset_error(faults.error, answer.model, headers)
+            if faults.error is not None and anthropic:
+                response = messages.preset_error(faults.error, answer.model, headers)
+            elif faults.error is not None:
+                response = chat.preset_error(faults.error, answer.model, headers)
             elif anthropic:
                 response = messages.status_error(faults.status or 500, headers)
             else:
