@@ -1,4 +1,4 @@
-"""``python -m chatproxy.simulator [--host 127.0.0.1] [--port 8001] [--quiet]``.
+"""``python -m chatproxy.simulator [--host 127.0.0.1] [--port 8001] [--quiet] [--fault MODEL DIRECTIVES]``.
 
 Prints ``chatproxy simulator listening on http://HOST:PORT/v1`` on stdout once it accepts
 connections, logs one line per completion request on stderr (unless ``--quiet``), and exits

@@ -16,6 +16,9 @@ code under test, and a test that blocks its own loop cannot make the upstream lo
   ``predicate(stats)`` is true and returns those stats, or raises ``AssertionError`` showing the
   last stats. It blocks the calling thread; from async code use ``await .await_until(...)``,
   which polls from a worker thread and leaves the event loop free.
+* ``faults={"gpt-4o": "status=503"}`` -- start-up fault rules (``--fault MODEL DIRECTIVES``);
+  ``.set_fault(model, fault)``, ``.clear_faults(model=None)`` and ``.fault_rules()`` change and
+  read them at runtime (``/_sim/faults``); ``.reset()`` restores the start-up set.
 * ``.stop()`` -- SIGTERM, then SIGKILL after 5 s. Idempotent; also registered with ``atexit``.
 * Context manager: ``with SimulatorProcess() as sim: ...``.
 
@@ -37,7 +40,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -65,12 +68,15 @@ class SimulatorProcess:
         quiet: bool = False,
         extra_args: Sequence[str] = (),
         env: dict[str, str] | None = None,
+        faults: Mapping[str, str] | None = None,
     ) -> None:
         self.host = host
         self.port = port
         self.startup_timeout = startup_timeout
         self._quiet = quiet
         self._extra_args = list(extra_args)
+        for model, fault in (faults or {}).items():
+            self._extra_args += ["--fault", model, fault]
         self._env = env
         self._proc: subprocess.Popen[str] | None = None
         self._output: collections.deque[str] = collections.deque(maxlen=400)
@@ -169,12 +175,19 @@ class SimulatorProcess:
         self.stop()
 
     # -- control endpoints -------------------------------------------------------------------
-    def _request(self, method: str, path: str, headers: dict[str, str] | None = None) -> Any:
-        req = urllib.request.Request(
-            self.url + path, method=method, headers=headers or {}, data=b"" if method == "POST" else None
-        )
-        with _OPENER.open(req, timeout=5) as resp:
-            return json.loads(resp.read())
+    def _request(
+        self, method: str, path: str, headers: dict[str, str] | None = None, body: Any = None
+    ) -> Any:
+        data = json.dumps(body).encode() if body is not None else b"" if method == "POST" else None
+        headers = {**(headers or {}), **({"Content-Type": "application/json"} if body is not None else {})}
+        req = urllib.request.Request(self.url + path, method=method, headers=headers, data=data)
+        try:
+            with _OPENER.open(req, timeout=5) as resp:
+                return json.loads(resp.read())
+        except urllib.error.HTTPError as exc:
+            if exc.code == 400:  # a bad fault rule: the simulator's message names the key
+                raise ValueError(json.loads(exc.read())["error"]["message"]) from None
+            raise
 
     def stats(self) -> Stats:
         """``GET /_sim/stats``: open_connections, active_requests, total_requests, requests, now."""
@@ -187,8 +200,28 @@ class SimulatorProcess:
         return requests
 
     def reset(self) -> None:
-        """Clear the request log, counters and per-fingerprint attempt counts."""
+        """Clear the request log, counters and attempt counts; restore the start-up fault rules."""
         self._request("POST", "/_sim/reset")
+
+    def set_fault(self, model: str, fault: str) -> list[dict[str, Any]]:
+        """Every request for ``model`` (a name or glob) gets ``fault`` (directives, e.g.
+        ``"status=503"``, ``"stall_first=30"``, ``"error=context_length_exceeded"``) until cleared
+        or reset. ``times=N`` in a rule: only its next N uses. ValueError if the rule is bad."""
+        rules: list[dict[str, Any]] = self._request("POST", "/_sim/faults", body={"model": model, "fault": fault})[
+            "rules"
+        ]
+        return rules
+
+    def clear_faults(self, model: str | None = None) -> list[dict[str, Any]]:
+        """Remove the rule for ``model``, or every rule (start-up ones too) if ``None``."""
+        body = {} if model is None else {"model": model}
+        rules: list[dict[str, Any]] = self._request("DELETE", "/_sim/faults", body=body)["rules"]
+        return rules
+
+    def fault_rules(self) -> list[dict[str, Any]]:
+        """The rules now in force: ``[{"model", "fault", "times", "hits"}]``."""
+        rules: list[dict[str, Any]] = self._request("GET", "/_sim/faults")["rules"]
+        return rules
 
     def wait_until(
         self, predicate: Callable[[Stats], bool], timeout: float = 5.0, interval: float = 0.02

@@ -14,7 +14,11 @@ The tokens are a pure function of
   collapsed),
 * the request's ``seed`` (``None`` is a value of its own),
 * a ``salt`` (the server passes the attempt number only with the ``diverge`` directive, else 0),
-* ``n``.
+* ``n``,
+* an optional ``variant`` (JSON-able): the server passes the model name with the ``per_model``
+  directive, the choice index for choices after the first (``n > 1``), and a tag for reasoning
+  text. ``None`` (the default) leaves the material exactly as without it, so answers that do not
+  ask for a variant never change.
 
 For the same inputs but a smaller ``n'`` the first ``n' - 1`` tokens are the same: only the last
 token's punctuation is forced. ``max_tokens`` truncation therefore uses ``tokens[:max_tokens]`` of
@@ -34,7 +38,15 @@ from typing import Any
 
 from .faults import strip_directives
 
-__all__ = ["WORDS", "answer_tokens", "content_text", "continuation_tokens", "conversation_key"]
+__all__ = [
+    "WORDS",
+    "answer_tokens",
+    "content_text",
+    "continuation_tokens",
+    "conversation_key",
+    "rng_for",
+    "word_tokens",
+]
 
 WORDS: tuple[str, ...] = tuple(
     """
@@ -78,9 +90,13 @@ def conversation_key(messages: Iterable[Mapping[str, Any]]) -> list[list[str]]:
     return [[str(m.get("role", "")), strip_directives(content_text(m.get("content")))] for m in messages]
 
 
-def _rng(messages: Iterable[Mapping[str, Any]], seed: Any, salt: int) -> random.Random:
+def rng_for(messages: Iterable[Mapping[str, Any]], seed: Any, salt: int, variant: Any = None) -> random.Random:
+    """A :class:`random.Random` that is a pure function of its arguments (see the contract)."""
+    key: dict[str, Any] = {"messages": conversation_key(messages), "seed": seed, "salt": salt}
+    if variant is not None:
+        key["variant"] = variant
     material = json.dumps(
-        {"messages": conversation_key(messages), "seed": seed, "salt": salt},
+        key,
         sort_keys=True,
         ensure_ascii=False,
         separators=(",", ":"),
@@ -90,10 +106,19 @@ def _rng(messages: Iterable[Mapping[str, Any]], seed: Any, salt: int) -> random.
 
 
 def answer_tokens(
-    messages: Sequence[Mapping[str, Any]], seed: Any = None, salt: int = 0, n: int = 20
+    messages: Sequence[Mapping[str, Any]],
+    seed: Any = None,
+    salt: int = 0,
+    n: int = 20,
+    *,
+    variant: Any = None,
 ) -> list[str]:
     """The answer to ``messages`` as ``n`` word tokens (see the module contract)."""
-    rng = _rng(messages, seed, salt)
+    return word_tokens(rng_for(messages, seed, salt, variant), n)
+
+
+def word_tokens(rng: random.Random, n: int) -> list[str]:
+    """``n`` word tokens drawn from ``rng``, shaped as described in the module contract."""
     tokens: list[str] = []
     remaining_in_sentence = 0
     for i in range(n):

@@ -1,4 +1,4 @@
-"""``python manage.py chatproxy_simulator [--host 127.0.0.1] [--port 8001] [--quiet]``.
+"""``python manage.py chatproxy_simulator [--host 127.0.0.1] [--port 8001] [--quiet] [--fault MODEL DIRECTIVES]``.
 
 Runs chatproxy's OpenAI-compatible simulator (the demo upstream and the tests' test double) in the
 foreground until Ctrl-C / SIGTERM. It is the same server as ``python -m chatproxy.simulator``; the
@@ -27,6 +27,6 @@ class Command(BaseCommand):
         add_arguments(parser)
 
     def handle(self, *args: Any, **options: Any) -> None:
-        from chatproxy.simulator.server import run
+        from chatproxy.simulator.server import rules_from_args, run
 
-        run(options["host"], options["port"], quiet=options["quiet"])
+        run(options["host"], options["port"], quiet=options["quiet"], faults=rules_from_args(options["fault"]))
