@@ -36,7 +36,6 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from importlib import import_module
 from typing import Any
 
-import orjson
 from asgiref.sync import sync_to_async
 from django.apps import apps as django_apps
 from django.conf import settings
@@ -49,6 +48,8 @@ from django.utils import translation
 from django.utils.functional import SimpleLazyObject
 from django.utils.log import log_response
 
+from chatproxy.codes import ErrorCode
+from chatproxy.responses import asgi_refusal
 from chatproxy.validation import max_body_bytes
 
 Scope = MutableMapping[str, Any]
@@ -142,23 +143,8 @@ def _too_large(limit: int) -> str:
     return f"The request body is too large (limit {limit} bytes)."
 
 
-async def _refuse(send: Send, status: int, message: str, openai_shape: bool, code: str = "bad_request") -> None:
-    if openai_shape:
-        type_ = "invalid_request_error" if status < 500 else "api_error"
-        error: dict[str, Any] = {"message": message, "type": type_, "param": None, "code": code}
-    else:
-        error = {"code": code, "message": message}
-    body = orjson.dumps({"error": error})
-    await send({
-        "type": "http.response.start",
-        "status": status,
-        "headers": [
-            (b"content-type", b"application/json"),
-            (b"content-length", str(len(body)).encode()),
-            (b"connection", b"close"),  # the unread rest of the body must not be taken for a request
-        ],
-    })
-    await send({"type": "http.response.body", "body": body})
+async def _refuse(send: Send, status: int, message: str, openai_shape: bool, code: str = ErrorCode.BAD_REQUEST) -> None:
+    await asgi_refusal(send, ErrorCode.of(code), message, status=status, openai_shape=openai_shape)
 
 
 #: The url_names :class:`DirectStreams` serves itself: the two POST endpoints that open streams.

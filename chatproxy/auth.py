@@ -21,17 +21,22 @@ from django.utils import timezone
 from django.utils.datastructures import MultiValueDict
 from django.utils.module_loading import import_string
 
+from chatproxy.codes import ErrorCode
 from chatproxy.conf import get_config
 
 
 class AuthFailure(Exception):
-    """Refused: ``status`` 401 (bad credentials) or 403 (not permitted / CSRF)."""
+    """Refused: ``code`` says why (its ``status`` is 401 for bad credentials, 403 for not permitted
+    or CSRF); ``message`` names the problem, or is None for the code's own friendly text."""
 
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(message)
-        self.status = status
+    def __init__(self, code: ErrorCode, message: str | None = None) -> None:
+        super().__init__(message or code.msgid)
         self.code = code
         self.message = message
+
+    @property
+    def status(self) -> int:
+        return self.code.status
 
 
 def _no_response(request: HttpRequest) -> HttpResponse:  # pragma: no cover - never called
@@ -75,7 +80,7 @@ async def user_from_key(plain: str) -> Any:
     """The owner of a valid, unrevoked key; raises AuthFailure(401) otherwise."""
     from chatproxy.models import AccessKey
 
-    invalid = AuthFailure(401, "invalid_api_key", "Incorrect or revoked API key.")
+    invalid = AuthFailure(ErrorCode.INVALID_API_KEY)
     prefix = AccessKey.split(plain)
     if prefix is None:
         raise invalid
@@ -100,6 +105,6 @@ async def authorize(request: HttpRequest, *, allow_bearer: bool = False) -> None
         if request.method == "POST" and request.user.is_authenticated:
             reason = csrf_failure(request)
             if reason:
-                raise AuthFailure(403, "csrf_failed", reason)
+                raise AuthFailure(ErrorCode.CSRF_FAILED, reason)
     if not await permitted(request):
-        raise AuthFailure(403, "permission_denied", "You do not have permission to use the chat.")
+        raise AuthFailure(ErrorCode.PERMISSION_DENIED)

@@ -18,8 +18,9 @@ from channels.generic.websocket import AsyncWebsocketConsumer
 
 from chatproxy import limits, resume
 from chatproxy.auth import permitted
+from chatproxy.codes import ErrorCode
 from chatproxy.core import ChatStream, Event
-from chatproxy.messages import friendly_message
+from chatproxy.responses import error_event_data, websocket_error
 from chatproxy.service import open_stream
 from chatproxy.sse import event_data
 from chatproxy.validation import InvalidRequest, max_body_bytes, parse_native_request
@@ -99,9 +100,8 @@ class ChatConsumer(AsyncWebsocketConsumer):
         try:
             events = await resume.open_replay(stream_id, self.scope.get("user"), after)
         except resume.StreamNotFound:
-            frame_out = {"type": "error", "code": "not_found", "request_id": request_id, "stream_id": stream_id,
-                         "message": "That answer can no longer be resumed."}
-            await self.send(text_data=orjson.dumps(frame_out).decode())
+            await self.send(text_data=websocket_error(ErrorCode.NOT_FOUND, request_id=request_id, stream_id=stream_id,
+                                                      message="That answer can no longer be resumed."))
             return
         local = resume.journal().local(stream_id)
         self.stream_ids[request_id] = stream_id
@@ -126,17 +126,14 @@ class ChatConsumer(AsyncWebsocketConsumer):
             reader = await open_stream(chat_request, user=self.scope.get("user"), resumable=True,
                                        who=limits.identity_of(self.scope))
         except limits.LimitExceeded as exc:
-            frame_out = {"type": "error", "code": exc.code, "request_id": request_id, "message": exc.message,
-                         "retry_after": exc.retry_after}
-            await self.send(text_data=orjson.dumps(frame_out).decode())
+            await self.send(text_data=websocket_error(exc.code, request_id=request_id, message=exc.message,
+                                                      retry_after=exc.retry_after))
             return
         except Exception:
             # The upstream could not be built (a bad configuration) or the stream not started: the
             # client gets the one friendly error for this request, the socket stays open for the rest.
             logger.exception("chatproxy could not start a stream for WebSocket request %r", request_id)
-            frame_out = {"type": "error", "code": "internal", "request_id": request_id,
-                         "message": friendly_message("internal")}
-            await self.send(text_data=orjson.dumps(frame_out).decode())
+            await self.send(text_data=websocket_error(ErrorCode.INTERNAL, request_id=request_id))
             return
         stream = reader.stream
         self.stream_ids[request_id] = stream.stream_id
@@ -157,7 +154,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
             # Never leave the client waiting on a relay that died: one friendly error ends it.
             logger.exception("chatproxy relay of stream %s failed", stream_id)
             with contextlib.suppress(Exception):
-                frame = {"type": "error", **head, "code": "internal", "message": friendly_message("internal")}
+                frame = {"type": "error", **head, **error_event_data(ErrorCode.INTERNAL)}
                 await self.send(text_data=orjson.dumps(frame).decode())
         finally:
             entry = self.streams.get(request_id)
@@ -171,7 +168,5 @@ class ChatConsumer(AsyncWebsocketConsumer):
                     await result
 
     async def send_error(self, message: str, request_id: Any = None) -> None:
-        frame: dict[str, Any] = {"type": "error", "code": "bad_request", "message": message}
-        if isinstance(request_id, str):
-            frame["request_id"] = request_id
-        await self.send(text_data=orjson.dumps(frame).decode())
+        ids = {"request_id": request_id} if isinstance(request_id, str) else {}
+        await self.send(text_data=websocket_error(ErrorCode.BAD_REQUEST, message=message, **ids))

@@ -70,6 +70,7 @@ from typing import Any
 from django.core.cache import caches
 
 from chatproxy import cachecalls
+from chatproxy.codes import ErrorCode
 from chatproxy.conf import get_config
 
 #: Seconds a lease outlives its stream's deadline (and grace) before it may lapse on its own.
@@ -84,7 +85,7 @@ MAX_CLASS = 21
 class LimitExceeded(Exception):
     """A limit refused a new stream: answer 429 with ``Retry-After: retry_after`` (whole seconds)."""
 
-    code = "rate_limited"
+    code = ErrorCode.RATE_LIMITED
 
     def __init__(self, message: str, retry_after: int) -> None:
         super().__init__(message)

@@ -28,27 +28,13 @@ from django.views.decorators.csrf import csrf_exempt
 
 from chatproxy import limits, sse
 from chatproxy.auth import AuthFailure, authorize
+from chatproxy.codes import ErrorCode
 from chatproxy.conf import Policy, get_config
 from chatproxy.core import Event, Subscription
-from chatproxy.messages import friendly_message
+from chatproxy.responses import openai_error, openai_stream_error
 from chatproxy.service import open_stream
 from chatproxy.validation import InvalidRequest, parse_openai_request
 from chatproxy.views import SSE_HEADERS, read_json_body
-
-# error code -> (HTTP status, OpenAI error type)
-ERROR_STATUS = {
-    "bad_request": (400, "invalid_request_error"),
-    "invalid_api_key": (401, "authentication_error"),
-    "permission_denied": (403, "permission_error"),
-    "csrf_failed": (403, "permission_error"),
-    "rate_limited": (429, "rate_limit_error"),
-    "upstream_timeout": (504, "timeout_error"),
-    "deadline_exceeded": (504, "timeout_error"),
-    "upstream_unavailable": (503, "api_error"),
-    "cancelled": (499, "api_error"),
-    "internal": (500, "api_error"),
-}
-
 
 #: Seconds the commit point stays ahead of ``GATEWAY`` at most (a fifth of it when that is less):
 #: room for a busy event loop and the network between the worker and the gateway.
@@ -61,21 +47,11 @@ def commit_after(policy: Policy) -> float:
     return max(policy.keepalive, policy.gateway - margin)
 
 
-def openai_error(status: int, message: str, *, type_: str, code: str | None, param: str | None = None) -> JsonResponse:
-    return JsonResponse({"error": {"message": message, "type": type_, "param": param, "code": code}}, status=status)
-
-
-def _error_object(code: str) -> dict[str, Any]:
-    _, type_ = ERROR_STATUS.get(code, ERROR_STATUS["internal"])
-    return {"error": {"message": friendly_message(code), "type": type_, "param": None, "code": code}}
-
 
 @csrf_exempt  # bearer keys carry no cookie; authorize() enforces CSRF for session users
 async def chat_completions(request: HttpRequest) -> HttpResponse:
     if request.method != "POST":
-        response = openai_error(405, "Use POST.", type_="invalid_request_error", code="method_not_allowed")
-        response["Allow"] = "POST"
-        return response
+        return openai_error(ErrorCode.METHOD_NOT_ALLOWED, "Use POST.", headers={"Allow": "POST"})
     try:
         await authorize(request, allow_bearer=True)
     except AuthFailure as exc:
@@ -83,14 +59,12 @@ async def chat_completions(request: HttpRequest) -> HttpResponse:
     try:
         chat_request, streaming, include_usage = parse_openai_request(read_json_body(request))
     except InvalidRequest as exc:
-        return openai_error(exc.status, exc.message, type_="invalid_request_error", code=exc.code, param=exc.param)
+        return openai_error(exc.code, exc.message, status=exc.status, param=exc.param)
 
     try:
         reader = await open_stream(chat_request, user=request.user, allow_reset=False, who=limits.identity_of(request))
     except limits.LimitExceeded as exc:
-        response = openai_error(429, exc.message, type_="rate_limit_error", code=exc.code)
-        response["Retry-After"] = str(exc.retry_after)
-        return response
+        return openai_error(exc.code, exc.message, headers={"Retry-After": str(exc.retry_after)})
     wire = _Wire(reader, include_usage)
     if streaming:
         return StreamingHttpResponse(wire.chunks(), content_type="text/event-stream", headers=SSE_HEADERS)
@@ -112,10 +86,8 @@ async def models(request: HttpRequest) -> HttpResponse:
 def _refused(request: HttpRequest, exc: AuthFailure) -> JsonResponse:
     """An authorization failure in OpenAI's shape; an anonymous caller is told to send a key."""
     if exc.status == 403 and not request.user.is_authenticated:
-        return openai_error(401, "Send 'Authorization: Bearer <key>'.", type_="authentication_error",
-                            code="missing_api_key")
-    status, type_ = ERROR_STATUS[exc.code]
-    return openai_error(status, exc.message, type_=type_, code=exc.code)
+        return openai_error(ErrorCode.MISSING_API_KEY)
+    return openai_error(exc.code, exc.message)
 
 
 class _Wire:
@@ -161,7 +133,7 @@ class _Wire:
                         yield self._chunk([], usage=data.get("usage"))
                     yield b"data: [DONE]\n\n"
                 elif name == "error":
-                    yield b"data: " + orjson.dumps(_error_object(_code(event))) + b"\n\n"
+                    yield openai_stream_error(_code(event))
                 elif name == "retry":
                     # Invisible here, but it restarted the stream's keepalive clock: a comment
                     # keeps the client's connection warm instead. (reset cannot happen here.)
@@ -209,9 +181,7 @@ class _Wire:
 
     def _final_response(self, final: Event | None, parts: list[str]) -> JsonResponse:
         if final is None or final.name == "error":
-            code = _code(final) if final is not None else "internal"
-            status, _ = ERROR_STATUS.get(code, ERROR_STATUS["internal"])
-            return JsonResponse(_error_object(code), status=status)
+            return openai_error(_code(final))
         data = final.data or {}
         body = {
             "id": self.id,
@@ -231,5 +201,6 @@ class _Wire:
         return JsonResponse(body)
 
 
-def _code(event: Event) -> str:
-    return str((event.data or {}).get("code", "internal"))
+def _code(event: Event | None) -> ErrorCode:
+    """The code an ``error`` event ends with (``internal`` when there is no such event)."""
+    return ErrorCode.of((event.data or {}).get("code") if event is not None else None)

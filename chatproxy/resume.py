@@ -37,6 +37,7 @@ import orjson
 from django.core.cache import caches
 
 from chatproxy import cachecalls
+from chatproxy.codes import ErrorCode
 from chatproxy.conf import get_config
 from chatproxy.core import KEEPALIVE, ChatStream, Event, EventsDropped, Subscription
 
@@ -343,7 +344,7 @@ async def _replay_remote(stream_id: str, after: int, meta: dict[str, Any]) -> As
                 yield event
                 if event.name in TERMINAL:
                     return
-        yield Event(last + 1, "error", {"code": "upstream_unavailable"})
+        yield Event(last + 1, "error", {"code": ErrorCode.UPSTREAM_UNAVAILABLE})
     finally:
         if channel is not None:
             with contextlib.suppress(Exception):

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import orjson
 
+from chatproxy.codes import ErrorCode
 from chatproxy.core import Event
-from chatproxy.messages import friendly_message
+from chatproxy.responses import error_event_data
 
 #: The first bytes of every stream: they leave at once, so the response headers leave too (Daphne
 #: holds headers until the first body chunk), and tell EventSource-style clients to wait 3 s.
@@ -25,7 +26,7 @@ def event_data(event: Event) -> dict:
     """The JSON payload of ``event`` as clients see it (errors get their friendly message)."""
     data = event.data or {}
     if event.name == "error":
-        return {"code": data["code"], "message": friendly_message(data["code"])}
+        return error_event_data(ErrorCode.of(data.get("code")))
     return data
 
 

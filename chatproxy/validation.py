@@ -10,6 +10,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+from chatproxy.codes import ErrorCode
 from chatproxy.conf import get_config
 from chatproxy.core import ChatRequest
 
@@ -18,9 +19,11 @@ NATIVE_FIELDS = frozenset({"messages", "model", "temperature", "max_tokens", "se
 
 
 class InvalidRequest(Exception):
-    """A request chatproxy refuses; ``status`` is 400 or 413, ``code`` the response's error code."""
+    """A request chatproxy refuses; ``status`` is 400, 413 or 415 (``code`` stays ``bad_request``)."""
 
-    def __init__(self, message: str, *, status: int = 400, code: str = "bad_request", param: str | None = None):
+    def __init__(
+        self, message: str, *, status: int = 400, code: ErrorCode = ErrorCode.BAD_REQUEST, param: str | None = None
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.status = status

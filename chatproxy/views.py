@@ -19,19 +19,13 @@ from django.views.decorators.csrf import csrf_exempt
 
 from chatproxy import limits, resume, sse
 from chatproxy.auth import AuthFailure, authorize
+from chatproxy.codes import ErrorCode
 from chatproxy.core import Event, Subscription
+from chatproxy.responses import native_error
 from chatproxy.service import open_stream
 from chatproxy.validation import InvalidRequest, max_body_bytes, parse_native_request
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-
-
-def error_response(status: int, code: str, message: str, **headers: str) -> JsonResponse:
-    """The native error shape: ``{"error": {"code", "message"}}``."""
-    response = JsonResponse({"error": {"code": code, "message": message}}, status=status)
-    for name, value in headers.items():
-        response[name.replace("_", "-")] = value
-    return response
 
 
 View = Callable[..., Awaitable[HttpResponse]]
@@ -47,11 +41,11 @@ def endpoint(method: str, usage: str) -> Callable[[View], View]:
         @functools.wraps(view)
         async def checked(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
             if request.method != method:
-                return error_response(405, "bad_request", usage, Allow=method)
+                return native_error(ErrorCode.BAD_REQUEST, usage, status=405, headers={"Allow": method})
             try:
                 await authorize(request)
             except AuthFailure as exc:
-                return error_response(exc.status, exc.code, exc.message)
+                return native_error(exc.code, exc.message)
             return await view(request, *args, **kwargs)
 
         return checked
@@ -82,12 +76,12 @@ async def stream_view(request: HttpRequest) -> HttpResponse:
     try:
         chat_request = parse_native_request(read_json_body(request))
     except InvalidRequest as exc:
-        return error_response(exc.status, exc.code, exc.message)
+        return native_error(exc.code, exc.message, status=exc.status)
 
     try:
         reader = await open_stream(chat_request, user=request.user, resumable=True, who=limits.identity_of(request))
     except limits.LimitExceeded as exc:
-        return error_response(429, exc.code, exc.message, Retry_After=str(exc.retry_after))
+        return native_error(exc.code, exc.message, headers={"Retry-After": str(exc.retry_after)})
     return sse_response(_live_events(reader))
 
 
@@ -122,11 +116,11 @@ async def resume_view(request: HttpRequest, stream_id: str) -> HttpResponse:
     """``GET /chat/stream/<id>/``: the events after ``Last-Event-ID``, then live ones."""
     after = _last_event_id(request)
     if after is None:
-        return error_response(400, "bad_request", "Last-Event-ID must be a whole number (the last 'id' you received).")
+        return native_error(ErrorCode.BAD_REQUEST, "Last-Event-ID must be a whole number (the last 'id' you received).")
     try:
         events = await resume.open_replay(stream_id, request.user, after)
     except resume.StreamNotFound:
-        return error_response(404, "not_found", "No such stream: it ended more than RESUME.TTL ago, or never existed.")
+        return native_error(ErrorCode.NOT_FOUND, "No such stream: it ended more than RESUME.TTL ago, or never existed.")
     return sse_response(events)
 
 
@@ -136,5 +130,5 @@ async def cancel_view(request: HttpRequest, stream_id: str) -> HttpResponse:
     try:
         await resume.cancel(stream_id, request.user)
     except resume.StreamNotFound:
-        return error_response(404, "not_found", "No such stream.")
+        return native_error(ErrorCode.NOT_FOUND, "No such stream.")
     return JsonResponse({"stream_id": stream_id, "status": "cancelling"}, status=202)
