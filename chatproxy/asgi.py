@@ -27,26 +27,22 @@ it), so also cap request bodies in the front proxy (nginx ``client_max_body_size
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import functools
-import io
 import logging
-from collections.abc import Awaitable, Callable, MutableMapping
-from importlib import import_module
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from typing import Any
 
-from asgiref.sync import sync_to_async
-from django.apps import apps as django_apps
+from asgiref.sync import iscoroutinefunction, sync_to_async
 from django.conf import settings
-from django.core.exceptions import RequestDataTooBig
-from django.core.handlers.asgi import ASGIRequest, get_script_prefix
-from django.db import close_old_connections
-from django.http import HttpRequest, HttpResponse, StreamingHttpResponse
-from django.urls import Resolver404, ResolverMatch, resolve, set_script_prefix
+from django.core.exceptions import ImproperlyConfigured, MiddlewareNotUsed
+from django.core.handlers.asgi import ASGIHandler
+from django.core.handlers.exception import convert_exception_to_response
+from django.http import HttpRequest
+from django.http.response import HttpResponseBase
+from django.urls import Resolver404, ResolverMatch, resolve
 from django.utils import translation
-from django.utils.functional import SimpleLazyObject
-from django.utils.log import log_response
+from django.utils.deprecation import MiddlewareMixin
+from django.utils.module_loading import import_string
 
 from chatproxy.codes import ErrorCode
 from chatproxy.responses import asgi_refusal
@@ -63,13 +59,19 @@ APP_NAME = "chatproxy"
 
 
 def _match(scope: Scope) -> ResolverMatch | None:
-    """The URL match of the chatproxy view ``scope`` is for, or None when it is not chatproxy's."""
+    """The URL match of the chatproxy view ``scope`` is for, or None when it is not chatproxy's.
+
+    Resolved with the default URLconf, in the language of the path's prefix when it has one (so
+    that chatproxy's URLs under ``i18n_patterns`` are found for every language, not only the one
+    active here)."""
     path = scope.get("path", "")
     root = scope.get("root_path", "")
     if root and path.startswith(root):
         path = path[len(root):]
     try:
-        match = resolve(path)
+        language = translation.get_language_from_path(path)
+        with translation.override(language) if language else contextlib.nullcontext():
+            match = resolve(path)
     except Resolver404:
         return None
     except Exception:  # a path the resolver cannot even look at: Django answers it
@@ -125,8 +127,12 @@ class RequestSizeGuard:
 
         return await self.dispatch(match, scope, b"".join(chunks), receive, send)
 
+    def app_for(self, match: ResolverMatch) -> ASGIApp:
+        """The app that serves a chatproxy POST whose body was accepted: the wrapped one."""
+        return self.app
+
     async def dispatch(self, match: ResolverMatch, scope: Scope, body: bytes, receive: Receive, send: Send) -> None:
-        """Hand a chatproxy POST whose ``body`` was read and accepted to the wrapped app."""
+        """Hand a chatproxy POST whose ``body`` was read and accepted to :meth:`app_for`."""
         replayed = False
 
         async def replay() -> Message:
@@ -136,7 +142,7 @@ class RequestSizeGuard:
                 return {"type": "http.request", "body": body, "more_body": False}
             return await receive()  # then http.disconnect, which Django waits for while streaming
 
-        return await self.app(scope, replay, send)
+        return await self.app_for(match)(scope, replay, send)
 
 
 def _too_large(limit: int) -> str:
@@ -147,120 +153,257 @@ async def _refuse(send: Send, status: int, message: str, openai_shape: bool, cod
     await asgi_refusal(send, ErrorCode.of(code), message, status=status, openai_shape=openai_shape)
 
 
-#: The url_names :class:`DirectStreams` serves itself: the two POST endpoints that open streams.
+#: The url_names :class:`DirectStreams` serves with :class:`DirectHandler`: the two POST endpoints
+#: that open streams.
 DIRECT_ROUTES = frozenset({"stream", "openai-chat-completions"})
 
-logger = logging.getLogger("chatproxy.asgi")
+#: When one hook of a middleware in :data:`LOOP_SAFE` must still run in a thread: never (False),
+#: on every call (True), or when the predicate, given the hook's arguments, says the call will do
+#: blocking I/O.
+Policy = bool | Callable[..., bool]
+#: Hook name -> its policy; a hook not named runs on the event loop.
+Rules = Mapping[str, Policy]
+
+DJANGO_SESSION_ENGINES = "django.contrib.sessions.backends."
+DJANGO_MESSAGE_STORAGES = frozenset({
+    "django.contrib.messages.storage.fallback.FallbackStorage",
+    "django.contrib.messages.storage.session.SessionStorage",
+    "django.contrib.messages.storage.cookie.CookieStorage",
+})
+ALL_HOOKS = {"process_request": True, "process_view": True, "process_response": True}
+
+
+def _session_save_due(request: HttpRequest, response: HttpResponseBase) -> bool:
+    """Whether ``SessionMiddleware.process_response`` will save the session (the store's I/O; the
+    rest of it reads attributes and sets cookie headers)."""
+    session = getattr(request, "session", None)
+    if session is None:
+        return False
+    due = session.modified or settings.SESSION_SAVE_EVERY_REQUEST
+    return bool(due and not session.is_empty() and response.status_code < 500)
+
+
+def _session_rules() -> Rules:
+    if not settings.SESSION_ENGINE.startswith(DJANGO_SESSION_ENGINES):
+        return ALL_HOOKS  # a store of the project's own may do I/O anywhere
+    return {"process_response": _session_save_due}
+
+
+def _messages_to_store(request: HttpRequest, response: HttpResponseBase) -> bool:
+    """Whether ``MessageMiddleware.process_response`` will store messages (it loads and changes the
+    session for Django's session and fallback storages); it does nothing when none was read or added."""
+    storage = getattr(request, "_messages", None)
+    return storage is not None and bool(storage.used or storage.added_new)
+
+
+def _messages_rules() -> Rules:
+    return {"process_response": _messages_to_store} if settings.MESSAGE_STORAGE in DJANGO_MESSAGE_STORAGES \
+        else ALL_HOOKS
+
+
+def _csrf_checked(request: HttpRequest, callback: Any, args: Any, kwargs: Any) -> bool:
+    """Whether ``CsrfViewMiddleware.process_view`` will check a token: a rejection renders the
+    failure view (templates read from disk). chatproxy's endpoints are exempt: they check it themselves."""
+    return not getattr(callback, "csrf_exempt", False)
+
+
+def _csrf_rules() -> Rules:
+    if settings.CSRF_USE_SESSIONS:
+        return ALL_HOOKS  # the secret is read from, and written to, the session
+    return {"process_view": _csrf_checked}
+
+
+def _on_loop_rules() -> Rules:
+    return {}
+
+
+#: Django's own middleware that :class:`DirectHandler` runs on the event loop, by class (exactly:
+#: a subclass may change a hook). Each was read for blocking I/O (Django 5.2); where a hook can do
+#: some, its rules send that call to a thread. The rest is CPU work on the request and response.
+#: ``LocaleMiddleware``: the first request in a language loads that language's catalogs, as any
+#: code that activates it would, once per process.
+LOOP_SAFE: dict[str, Callable[[], Rules]] = {
+    "django.middleware.security.SecurityMiddleware": _on_loop_rules,
+    "django.contrib.sessions.middleware.SessionMiddleware": _session_rules,
+    "django.middleware.common.CommonMiddleware": _on_loop_rules,
+    "django.middleware.csrf.CsrfViewMiddleware": _csrf_rules,
+    "django.contrib.auth.middleware.AuthenticationMiddleware": _on_loop_rules,
+    "django.contrib.messages.middleware.MessageMiddleware": _messages_rules,
+    "django.middleware.clickjacking.XFrameOptionsMiddleware": _on_loop_rules,
+    "django.middleware.locale.LocaleMiddleware": _on_loop_rules,
+    "django.middleware.gzip.GZipMiddleware": _on_loop_rules,
+    "django.middleware.http.ConditionalGetMiddleware": _on_loop_rules,
+}
+
+
+def loop_rules(factory: Any) -> Rules | None:
+    """The rules of middleware ``factory`` if it is in :data:`LOOP_SAFE` and still calls its hooks
+    the way ``MiddlewareMixin`` does, else None (it keeps Django's adaptation)."""
+    name = f"{getattr(factory, '__module__', '')}.{getattr(factory, '__qualname__', '')}"
+    rules = LOOP_SAFE.get(name)
+    return rules() if rules is not None and _called_as_mixin(factory) else None
+
+
+def _called_as_mixin(factory: Any) -> bool:
+    """Whether ``factory`` is a ``MiddlewareMixin`` that calls its hooks as the mixin does."""
+    return (isinstance(factory, type) and issubclass(factory, MiddlewareMixin)
+            and factory.__call__ is MiddlewareMixin.__call__)
+
+
+def thread_hooks(factory: Any) -> list[str]:
+    """What of middleware ``factory`` :class:`DirectHandler` runs in a thread on every request (as
+    Django's handler does): [] when nothing. Hooks that go to a thread only for a call that will do
+    I/O (a session to save), and ``process_exception`` (only on errors), are not counted."""
+    rules = loop_rules(factory)
+    if rules is not None:
+        return [hook for hook, policy in rules.items() if policy is True and hasattr(factory, hook)]
+    if not getattr(factory, "async_capable", False):
+        return ["the whole middleware (it is synchronous only)"]
+    hooks = ["process_view", "process_template_response"]
+    if _called_as_mixin(factory):
+        hooks[:0] = ["process_request", "process_response"]  # MiddlewareMixin.__acall__ runs them in a thread
+    return [hook for hook in hooks if hasattr(factory, hook) and not iscoroutinefunction(getattr(factory, hook))]
+
+
+def _on_loop(method: Callable[..., Any], policy: Policy) -> Callable[..., Awaitable[Any]]:
+    """``method`` as a coroutine function: called on the loop, or in a thread (``thread_sensitive``,
+    as Django calls it) where ``policy`` says."""
+    in_thread = sync_to_async(method, thread_sensitive=True)
+    if policy is True:
+        return in_thread
+
+    async def hook(*args: Any) -> Any:
+        if callable(policy) and policy(*args):
+            return await in_thread(*args)
+        return method(*args)
+
+    return hook
+
+
+def _run_on_loop(middleware: Any, rules: Rules) -> Callable[[HttpRequest], Awaitable[HttpResponseBase]]:
+    """What ``MiddlewareMixin.__acall__`` does with ``middleware``, each hook on the loop or in a
+    thread as ``rules`` say (``__acall__`` puts every call in a thread)."""
+    def hook(name: str) -> Callable[..., Awaitable[Any]] | None:
+        method = getattr(middleware, name, None)
+        return None if method is None else _on_loop(method, rules.get(name, False))
+
+    process_request, process_response = hook("process_request"), hook("process_response")
+    get_response = middleware.get_response
+
+    async def call(request: HttpRequest) -> HttpResponseBase:
+        response = await process_request(request) if process_request is not None else None
+        response = response or await get_response(request)
+        if process_response is not None:
+            response = await process_response(request, response)
+        return response
+
+    return call
+
+
+def _middleware_is_async(path: str, factory: Any, handler_is_async: bool) -> bool:
+    """The mode Django's ``load_middleware`` picks for a middleware (its sync/async capabilities)."""
+    can_sync, can_async = getattr(factory, "sync_capable", True), getattr(factory, "async_capable", False)
+    if not (can_sync or can_async):
+        raise RuntimeError(f"Middleware {path} must have at least one of sync_capable/async_capable set to True.")
+    if can_sync and not handler_is_async:
+        return False
+    return bool(can_async)
+
+
+request_logger = logging.getLogger("django.request")
+
+
+class DirectHandler(ASGIHandler):  # type: ignore[misc]
+    """Django's ``ASGIHandler``, minus the thread hops that Django's own middleware does not need.
+
+    Under ASGI, Django's handler runs each request in a ``ThreadSensitiveContext`` (a new OS thread
+    for the request's synchronous code, alive as long as the response streams) and every
+    ``MiddlewareMixin`` hook in a thread (``sync_to_async``). This handler is Django's
+    (``handle``, ``create_request``, ``get_response_async``, ``send_response``, the
+    ``request_started`` / ``request_finished`` signals, ``convert_exception_to_response``) with two
+    changes:
+
+    * no ``ThreadSensitiveContext``: thread-sensitive synchronous work of these requests (the hooks
+      below that go to a thread, session and user loads, database queries of async ORM calls, the
+      signals' receivers) runs in asgiref's one shared sync thread, one call at a time, instead of
+      in a thread of the request's own;
+    * the middleware chain is Django's, built from ``MIDDLEWARE`` in the same order, but the hooks
+      of the middleware in :data:`LOOP_SAFE` run on the event loop, except the calls their rules
+      send to a thread (a session that will be saved, messages to store, ...). Every other
+      middleware keeps Django's adaptation (``sync_to_async`` where it is synchronous): it runs,
+      in a thread as under Django. A hook run on the loop that touched the database anyway would
+      raise Django's ``SynchronousOnlyOperation``, not block the loop.
+
+    Nothing else differs: host validation (``CommonMiddleware`` calls ``get_host()``, as under
+    Django), exceptions turned into responses by Django's handlers (``handler400/403/404/500``,
+    logged on ``django.request`` / ``django.security.*``, ``got_request_exception`` sent),
+    ``request.urlconf``, ``i18n_patterns``, ``ATOMIC_REQUESTS``.
+    """
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.handle(scope, receive, send)  # Django wraps this in a ThreadSensitiveContext
+
+    def load_middleware(self, is_async: bool = True) -> None:
+        """Django's chain (its order, ``MiddlewareNotUsed``, hook lists, exception conversion around
+        each middleware), with :func:`loop_rules` deciding where each known hook runs."""
+        self._view_middleware: list[Callable[..., Any]] = []
+        self._template_response_middleware: list[Callable[..., Any]] = []
+        self._exception_middleware: list[Callable[..., Any]] = []
+        handler = convert_exception_to_response(self._get_response_async)
+        handler_is_async = True
+        for path in reversed(settings.MIDDLEWARE):
+            factory = import_string(path)
+            rules = loop_rules(factory)
+            middleware_is_async = True if rules is not None else _middleware_is_async(path, factory, handler_is_async)
+            inner = self.adapt_method_mode(middleware_is_async, handler, handler_is_async,
+                                           debug=settings.DEBUG, name=f"middleware {path}")
+            try:
+                middleware = factory(inner)
+            except MiddlewareNotUsed as exc:
+                if settings.DEBUG:
+                    request_logger.debug("MiddlewareNotUsed(%r): %s", path, exc)
+                continue
+            if middleware is None:
+                raise ImproperlyConfigured(f"Middleware factory {path} returned None.")
+            self._add_hooks(middleware, rules)
+            handler = convert_exception_to_response(middleware if rules is None else _run_on_loop(middleware, rules))
+            handler_is_async = middleware_is_async
+        self._middleware_chain = self.adapt_method_mode(True, handler, handler_is_async)
+
+    def _add_hooks(self, middleware: Any, rules: Rules | None) -> None:
+        def adapted(name: str) -> Callable[..., Any]:
+            method = getattr(middleware, name)
+            return self.adapt_method_mode(True, method) if rules is None else _on_loop(method, rules.get(name, False))
+
+        if hasattr(middleware, "process_view"):
+            self._view_middleware.insert(0, adapted("process_view"))
+        if hasattr(middleware, "process_template_response"):
+            self._template_response_middleware.append(adapted("process_template_response"))
+        if hasattr(middleware, "process_exception"):  # Django calls these synchronously, in one thread
+            self._exception_middleware.append(self.adapt_method_mode(False, middleware.process_exception))
 
 
 class DirectStreams(RequestSizeGuard):
-    """:class:`RequestSizeGuard`, and chatproxy's stream-opening endpoints served from ASGI directly.
+    """:class:`RequestSizeGuard`, and chatproxy's stream-opening endpoints served by :class:`DirectHandler`.
 
-    ``POST .../stream/`` and ``POST .../v1/chat/completions`` are the requests that come once per
-    answer. Through Django's ``ASGIHandler`` each one costs what Django costs any request under
-    ASGI: every ``MiddlewareMixin`` middleware runs ``process_request`` and ``process_response``
-    in a thread (``sync_to_async``), and so do the ``request_started`` / ``request_finished``
-    signals -- 15 thread hops with the default middleware, plus a new OS thread per request (the
-    request's ``ThreadSensitiveContext``) that lives as long as the response streams. Measured on
-    a 2-core machine: ~3 ms of CPU per request and ~one thread per open stream (``bench/``).
+    ``POST .../stream/`` and ``POST .../v1/chat/completions`` come once per answer. Through
+    Django's ``ASGIHandler`` each one costs what Django costs any request under ASGI: every
+    ``MiddlewareMixin`` hook in a thread (``sync_to_async``) and a new OS thread per request that
+    lives as long as the response streams (``bench/`` measures both paths). Those two go to
+    :class:`DirectHandler`: Django's handler with Django's middleware hooks run on the event loop
+    and no thread of the request's own. Their answers are Django's (host validation, security
+    headers, session saving, exception handling, signals: all of the project's ``MIDDLEWARE`` runs);
+    what still differs is said there. Every other request goes to Django's handler ``app``.
 
-    Here those two endpoints skip Django's handler and middleware: the wrapper builds Django's
-    ``ASGIRequest``, attaches the session and the lazily loaded user exactly as
-    ``SessionMiddleware`` and ``AuthenticationMiddleware`` do, activates the request's language
-    when ``LocaleMiddleware`` is installed, calls the same view function, and sends its response.
-    The views check everything themselves (CSRF for session users, bearer keys, ``PERMISSION``,
-    limits, validation), so the answers are the same. Other middleware of the project does not run
-    for these two URLs, nor do Django's ``request_started`` / ``request_finished`` signals (the
-    database connection a session or key lookup used is closed as they would close it): a project
-    whose authentication comes from its own middleware, or that hooks those signals, should wrap
-    its app in :class:`RequestSizeGuard` instead. Every other request goes to Django unchanged.
+    The two are found with the default URLconf and, under ``i18n_patterns``, the language of the
+    path's prefix (:func:`_match`); :class:`DirectHandler` then resolves again as Django does
+    (``request.urlconf`` included). System check ``chatproxy.W005`` names the middleware whose
+    hooks still run in a thread on every request.
     """
 
-    async def dispatch(self, match: ResolverMatch, scope: Scope, body: bytes, receive: Receive, send: Send) -> None:
-        if match.url_name not in DIRECT_ROUTES:
-            return await super().dispatch(match, scope, body, receive, send)
-        openai_shape = match.url_name.startswith("openai")
-        request = _direct_request(scope, body)
-        if request is None:
-            return await _refuse(send, 400, "The request could not be read.", openai_shape)
-        request.resolver_match = match
-        try:
-            response = await match.func(request, *match.args, **match.kwargs)
-        except Exception:
-            logger.exception("Internal Server Error: %s", request.path)
-            return await _refuse(send, 500, "Something went wrong on our side. Please try again.", openai_shape,
-                                 code="internal")
-        if response.status_code >= 400:  # Django's "Bad Request: /chat/stream/" (django.request) and the like
-            log_response("%s: %s", response.reason_phrase, request.path, response=response, request=request)
-        try:
-            await _send_response(response, receive, send)
-        finally:
-            response.close()
-            if _touches_database(request):
-                # Django closes a request's database connections when it ends (request_finished);
-                # the session or key lookup ran in asgiref's shared thread: tidy that thread's.
-                await sync_to_async(close_old_connections)()
+    def __init__(self, app: ASGIApp) -> None:
+        super().__init__(app)
+        self.streams = DirectHandler()
 
-
-def _direct_request(scope: Scope, body: bytes) -> ASGIRequest | None:
-    set_script_prefix(get_script_prefix(scope))
-    try:
-        request = ASGIRequest(scope, io.BytesIO(body))
-    except (UnicodeDecodeError, RequestDataTooBig):
-        return None
-    if django_apps.is_installed("django.contrib.sessions"):
-        session_store = import_module(settings.SESSION_ENGINE).SessionStore
-        request.session = session_store(request.COOKIES.get(settings.SESSION_COOKIE_NAME))
-    if django_apps.is_installed("django.contrib.auth"):
-        _attach_user(request)
-    if "django.middleware.locale.LocaleMiddleware" in settings.MIDDLEWARE:
-        translation.activate(translation.get_language_from_request(request))
-        request.LANGUAGE_CODE = translation.get_language()
-    return request
-
-
-def _attach_user(request: HttpRequest) -> None:
-    """``request.user`` / ``request.auser()`` as ``AuthenticationMiddleware`` sets them (its own helpers)."""
-    from django.contrib.auth.middleware import auser, get_user
-
-    request.user = SimpleLazyObject(lambda: get_user(request))  # type: ignore[assignment]
-    request.auser = functools.partial(auser, request)  # type: ignore[attr-defined]
-
-
-def _touches_database(request: HttpRequest) -> bool:
-    return settings.SESSION_COOKIE_NAME in request.COOKIES or "HTTP_AUTHORIZATION" in request.META
-
-
-async def _send_response(response: HttpResponse | StreamingHttpResponse, receive: Receive, send: Send) -> None:
-    if not response.streaming and not response.has_header("Content-Length"):
-        response["Content-Length"] = str(len(response.content))  # as CommonMiddleware does
-    headers = [(name.encode("ascii"), value.encode("latin1")) for name, value in response.items()]
-    headers += [(b"Set-Cookie", c.output(header="").encode("ascii").strip()) for c in response.cookies.values()]
-    await send({"type": "http.response.start", "status": response.status_code, "headers": headers})
-    if not response.streaming:
-        await send({"type": "http.response.body", "body": response.content})
-        return
-    # Stream until the end, or until the client leaves: then cancel this task where it waits (for
-    # the next event, usually), which closes the stream's reader and so the upstream connection.
-    sender = asyncio.current_task()
-    assert sender is not None
-    watcher = asyncio.get_running_loop().create_task(_cancel_on_disconnect(receive, sender))
-    try:
-        async with contextlib.aclosing(response.streaming_content) as parts:  # type: ignore[type-var]
-            async for part in parts:
-                await send({"type": "http.response.body", "body": part, "more_body": True})
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
-    except asyncio.CancelledError:
-        client_left = watcher.done() and not watcher.cancelled() and watcher.exception() is None
-        if not client_left:
-            raise
-        sender.uncancel()  # the client left: that is the end of this response, not an error
-    finally:
-        watcher.cancel()
-
-
-async def _cancel_on_disconnect(receive: Receive, sender: asyncio.Task[Any]) -> None:
-    """Cancel ``sender`` when the client disconnects, and end (an error in ``receive`` ends it too)."""
-    while (await receive())["type"] != "http.disconnect":
-        pass
-    sender.cancel()
+    def app_for(self, match: ResolverMatch) -> ASGIApp:
+        return self.streams if match.url_name in DIRECT_ROUTES else self.app

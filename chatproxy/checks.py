@@ -20,13 +20,15 @@
 * ``chatproxy.W003`` timeout-profile changes reach other worker processes only by the periodic
   ``PROFILES.REFRESH`` read, not at once (per-process cache)
 * ``chatproxy.W004`` ``manage.py runserver`` would serve WSGI (``daphne`` is not in ``INSTALLED_APPS``)
+* ``chatproxy.W005`` ``ASGI_APPLICATION`` uses ``DirectStreams`` and a ``MIDDLEWARE`` entry runs in a thread on
+  every stream-opening request (its hooks are not known to be safe on the event loop)
 """
 
 from __future__ import annotations
 
 import importlib.util
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from django.conf import settings
@@ -262,21 +264,60 @@ def _check_profiles(section: Mapping[str, Any]) -> list[Any]:
                        "longest a worker serves a timeout profile after it changed in the database.")]
 
 
+@register("chatproxy")
+def check_direct_streams(app_configs: Any = None, **kwargs: Any) -> list[Any]:
+    if not getattr(settings, "ASGI_APPLICATION", None) or not _in_asgi_application(_is_direct_streams):
+        return []
+    from chatproxy.asgi import thread_hooks
+
+    problems = []
+    for path in settings.MIDDLEWARE:
+        try:
+            hooks = thread_hooks(import_string(path))
+        except ImportError:
+            continue  # Django's own checks and start-up report it
+        if hooks:
+            problems.append(Warning(
+                f"MIDDLEWARE {path!r} runs in a thread on each request DirectStreams serves: {', '.join(hooks)}.",
+                id="chatproxy.W005",
+                hint="It runs, as under Django's handler, but each thread hop costs CPU per new stream. DirectStreams "
+                     "runs only Django's own middleware it knows (chatproxy.asgi.LOOP_SAFE) on the event loop; make "
+                     "this one async-capable (async hooks, or an async __call__), or silence chatproxy.W005.",
+            ))
+    return problems
+
+
 def _consumer_routed() -> bool:
     """Whether ASGI_APPLICATION routes chatproxy's ChatConsumer (False if it cannot be imported)."""
+    return _in_asgi_application(_is_chat_consumer)
+
+
+def _is_chat_consumer(node: Any) -> bool:
+    consumer = getattr(node, "consumer_class", None)
+    return consumer is not None and f"{consumer.__module__}.{consumer.__qualname__}" == CHAT_CONSUMER
+
+
+def _is_direct_streams(node: Any) -> bool:
+    from chatproxy.asgi import DirectStreams
+
+    return isinstance(node, DirectStreams)
+
+
+def _in_asgi_application(test: Callable[[Any], bool]) -> bool:
+    """Whether ``test`` holds for ASGI_APPLICATION or an app it wraps or routes to (False if it
+    cannot be imported)."""
     try:
         app = import_string(settings.ASGI_APPLICATION)
     except Exception:
         return False
-    return _routes_consumer(app, depth=0, seen=set())
+    return _app_tree_has(app, test, depth=0, seen=set())
 
 
-def _routes_consumer(node: Any, depth: int, seen: set[int]) -> bool:
+def _app_tree_has(node: Any, test: Callable[[Any], bool], depth: int, seen: set[int]) -> bool:
     if node is None or depth > 12 or id(node) in seen:
         return False
     seen.add(id(node))
-    consumer = getattr(node, "consumer_class", None)
-    if consumer is not None and f"{consumer.__module__}.{consumer.__qualname__}" == CHAT_CONSUMER:
+    if test(node):
         return True
     children: list[Any] = []
     mapping = getattr(node, "application_mapping", None)
@@ -286,7 +327,7 @@ def _routes_consumer(node: Any, depth: int, seen: set[int]) -> bool:
         children.append(getattr(node, attr, None))
     for route in getattr(node, "routes", None) or ():
         children.append(getattr(route, "callback", None))
-    return any(_routes_consumer(child, depth + 1, seen) for child in children)
+    return any(_app_tree_has(child, test, depth + 1, seen) for child in children)
 
 
 def _channels_configured() -> bool:

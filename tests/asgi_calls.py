@@ -42,6 +42,7 @@ async def call(
     session: bool = True,
     query: bytes = b"",
     client: tuple[str, int] = ("127.0.0.1", 40000),
+    host: bytes = b"localhost",
     leave_after: int | None = 1,
     patience: float = 10.0,
 ) -> Reply:
@@ -52,7 +53,7 @@ async def call(
     the matching ``X-CSRFToken`` header. ``patience``: seconds before the client leaves whatever happens.
     """
     chunks = [body] if isinstance(body, bytes) else list(body)
-    raw_headers = [(b"host", b"localhost")]
+    raw_headers = [(b"host", host)]
     if content_type is not None:
         raw_headers.append((b"content-type", content_type))
     if content_length:

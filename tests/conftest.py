@@ -1,7 +1,7 @@
 """Shared fixtures: the simulator, live servers, and database hygiene for async tests."""
 
 import pytest
-from asgiref.sync import sync_to_async
+from asgiref.sync import SyncToAsync, sync_to_async
 from django.db import connections
 
 pytest_plugins = ["tests.fixtures_simulator", "tests.fixtures_servers"]
@@ -30,6 +30,17 @@ async def no_stale_connections():
     await sync_to_async(drop_connections)()
     records._executor().submit(drop_connections).result()
     yield
+
+
+@pytest.fixture(autouse=True)
+def no_connection_left_in_asgirefs_thread(request):
+    """After a test marked ``django_db``: drop the connections its async ORM calls opened in asgiref's
+    shared thread. Requests served by ``DirectStreams`` send Django's ``request_started`` there, and
+    its ``close_old_connections`` would trip over such a connection in a later test without
+    database access."""
+    yield
+    if request.node.get_closest_marker("django_db") is not None:
+        SyncToAsync.single_thread_executor.submit(drop_connections).result()
 
 
 @pytest.fixture

@@ -6,8 +6,11 @@ import re
 from pathlib import Path
 
 import pytest
+from django.conf import settings
 from django.core.checks import run_checks
+from django.middleware.csrf import CsrfViewMiddleware
 from django.test import modify_settings, override_settings
+from django.utils.deprecation import MiddlewareMixin
 
 from chatproxy import checks
 
@@ -173,6 +176,44 @@ def test_w004_runserver_without_daphne():
     with modify_settings(INSTALLED_APPS={"remove": ["daphne"]}):
         assert "chatproxy.W004" in found(with_upstream(), DEBUG=True)
         assert "chatproxy.W004" not in found(with_upstream(), DEBUG=False)
+
+
+class LoggingMiddleware(MiddlewareMixin):  # a project's own MiddlewareMixin: its hooks hop to a thread
+    def process_request(self, request):
+        return None
+
+    def process_response(self, request, response):
+        return response
+
+
+class StrictCsrf(CsrfViewMiddleware):  # a subclass of a known one may change any hook
+    pass
+
+
+def sync_only(get_response):
+    return get_response
+
+
+def test_w005_middleware_that_runs_in_a_thread_under_direct_streams():
+    assert checks._in_asgi_application(checks._is_direct_streams)  # the sample project uses DirectStreams
+    assert "chatproxy.W005" not in found(with_upstream())  # Django's own middleware: all on the loop
+    ours = "tests.test_checks.LoggingMiddleware"
+    (warning,) = found(with_upstream(), MIDDLEWARE=[*settings.MIDDLEWARE, ours])["chatproxy.W005"]
+    assert ours in warning.msg and "process_request, process_response" in warning.msg
+    assert "async" in warning.hint
+    (warning,) = found(with_upstream(), MIDDLEWARE=[*settings.MIDDLEWARE, "tests.test_checks.sync_only"])[
+        "chatproxy.W005"]
+    assert "synchronous only" in warning.msg
+    (warning,) = found(with_upstream(), CSRF_USE_SESSIONS=True)["chatproxy.W005"]  # the secret is in the session
+    assert "CsrfViewMiddleware" in warning.msg and "process_view" in warning.msg
+    strict = [m if not m.endswith(".CsrfViewMiddleware") else "tests.test_checks.StrictCsrf"
+              for m in settings.MIDDLEWARE]
+    assert "StrictCsrf" in found(with_upstream(), MIDDLEWARE=strict)["chatproxy.W005"][0].msg
+    # Async middleware runs on the loop; without DirectStreams nothing is said.
+    assert "chatproxy.W005" not in found(with_upstream(), MIDDLEWARE=[*settings.MIDDLEWARE,
+                                                                      "tests.test_direct.alternate_urlconf"])
+    assert "chatproxy.W005" not in found(with_upstream(), MIDDLEWARE=[*settings.MIDDLEWARE, ours],
+                                         ASGI_APPLICATION="chatproxy.asgi.RequestSizeGuard")
 
 
 def test_ids_are_documented():
