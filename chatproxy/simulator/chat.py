@@ -22,7 +22,6 @@ chunks. Choices of ``n > 1`` are interleaved.
 
 from __future__ import annotations
 
-import asyncio
 import re
 import time
 import uuid
@@ -50,10 +49,8 @@ from .wire import (
     GO_ON,
     Delivery,
     RequestRecord,
-    abort_and_wait,
     dumps,
-    non_stream_delay,
-    non_stream_fault,
+    non_stream_faults,
     select_faults,
 )
 
@@ -603,19 +600,12 @@ async def complete_chat(
     choices = plan_answer(answer)
     record.continuation = choices[0].continuation
     counted = counted_units(choices, faults)
-    delay = non_stream_delay(faults, counted)
-    if delay:
-        await asyncio.sleep(delay)
-    fault = non_stream_fault(faults, counted)
-    if fault in ("reset", "closed"):
-        await abort_and_wait(request, record, reset=fault == "reset")
-        raise ConnectionResetError("simulated reset")  # pragma: no cover - cancelled first
+    fault, response = await non_stream_faults(request, record, faults, counted, b'{"id": "chatcmpl-sim", not json')
+    if response is not None:
+        return response
     if fault == "error":
         record.outcome, record.status = "status", 500
         return error_response(500)
-    if fault == "malformed":
-        record.outcome, record.status = "malformed", 200
-        return web.Response(body=b'{"id": "chatcmpl-sim", not json', content_type="application/json", headers=headers)
     if fault == "content_filter":
         cut_for_filter(choices, faults)
     body = {

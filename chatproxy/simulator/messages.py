@@ -24,7 +24,6 @@ sends an in-band ``event: error`` with an ``overloaded_error`` after the 200.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 import time
@@ -43,10 +42,8 @@ from .wire import (
     Delivery,
     RequestRecord,
     SimState,
-    abort_and_wait,
     dumps,
-    non_stream_delay,
-    non_stream_fault,
+    non_stream_faults,
     select_faults,
 )
 
@@ -395,19 +392,12 @@ async def complete_messages(
     choice = choices[0]
     record.continuation = choice.continuation
     counted = counted_units(choices, faults)
-    delay = non_stream_delay(faults, counted)
-    if delay:
-        await asyncio.sleep(delay)
-    fault = non_stream_fault(faults, counted)
-    if fault in ("reset", "closed"):
-        await abort_and_wait(request, record, reset=fault == "reset")
-        raise ConnectionResetError("simulated reset")  # pragma: no cover - cancelled first
+    fault, response = await non_stream_faults(request, record, faults, counted, b'{"id": "msg_sim", not json')
+    if response is not None:
+        return response
     if fault == "error":
         record.outcome, record.status = "status", 529
         return status_error(529)
-    if fault == "malformed":
-        record.outcome, record.status = "malformed", 200
-        return web.Response(body=b'{"id": "msg_sim", not json', content_type="application/json", headers=headers)
     if fault == "content_filter":
         cut_for_filter(choices, faults)
     stop = "refusal" if choice.units and choice.units[0][0] == "refusal" else _STOP_REASONS[choice.finish]

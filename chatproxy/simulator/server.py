@@ -53,7 +53,7 @@ from aiohttp import web
 
 from . import chat, messages
 from .faults import DirectiveError, describe
-from .wire import STATE_KEY, RequestRecord, SimState, dumps, install_connection_hooks, loads
+from .wire import STATE_KEY, RequestRecord, SimState, dumps, install_connection_hooks, loads, response_headers
 
 __all__ = [
     "MODELS",
@@ -131,17 +131,6 @@ async def faults_handler(request: web.Request) -> web.Response:
     return web.Response(body=dumps({"rules": state.rules.as_list()}), content_type="application/json")
 
 
-def _response_headers(record: RequestRecord) -> dict[str, str]:
-    return {
-        "x-request-id": f"req_sim{record.id:08d}",
-        "request-id": f"req_sim{record.id:08d}",
-        "x-sim-request-id": str(record.id),
-        "x-sim-attempt": str(record.attempt),
-        "x-sim-fingerprint": record.fingerprint or "",
-        "openai-model": record.model or "",
-    }
-
-
 async def completions_handler(request: web.Request) -> web.StreamResponse:
     """``POST /v1/chat/completions``: validation, fault selection, then stream or not."""
     return await _handle(request, "chat.completions")
@@ -200,7 +189,7 @@ async def _handle(request: web.Request, api: str) -> web.StreamResponse:
                 response = error_response(faults.status or 500, headers=headers)
             record.status = response.status
             return response
-        headers = _response_headers(record)
+        headers = response_headers(record)
         if anthropic:
             if stream:
                 return await messages.stream_messages(request, answer, record, headers)

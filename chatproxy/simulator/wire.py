@@ -291,6 +291,37 @@ class Delivery:
         return GO_ON
 
 
+async def non_stream_faults(
+    request: web.BaseRequest, record: RequestRecord, faults: Faults, counted: int, malformed: bytes
+) -> tuple[str | None, web.Response | None]:
+    """Wait the generation time, then run the stream fault a non-streamed answer of ``counted``
+    units runs into: a reset or close drops the connection, ``malformed`` is the 200 response
+    whose body is ``malformed``; ``error`` and ``content_filter`` are the caller's to answer."""
+    delay = non_stream_delay(faults, counted)
+    if delay:
+        await asyncio.sleep(delay)
+    fault = non_stream_fault(faults, counted)
+    if fault in ("reset", "closed"):
+        await abort_and_wait(request, record, reset=fault == "reset")
+        raise ConnectionResetError("simulated reset")  # pragma: no cover - cancelled first
+    if fault == "malformed":
+        record.outcome, record.status = "malformed", 200
+        return fault, web.Response(body=malformed, content_type="application/json", headers=response_headers(record))
+    return fault, None
+
+
+def response_headers(record: RequestRecord) -> dict[str, str]:
+    """Debugging headers of every answer (request id, attempt, fingerprint, model)."""
+    return {
+        "x-request-id": f"req_sim{record.id:08d}",
+        "request-id": f"req_sim{record.id:08d}",
+        "x-sim-request-id": str(record.id),
+        "x-sim-attempt": str(record.attempt),
+        "x-sim-fingerprint": record.fingerprint or "",
+        "openai-model": record.model or "",
+    }
+
+
 def non_stream_fault(faults: Faults, counted: int) -> str | None:
     """The stream fault a non-streamed answer of ``counted`` units runs into first, if any:
     ``reset``, ``closed``, ``error``, ``malformed`` or ``content_filter``."""
