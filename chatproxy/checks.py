@@ -137,7 +137,7 @@ def _check_structure() -> list[Any]:
         return []
     if not isinstance(user, Mapping):
         return [Error(f"settings.CHATPROXY must be a dict, not {type(user).__name__}.", id="chatproxy.E005",
-                      hint="CHATPROXY = {'UPSTREAM': {...}, 'TIMEOUTS': {...}} (SPEC section 5).")]
+                      hint="CHATPROXY = {'UPSTREAM': {...}, 'TIMEOUTS': {...}} (docs/reference.md, settings).")]
     return [
         Error(f"CHATPROXY[{name!r}] must be a dict, not {type(user[name]).__name__}.", id="chatproxy.E005",
               hint=f"Known keys of CHATPROXY[{name!r}]: {', '.join(SECTIONS[name])}.")

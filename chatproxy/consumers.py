@@ -1,4 +1,4 @@
-"""The WebSocket way in (SPEC 6.4): several resilient streams over one socket.
+"""The WebSocket way in: several resilient streams over one socket.
 
 Thin like the HTTP views: frames are validated, each ``chat`` frame opens a
 :class:`~chatproxy.core.ChatStream`, and one relay task per stream turns its events into frames.

@@ -5,7 +5,7 @@ whether to retry, and the transports never see anything else.
 
     ChatProxyError
     ├── ConfigurationError           settings name something that cannot work (missing SDK, ...)
-    └── UpstreamError                one attempt failed; ``reason`` is the SPEC retry reason
+    └── UpstreamError                one attempt failed; ``reason`` is the ``retry`` event's reason
         ├── UpstreamConnectError     "connect": TCP/TLS connect failed or timed out
         ├── UpstreamTimeout          chatproxy's own watchdogs
         │   ├── FirstTokenTimeout    "first_token": no chunk within FIRST_TOKEN
@@ -14,14 +14,14 @@ whether to retry, and the transports never see anything else.
         └── UpstreamStatusError      an HTTP error status (or an in-stream error object)
             └── RateLimited          "rate_limited": 429, carries Retry-After
 
-``retryable`` follows SPEC section 7. Messages of these exceptions are for logs only: they never
-carry API keys (adapters build them from status codes and exception class names) and never reach
-a client; clients get the friendly text from :mod:`chatproxy.messages`.
+``retryable`` says whether another attempt may help (docs/reference.md). Messages of these
+exceptions are for logs only: they never carry API keys (adapters build them from status codes and
+exception class names) and never reach a client; clients get the friendly text from :mod:`chatproxy.messages`.
 """
 
 from __future__ import annotations
 
-# SPEC 7: statuses worth another attempt.
+# Statuses worth another attempt: timeouts, conflicts, rate limits, server errors.
 RETRYABLE_STATUSES = frozenset({408, 409, 429, 500, 502, 503, 504, 529})
 
 

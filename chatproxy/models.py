@@ -1,8 +1,8 @@
 """chatproxy's models.
 
-* ``AccessKey``: API keys for the OpenAI-compatible endpoint (SPEC 10).
-* ``TimeoutProfile``: per-model timeouts tuned in the admin (SPEC 8); see :mod:`chatproxy.profiles`.
-* ``StreamRecord``: one row per finished stream (SPEC 8); see :mod:`chatproxy.records`.
+* ``AccessKey``: API keys for the OpenAI-compatible endpoint.
+* ``TimeoutProfile``: per-model timeouts tuned in the admin; see :mod:`chatproxy.profiles`.
+* ``StreamRecord``: one row per finished stream; see :mod:`chatproxy.records`.
 """
 
 from __future__ import annotations
@@ -103,7 +103,7 @@ def _policy_field(name: str) -> Any:
 
 
 class TimeoutProfile(models.Model):
-    """Timeouts for the models whose name matches ``model_pattern`` (SPEC 8).
+    """Timeouts for the models whose name matches ``model_pattern``.
 
     The most specific enabled match wins (:mod:`chatproxy.profiles`); the profile named
     ``default`` always exists, cannot be disabled or deleted, and matches every model.
@@ -205,7 +205,7 @@ def _profiles_changed(sender: Any, **kwargs: Any) -> None:
 
 
 class StreamRecord(models.Model):
-    """What happened to one stream (SPEC 8), written once when it ends (:mod:`chatproxy.records`).
+    """What happened to one stream, written once when it ends (:mod:`chatproxy.records`).
 
     ``retry_reasons`` holds the reason of each retry in order, separated by spaces
     (``"stall stall"``); ``time_to_first_token`` is None when no text was sent.

@@ -1,4 +1,4 @@
-"""The OpenAI-compatible way in (SPEC 6.3): ``POST /chat/v1/chat/completions``, ``GET /chat/v1/models``.
+"""The OpenAI-compatible way in: ``POST /chat/v1/chat/completions``, ``GET /chat/v1/models``.
 
 The official openai client pointed at ``base_url=".../chat/v1"`` works unmodified. The same
 resilient core serves it; only the wire differs:

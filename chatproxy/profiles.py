@@ -1,4 +1,4 @@
-"""Admin timeout profiles (SPEC 8) as seen by the request path: which one applies, cheaply.
+"""Admin timeout profiles as seen by the request path: which one applies, cheaply.
 
 Which profile applies
 ---------------------
