@@ -71,6 +71,10 @@ def rss_bytes(pid: int) -> int:
     return psutil.Process(pid).memory_info().rss
 
 
+def num_threads(pid: int) -> int:
+    return psutil.Process(pid).num_threads()
+
+
 def _status_kib(pid: int, field: str) -> int | None:
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():

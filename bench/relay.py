@@ -19,7 +19,11 @@ same seconds by the same client), peak RSS above the base per concurrent stream,
 offered chunks, errors.
 
 ``idle_memory`` opens ``users`` streams whose upstream sends headers and the role chunk, then
-nothing for 600 s, and reports (RSS - base) / streams once the pacer holds them all.
+nothing for 600 s, and reports (RSS - base) / streams and the OS threads added per stream once the
+pacer holds them all.
+
+``open_cost`` runs ``users`` closed-loop streams of one chunk each: the server's CPU per stream
+opened, nearly all of it the request (HTTP, Django, authorization, admission, the upstream request).
 """
 
 from __future__ import annotations
@@ -159,6 +163,7 @@ def idle_memory(name: str, users: int, pacer: procs.Pacer, databases: procs.Data
     server = start_server(name, pacer, databases)
     try:
         base = procs.rss_bytes(server.pid)
+        threads0 = procs.num_threads(server.pid)
         t0 = time.monotonic() + 1.0
         hold = 4.0 + users / 100
         cfg = {"url": server.stream_url, "headers": server.stream_headers(),
@@ -171,6 +176,7 @@ def idle_memory(name: str, users: int, pacer: procs.Pacer, databases: procs.Data
         held = pacer.wait_active(before + users, timeout=hold - 2.5) - before
         time.sleep(1.0)  # let the last ones settle (first events written, timers armed)
         rss = procs.rss_bytes(server.pid)
+        threads = procs.num_threads(server.pid)
         loadgen.communicate(timeout=60)
     finally:
         server.stop()
@@ -182,4 +188,15 @@ def idle_memory(name: str, users: int, pacer: procs.Pacer, databases: procs.Data
         "rss_base_mib": base / 2**20,
         "rss_mib": rss / 2**20,
         "kib_per_idle_stream": (rss - base) / max(1, held) / 1024,
+        "threads_per_idle_stream": (threads - threads0) / max(1, held),
     }
+
+
+def open_cost(name: str, users: int, pacer: procs.Pacer, databases: procs.Databases, opts: Any) -> dict[str, Any]:
+    """CPU per new stream: :func:`relay_run` with one-chunk streams (each stream relays one chunk,
+    so CPU per chunk is CPU per stream)."""
+    one_chunk = type(opts)(**{**vars(opts), "chunks": 1})
+    row = relay_run(name, users, pacer, databases, one_chunk)
+    row["ms_per_stream"] = row["us_per_chunk"] / 1000 if row["us_per_chunk"] else None
+    row["streams_per_s"] = row["chunks"] / opts.measure
+    return row

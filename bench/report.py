@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -275,6 +276,22 @@ def _memprofile_tables(out: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _open_table(out: dict[str, Any]) -> list[str]:
+    """Stream-opening cost by configuration: every run, and the median."""
+    by_config: dict[str, list[dict[str, Any]]] = {}
+    for row in out.get("open") or []:
+        by_config.setdefault(row["config"], []).append(row)
+    lines = ["| configuration | ms CPU per new stream, each run | median | new streams/s | "
+             "OS threads per open stream |", "|---|--:|--:|--:|--:|"]
+    for config, rows in by_config.items():
+        ms = [r["ms_per_stream"] for r in rows if r["ms_per_stream"]]
+        median = statistics.median(ms) if ms else None
+        lines.append(f"| {config} | {' / '.join(_f(r['ms_per_stream'], 2) for r in rows)} | **{_f(median, 2)}** | "
+                     f"{' / '.join(_f(r['streams_per_s']) for r in rows)} | "
+                     f"{' / '.join(_f(r['threads_per_open_stream'], 2) for r in rows)} |")
+    return lines
+
+
 def markdown(out: dict[str, Any], png_name: str) -> str:
     m = out["machine"]
     o = out["options"]
@@ -319,6 +336,7 @@ def markdown(out: dict[str, Any], png_name: str) -> str:
         ("adapters", "## 3. Upstream paths (consumer process CPU per chunk, 200 paced streams)", _adapter_table),
         ("profile", "## 4. Profile (py-spy, server under load)", _profile_tables),
         ("memprofile", "## 5. What an idle stream holds (tracemalloc, Python heap)", _memprofile_tables),
+        ("open", "## 6. Opening a stream (one-chunk streams, closed loop; threads: idle streams held)", _open_table),
     ]
     for part, title, tables in sections:
         if out.get(part):

@@ -8,7 +8,9 @@ Parts (``--parts``, default all):
 * ``stall``    -- user-visible gap of a mid-stream stall, chatproxy versus the SDKs (bench/stall.py);
 * ``adapters`` -- CPU per chunk of each upstream path (bench/adapters.py);
 * ``profile``  -- py-spy on chatproxy under the 200-stream load, and the GC's share (bench/profile.py);
-* ``memprofile`` -- what an idle stream holds, by library (tracemalloc; bench/memprofile.py).
+* ``memprofile`` -- what an idle stream holds, by library (tracemalloc; bench/memprofile.py);
+* ``open``     -- what opening a stream costs: CPU per new stream and OS threads per open stream,
+                  DirectStreams versus Django's handler (bench/relay.py; not in the default parts).
 
 Writes ``bench/results/<name>.md`` (the tables), ``<name>.png`` (the plot) and, git-ignored,
 ``bench/results/raw/<name>.json`` (every number) and py-spy's raw stacks. ``--quick`` is a
@@ -61,6 +63,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--setup-chunks", type=int, default=50,
                         help="chunks per stream of the extra per-stream-cost runs (0: skip them; quick: skipped)")
     parser.add_argument("--setup-streams", type=int, default=100)
+    parser.add_argument("--open-streams", type=int, default=20,
+                        help="concurrent one-chunk streams of the open part (default 20)")
+    parser.add_argument("--open-idle-streams", type=int, default=50,
+                        help="idle streams held to count threads per open stream in the open part (default 50)")
+    parser.add_argument("--open-repeats", type=int, default=2, help="runs of each configuration in the open part")
     parser.add_argument("--profile-streams", type=int, default=200)
     parser.add_argument("--memprofile-streams", type=int, default=50)
     parser.add_argument("--legacy-python", default=_default_legacy_python(),
@@ -184,6 +191,30 @@ def part_idle(args: argparse.Namespace, pacer: procs.Pacer, dbs: procs.Databases
         row = relay.idle_memory(name, args.idle_streams, pacer, dbs, args)
         rows.append(row)
         log(f"  {row['kib_per_idle_stream']:.1f} KiB per idle stream ({row['held']} held)")
+
+
+OPEN_CONFIGS = ["uvicorn", "uvicorn, Django path", "daphne", "daphne, Django path"]
+
+
+def part_open(args: argparse.Namespace, pacer: procs.Pacer, dbs: procs.Databases, out: dict[str, Any]) -> None:
+    """Stream-opening cost, each configuration ``--open-repeats`` times, interleaved (a shared
+    machine drifts: compare runs made close together)."""
+    from bench import relay
+
+    configs = args.configs or OPEN_CONFIGS
+    rows = out.setdefault("open", [])
+    for repeat in range(args.open_repeats):
+        for name in configs:
+            _quiet(args, [pacer.pid])
+            log(f"open: {name}, {args.open_streams} one-chunk streams (run {repeat + 1})")
+            row = relay.open_cost(name, args.open_streams, pacer, dbs, args)
+            idle = relay.idle_memory(name, args.open_idle_streams, pacer, dbs, args)
+            row["threads_per_open_stream"] = idle["threads_per_idle_stream"]
+            row["idle_streams_held"] = idle["held"]
+            rows.append(row)
+            log(f"  {row['ms_per_stream'] or 0:.2f} ms CPU per new stream ({row['streams_per_s']:.0f} streams/s), "
+                f"{row['threads_per_open_stream']:.2f} threads per open stream, other load "
+                f"{row['other_load_cores']:.2f} cores" + (f", errors {row['errors']}" if row["errors"] else ""))
 
 
 def part_stall(args: argparse.Namespace, dbs: procs.Databases, out: dict[str, Any]) -> None:
@@ -354,6 +385,8 @@ def main(argv: list[str] | None = None) -> None:
                     part_profile(args, pacer, dbs, out)
                 elif part == "memprofile":
                     part_memprofile(args, pacer, dbs, out)
+                elif part == "open":
+                    part_open(args, pacer, dbs, out)
                 else:
                     raise SystemExit(f"unknown part {part!r}")
             except Exception:

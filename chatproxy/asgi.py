@@ -1,4 +1,5 @@
-"""ASGI middleware: refuse oversized request bodies before Django reads them.
+"""ASGI middleware: refuse oversized request bodies before Django reads them (:class:`RequestSizeGuard`),
+and serve chatproxy's stream-opening requests without Django's thread hops (:class:`DirectStreams`).
 
 Django's ``ASGIHandler`` reads a request's whole body (into memory, then a temporary file) before
 any view runs, so a view's size check comes too late to protect the worker. Wrap the HTTP
