@@ -45,6 +45,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+from chatproxy.codes import ErrorCode
 from chatproxy.conf import Policy
 from chatproxy.stream.answer import Answer
 from chatproxy.stream.attempts import TOTAL_TIMEOUT_MARGIN, AttemptRunner, Done
@@ -194,7 +195,7 @@ class ChatStream:
         watchdog.start()
         try:
             if self._cancel_requested:  # before the pump ran (the last client left at once)
-                outcome: Done | GiveUp = GiveUp("cancelled")
+                outcome: Done | GiveUp = GiveUp(ErrorCode.CANCELLED)
             else:
                 outcome = await runner.run(Target(self.upstream, self.request, policy))
             if isinstance(outcome, Done):
@@ -203,12 +204,12 @@ class ChatStream:
             else:
                 self._finish("error", {"code": outcome.code})
         except asyncio.CancelledError:
-            self._finish("error", {"code": "cancelled"})
+            self._finish("error", {"code": ErrorCode.CANCELLED})
             if not self._cancel_requested:
                 raise
         except Exception:
             logger.exception("chatproxy stream %s failed unexpectedly", self.stream_id)
-            self._finish("error", {"code": "internal"})
+            self._finish("error", {"code": ErrorCode.INTERNAL})
         finally:
             watchdog.stop()
             self.stats.duration = loop.time() - started_at

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from chatproxy.codes import ErrorCode
 from chatproxy.errors import UpstreamError
 from chatproxy.stream.answer import Answer
 from chatproxy.stream.events import EventLog
@@ -78,7 +79,7 @@ class AttemptRunner:
             try:
                 finish_reason, usage = await self._attempt(target)
             except Diverged:
-                return GiveUp("upstream_unavailable")
+                return GiveUp(ErrorCode.UPSTREAM_UNAVAILABLE)
             except UpstreamError as exc:
                 decision = plan_retry(
                     exc, tries, policy,

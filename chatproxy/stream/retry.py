@@ -6,6 +6,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from chatproxy.codes import ErrorCode
 from chatproxy.conf import Policy
 from chatproxy.errors import RateLimited, UpstreamConnectError, UpstreamError, UpstreamStatusError, UpstreamTimeout
 
@@ -23,7 +24,7 @@ class Retry:
 class GiveUp:
     """End the stream with the ``error`` event code ``code``."""
 
-    code: str
+    code: ErrorCode
 
 
 Decision = Retry | GiveUp
@@ -47,7 +48,7 @@ def plan_retry(
     unless the upstream said how long to wait (Retry-After, honoured up to ``retry_after_max``).
     """
     if deadline_expired:
-        return GiveUp("deadline_exceeded")
+        return GiveUp(ErrorCode.DEADLINE_EXCEEDED)
     if not exc.retryable or (partial and policy.on_partial == "fail") or attempt >= policy.max_attempts:
         return GiveUp(final_code(exc))
     if exc.retry_after is not None:
@@ -58,22 +59,22 @@ def plan_retry(
         cap = min(policy.backoff_max, policy.backoff_initial * (2 ** (attempt - 1)))
         delay = cap * rng()
     if now + delay >= deadline_at:
-        return GiveUp("deadline_exceeded")
+        return GiveUp(ErrorCode.DEADLINE_EXCEEDED)
     return Retry(delay)
 
 
-def final_code(exc: UpstreamError) -> str:
+def final_code(exc: UpstreamError) -> ErrorCode:
     """The ``error`` event code for a failure that ends the stream."""
     if isinstance(exc, RateLimited):
-        return "rate_limited"
+        return ErrorCode.RATE_LIMITED
     if isinstance(exc, UpstreamTimeout):
-        return "upstream_timeout"
+        return ErrorCode.UPSTREAM_TIMEOUT
     if isinstance(exc, UpstreamConnectError):
-        return "upstream_unavailable"
+        return ErrorCode.UPSTREAM_UNAVAILABLE
     if isinstance(exc, UpstreamStatusError) and not exc.retryable:
         # 401/403 are chatproxy's own credentials: the user cannot fix that.
         if exc.status in (401, 403):
             logger.error("upstream refused chatproxy's credentials (HTTP %s): check UPSTREAM.API_KEY", exc.status)
-            return "upstream_unavailable"
-        return "bad_request"
-    return "upstream_unavailable"
+            return ErrorCode.UPSTREAM_UNAVAILABLE
+        return ErrorCode.BAD_REQUEST
+    return ErrorCode.UPSTREAM_UNAVAILABLE
