@@ -7,7 +7,8 @@
   or ``SDK`` "none" (also what "auto" picks without openai) and aiohttp does not import
 * ``chatproxy.E004`` ``PERMISSION`` cannot be imported
 * ``chatproxy.E005`` ``CHATPROXY`` (or one of its sections) is not a dict
-* ``chatproxy.E006`` a ``LIMITS`` value is not a positive whole number (the per-user limits may be None: off)
+* ``chatproxy.E006`` a ``LIMITS`` value is not a positive whole number (the per-user limits may be None: off),
+  or ``WHEN_CACHE_DOWN`` is not "allow" / "refuse"
 * ``chatproxy.E007`` ``RESUME``: ``CACHE`` is not a configured cache alias, or ``TTL`` / ``GRACE`` is invalid
 * ``chatproxy.E008`` ``UPSTREAM.MODEL`` / ``MODELS`` / ``EXTRA_BODY`` has the wrong shape, or ``MODEL`` is not
   among ``MODELS``
@@ -36,6 +37,7 @@ from django.core.checks import Error, Warning, register
 from django.utils.module_loading import import_string
 
 from chatproxy import conf, policy, profiles
+from chatproxy.limits import WHEN_CACHE_DOWN_CHOICES
 from chatproxy.upstream import (
     HTTP_CLIENT_CHOICES,
     INSTALL_AIOHTTP,
@@ -196,14 +198,19 @@ def _number(value: Any) -> bool:
 
 
 def _check_limits(limits: Mapping[str, Any]) -> list[Any]:
-    return [
+    problems = [
         Error(f"CHATPROXY['LIMITS'][{key!r}] is {limits[key]!r}.", id="chatproxy.E006",
               hint=f"Use a whole number of at least 1 (default {conf.DEFAULTS['LIMITS'][key]})"
                    + (", or None for no limit." if key in OPTIONAL_LIMITS else "."))
         for key in conf.DEFAULTS["LIMITS"]
-        if not (_whole(limits.get(key)) and limits[key] >= 1)
+        if key != "WHEN_CACHE_DOWN"
+        and not (_whole(limits.get(key)) and limits[key] >= 1)
         and not (key in OPTIONAL_LIMITS and limits.get(key) is None)
     ]
+    if limits.get("WHEN_CACHE_DOWN") not in WHEN_CACHE_DOWN_CHOICES:
+        problems.append(Error(f"CHATPROXY['LIMITS']['WHEN_CACHE_DOWN'] is {limits.get('WHEN_CACHE_DOWN')!r}.",
+                              id="chatproxy.E006", hint='Use "allow" (the default) or "refuse".'))
+    return problems
 
 
 def _check_resume(resume: Mapping[str, Any]) -> list[Any]:

@@ -66,6 +66,10 @@ class ErrorCode(StrEnum):
     INTERNAL = "internal", 500, "api_error", gettext_noop("Something went wrong on our side. Please try again.")
 
     # Refusals before a stream starts.
+    UNAVAILABLE = (
+        "unavailable", 503, "api_error",
+        gettext_noop("This is briefly unavailable. Please try again in a moment."),
+    )
     NOT_FOUND = "not_found", 404, "invalid_request_error", gettext_noop("That answer is no longer available.")
     METHOD_NOT_ALLOWED = (
         "method_not_allowed", 405, "invalid_request_error",

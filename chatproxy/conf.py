@@ -36,6 +36,8 @@ DEFAULTS: dict[str, Any] = {
         "MAX_INPUT_CHARS": 200_000,  # characters of all messages; also sizes the body cap (x4 + 64 KiB)
         "MAX_STREAMS_PER_USER": 4,  # running at once, across workers (the RESUME.CACHE cache); None: no limit
         "REQUESTS_PER_MINUTE": None,  # streams started per user and minute; None: no limit
+        # "allow" | "refuse": a new stream while RESUME.CACHE (where the limits count) is unreachable
+        "WHEN_CACHE_DOWN": "allow",
     },
     "RESUME": {"CACHE": "default", "TTL": 600, "GRACE": 30.0},
     "RECORDS": {

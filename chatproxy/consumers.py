@@ -84,7 +84,10 @@ class ChatConsumer(AsyncWebsocketConsumer):
         elif entry[0] is not None:
             entry[0].cancel()  # the stream ends with error/cancelled, relayed as usual
         else:
-            await resume.cancel(self.stream_ids[request_id], self.scope.get("user"))
+            try:
+                await resume.cancel(self.stream_ids[request_id], self.scope.get("user"))
+            except (resume.StreamNotFound, resume.JournalUnavailable) as exc:
+                await self.send(text_data=_journal_error(exc, request_id))
 
     async def resume_stream(self, frame: dict[str, Any]) -> None:
         stream_id, after = frame.get("stream_id"), frame.get("last_event_id", 0)
@@ -99,9 +102,8 @@ class ChatConsumer(AsyncWebsocketConsumer):
             return
         try:
             events = await resume.open_replay(stream_id, self.scope.get("user"), after)
-        except resume.StreamNotFound:
-            await self.send(text_data=websocket_error(ErrorCode.NOT_FOUND, request_id=request_id, stream_id=stream_id,
-                                                      message="That answer can no longer be resumed."))
+        except (resume.StreamNotFound, resume.JournalUnavailable) as exc:
+            await self.send(text_data=_journal_error(exc, request_id, stream_id=stream_id))
             return
         local = resume.journal().local(stream_id)
         self.stream_ids[request_id] = stream_id
@@ -170,3 +172,12 @@ class ChatConsumer(AsyncWebsocketConsumer):
     async def send_error(self, message: str, request_id: Any = None) -> None:
         ids = {"request_id": request_id} if isinstance(request_id, str) else {}
         await self.send(text_data=websocket_error(ErrorCode.BAD_REQUEST, message=message, **ids))
+
+
+def _journal_error(exc: Exception, request_id: str, **fields: Any) -> str:
+    """The error frame of a resume or cancel that the journal refused (unknown stream, or unreachable)."""
+    if isinstance(exc, resume.JournalUnavailable):
+        return websocket_error(ErrorCode.UNAVAILABLE, request_id=request_id, **fields, message=exc.message,
+                               retry_after=exc.retry_after)
+    return websocket_error(ErrorCode.NOT_FOUND, request_id=request_id, **fields,
+                           message="That answer can no longer be resumed.")

@@ -42,6 +42,14 @@ retries after ``Retry-After``, never one lease too many. Admission costs three c
 (``add``, ``incr``, ``get_many`` of ``2 * (MAX_CLASS - MIN_CLASS + 1)`` keys) in one thread hop,
 and ending one ``decr``, whatever ``MAX_STREAMS_PER_USER`` is.
 
+While the cache is unreachable (Redis down) nothing can be counted. ``LIMITS["WHEN_CACHE_DOWN"]``
+says what a new stream gets then: ``"allow"`` (the default) starts it without a lease, so the
+limits are off for the outage's length (one warning per outage, :mod:`chatproxy.outage`), and
+``"refuse"`` answers 503 (:class:`LimitsUnavailable`). The default keeps the chat available: the
+limits are a fairness guard, the upstream enforces its own rate limits, and an outage is short.
+A lease whose release fails (the outage began while its stream ran) lapses on its own, as a
+crashed worker's does.
+
 A counter the cache evicted (a cache too small for its load) loses its leases: that user may run
 more streams until the window is no longer read. ``DummyCache`` stores nothing, so it enforces
 nothing.
@@ -69,7 +77,7 @@ from typing import Any
 
 from django.core.cache import caches
 
-from chatproxy import cachecalls
+from chatproxy import cachecalls, outage
 from chatproxy.codes import ErrorCode
 from chatproxy.conf import get_config
 
@@ -77,6 +85,10 @@ from chatproxy.conf import get_config
 SLOT_MARGIN = 30.0
 #: ``Retry-After`` (seconds) when the concurrency limit is reached: streams usually end within seconds.
 BUSY_RETRY_AFTER = 5
+#: ``Retry-After`` (seconds) of the 503 answered while the cache is down and ``WHEN_CACHE_DOWN`` is "refuse".
+CACHE_DOWN_RETRY_AFTER = 5
+#: The choices of ``LIMITS["WHEN_CACHE_DOWN"]``.
+WHEN_CACHE_DOWN_CHOICES = ("allow", "refuse")
 #: Lease classes are ``2**MIN_CLASS`` .. ``2**MAX_CLASS`` seconds long (32 s .. about 24 days).
 MIN_CLASS = 5
 MAX_CLASS = 21
@@ -91,6 +103,12 @@ class LimitExceeded(Exception):
         super().__init__(message)
         self.message = message
         self.retry_after = retry_after
+
+
+class LimitsUnavailable(LimitExceeded):
+    """The limits could not be checked (the cache is unreachable) and ``WHEN_CACHE_DOWN`` is "refuse": 503."""
+
+    code = ErrorCode.UNAVAILABLE
 
 
 def identity(user: Any, client_address: str | None) -> str:
@@ -110,6 +128,10 @@ def identity_of(request_or_scope: Any) -> str:
 
 def _cache() -> Any:
     return caches[get_config()["RESUME"]["CACHE"]]
+
+
+def _outage() -> outage.Outage:
+    return outage.of_cache(get_config()["RESUME"]["CACHE"])
 
 
 def lease_class(ttl: float) -> int:
@@ -151,6 +173,8 @@ class Slot:
                 _cache().decr(key)
             except ValueError:  # the counter lapsed or was evicted: nothing left to give back
                 pass
+            except Exception as exc:  # the cache is unreachable: the lease lapses on its own
+                _outage().failed(exc)
 
     def release(self) -> None:
         """:meth:`release_now` off the event loop (from a stream's ``on_finish``). Never raises."""
@@ -213,13 +237,25 @@ def admit(who: str, ttl: float) -> Slot:
     longest possible life plus a margin).
     """
     limits = get_config()["LIMITS"]
-    per_minute = limits.get("REQUESTS_PER_MINUTE")
-    if per_minute is not None:
-        _count_request(who, int(per_minute))
-    max_streams = limits.get("MAX_STREAMS_PER_USER")
-    if max_streams is None:
-        return Slot(None)
-    return _take_lease(who, int(max_streams), ttl)
+    try:
+        per_minute = limits.get("REQUESTS_PER_MINUTE")
+        if per_minute is not None:
+            _count_request(who, int(per_minute))
+        max_streams = limits.get("MAX_STREAMS_PER_USER")
+        slot = Slot(None) if max_streams is None else _take_lease(who, int(max_streams), ttl)
+    except LimitExceeded:
+        _outage().ok()
+        raise
+    except Exception as exc:  # the cache is unreachable (a LimitExceeded is not caught here)
+        _outage().failed(exc)
+        if limits.get("WHEN_CACHE_DOWN") == "refuse":
+            raise LimitsUnavailable(
+                "Usage limits cannot be checked right now, so no new answer can start. "
+                f"Try again in {CACHE_DOWN_RETRY_AFTER} s.", CACHE_DOWN_RETRY_AFTER,
+            ) from exc
+        return Slot(None)  # "allow": served without a lease (see the module docstring)
+    _outage().ok()
+    return slot
 
 
 async def aadmit(who: str, ttl: float) -> Slot:

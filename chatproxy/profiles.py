@@ -204,15 +204,18 @@ def changed() -> None:
 def _read_version() -> str | None:
     from django.core.cache import caches
 
+    from chatproxy import outage
+
     cache = caches[CACHE_ALIAS]
     try:
         version = cache.get(VERSION_KEY)
         if version is None:
             cache.add(VERSION_KEY, uuid.uuid4().hex, None)
             version = cache.get(VERSION_KEY)
-    except Exception:
-        logger.warning("could not read the timeout-profile version from the cache %r", CACHE_ALIAS, exc_info=True)
+    except Exception as exc:  # logged once per outage; changes still arrive by the REFRESH read
+        outage.of_cache(CACHE_ALIAS).failed(exc)
         return None
+    outage.of_cache(CACHE_ALIAS).ok()
     return version if isinstance(version, str) else None
 
 

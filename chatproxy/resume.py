@@ -17,6 +17,14 @@ Every ``CONTROL_INTERVAL`` the journal reads the listen/cancel flags of all its 
 ``get_many``. Batches of streams someone listens to are also sent to the Channels group
 ``chatproxy.s.S`` so a client resumed on another worker gets them live.
 
+While the cache is unreachable (Redis down) the journal keeps each stream's unwritten batches
+(and the events themselves stay in the stream's memory, which only drops what the store has) and
+retries every :data:`RETRY_INTERVAL`; once the cache answers again everything kept is written in
+order, the metas included (a restarted Redis may have lost them). Meanwhile :func:`open_replay`
+and :func:`cancel` raise :class:`JournalUnavailable` (answered 503) unless the stream runs in this
+process, and a replay already under way waits for the store. The outage is logged once
+(:mod:`chatproxy.outage`), not per flush.
+
 Reading. :func:`replay` yields the events after a given seq, then live ones until the end:
 from the stream itself when it runs in this process (no latency), else from the store plus the
 channel layer, re-reading the store whenever a seq gap shows a batch was missed.
@@ -27,16 +35,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 import weakref
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 from django.core.cache import caches
 
-from chatproxy import cachecalls
+from chatproxy import cachecalls, outage
 from chatproxy.codes import ErrorCode
 from chatproxy.conf import get_config
 from chatproxy.core import KEEPALIVE, ChatStream, Event, EventsDropped, Subscription
@@ -48,11 +57,21 @@ FLUSH_INTERVAL = 0.1  # seconds between journal runs (also the cross-worker live
 # Its client reads memory, not the store: a longer interval means fewer, larger cache writes.
 QUIET_FLUSH_INTERVAL = 0.5
 CONTROL_INTERVAL = 0.5  # seconds between reads of listen/cancel flags
+RETRY_INTERVAL = 0.5  # seconds between two writes of the journal while the cache is unreachable
+#: ``Retry-After`` (seconds) of a resume or cancel refused while the cache is unreachable.
+UNAVAILABLE_RETRY_AFTER = 2
 TERMINAL = ("done", "error")
 
 
 class StreamNotFound(Exception):
     """Unknown, expired, or someone else's stream (the same answer, so ids leak nothing)."""
+
+
+class JournalUnavailable(Exception):
+    """The store (``RESUME.CACHE``) is unreachable and the stream does not run here: answer 503."""
+
+    message = "Resuming is briefly unavailable. Please try again in a moment."
+    retry_after = UNAVAILABLE_RETRY_AFTER
 
 
 def meta_key(stream_id: str) -> str:
@@ -80,6 +99,10 @@ def owner_of(user: Any) -> str:
 
 def _cache() -> Any:
     return caches[get_config()["RESUME"]["CACHE"]]
+
+
+def _outage() -> outage.Outage:
+    return outage.of_cache(get_config()["RESUME"]["CACHE"])
 
 
 def _ttl() -> int:
@@ -110,6 +133,8 @@ class _Tracked:
     meta: dict[str, Any]
     batches: int = 0
     listened: bool = False
+    unsent: dict[str, Any] = field(default_factory=dict)  # writes of this stream not yet in the store
+    unsent_seq: int = 0  # the last seq in ``unsent``
     meta_written: float = 0.0  # monotonic time of the last meta write
     flushed_at: float = 0.0  # monotonic time of the last batch write
 
@@ -139,13 +164,19 @@ class Journal:
         return tracked.stream if tracked is not None else None
 
     async def _run(self) -> None:
+        pause = FLUSH_INTERVAL
         try:
             while self.tracked:
-                await asyncio.sleep(FLUSH_INTERVAL)
+                await asyncio.sleep(pause)
                 try:
                     await self.flush()
-                except Exception:
-                    logger.exception("chatproxy could not write stream events to the cache")
+                except Exception as exc:  # the cache is unreachable: kept, retried (see the module)
+                    _outage().failed(exc)
+                    self._outlived()
+                    pause = RETRY_INTERVAL
+                else:
+                    _outage().ok()
+                    pause = FLUSH_INTERVAL
         finally:
             self._task = None
 
@@ -157,38 +188,56 @@ class Journal:
         ttl = _ttl()
         refresh_before = now - ttl / 4  # the meta must outlive a stream longer than TTL
         writes: dict[str, Any] = {}
-        published: list[tuple[_Tracked, bytes, int]] = []
+        published: list[tuple[_Tracked, bytes]] = []
         ended: list[_Tracked] = []
         quiet_before = now - QUIET_FLUSH_INTERVAL
+        writers: list[_Tracked] = []
         for tracked in list(self.tracked.values()):
             finished = tracked.stream.finished
-            if not (tracked.listened or finished or tracked.flushed_at <= quiet_before):
+            if not (tracked.listened or finished or tracked.flushed_at <= quiet_before or tracked.unsent):
                 continue
             events = tracked.reader.pending()
+            stream_id = tracked.stream.stream_id
+            if tracked.meta_written < refresh_before:
+                tracked.unsent[meta_key(stream_id)] = tracked.meta
+                tracked.meta_written = now
             if events:
                 tracked.flushed_at = now
                 batch = _encode(events)
-                stream_id = tracked.stream.stream_id
-                writes[batch_key(stream_id, tracked.batches)] = batch
+                tracked.unsent[batch_key(stream_id, tracked.batches)] = batch
+                tracked.unsent_seq = events[-1].seq
                 tracked.batches += 1
-                if tracked.meta_written < refresh_before:
-                    writes[meta_key(stream_id)] = tracked.meta
-                    tracked.meta_written = now
-                published.append((tracked, batch, events[-1].seq))
+                published.append((tracked, batch))
+            if tracked.unsent:
+                writes.update(tracked.unsent)
+                writers.append(tracked)
             elif finished:
                 ended.append(tracked)
         if writes:
             cache = _cache()
-            await cachecalls.run(cache, cache.set_many, writes, ttl)
-        layer = _channel_layer() if any(t.listened for t, _, _ in published) else None
-        for tracked, batch, last_seq in published:
-            tracked.stream.mark_persisted(last_seq)
+            await cachecalls.run(cache, cache.set_many, writes, ttl)  # raises while the cache is down
+            for tracked in writers:
+                tracked.unsent.clear()
+                tracked.stream.mark_persisted(tracked.unsent_seq)
+        layer = _channel_layer() if any(t.listened for t, _ in published) else None
+        for tracked, batch in published:
             if layer is not None and tracked.listened:
                 message = {"type": "chatproxy.events", "batch": batch}
                 await layer.group_send(group_name(tracked.stream.stream_id), message)
         for tracked in ended:
             tracked.reader.close()
             del self.tracked[tracked.stream.stream_id]
+
+    def _outlived(self) -> None:
+        """After a failed write: every meta is written again once the store is back (a restarted
+        Redis may have lost them), and a finished stream whose events would have expired from the
+        store by now is forgotten (so a long outage cannot make the journal grow without end)."""
+        expired_before = time.time() - _ttl()
+        for stream_id, tracked in list(self.tracked.items()):
+            tracked.meta_written = -math.inf
+            if tracked.stream.finished and tracked.meta["deadline"] < expired_before:
+                tracked.reader.close()
+                del self.tracked[stream_id]
 
     async def _read_flags(self) -> None:
         cache = _cache()
@@ -222,17 +271,43 @@ async def track(stream: ChatStream, user: Any) -> None:
     j = journal()
     j.track(stream, owner_of(user))
     cache = _cache()
-    await cachecalls.run(cache, cache.set, meta_key(stream.stream_id), j.tracked[stream.stream_id].meta, _ttl())
+    tracked = j.tracked[stream.stream_id]
+    try:
+        await cachecalls.run(cache, cache.set, meta_key(stream.stream_id), tracked.meta, _ttl())
+    except Exception as exc:  # the cache is unreachable: the stream runs, its meta is written once it is back
+        _outage().failed(exc)
+        tracked.meta_written = -math.inf
+    else:
+        _outage().ok()
+
+
+async def _cache_call(func: Any, *args: Any) -> Any:
+    """``func(*args)`` on the store; raises :class:`JournalUnavailable` while it is unreachable."""
+    try:
+        result = await cachecalls.run(_cache(), func, *args)
+    except Exception as exc:
+        _outage().failed(exc)
+        raise JournalUnavailable() from exc
+    _outage().ok()
+    return result
 
 
 async def _meta_for(stream_id: str, user: Any) -> dict[str, Any]:
+    """The meta of ``user``'s stream; raises StreamNotFound, or JournalUnavailable while the store is
+    unreachable (a stream running in this process is answered from memory then)."""
     if not (stream_id.isascii() and stream_id.isalnum()) or len(stream_id) > 64:
         raise StreamNotFound(stream_id)
     cache = _cache()
-    meta = await cachecalls.run(cache, cache.get, meta_key(stream_id))
+    try:
+        meta = await _cache_call(cache.get, meta_key(stream_id))
+    except JournalUnavailable:
+        tracked = journal().tracked.get(stream_id)
+        if tracked is None:
+            raise
+        meta = tracked.meta
     if meta is None or meta.get("owner") != owner_of(user):
         raise StreamNotFound(stream_id)
-    return meta
+    return dict(meta)
 
 
 async def cancel(stream_id: str, user: Any) -> None:
@@ -242,8 +317,7 @@ async def cancel(stream_id: str, user: Any) -> None:
     if local is not None:
         local.cancel()
     else:
-        cache = _cache()
-        await cachecalls.run(cache, cache.set, flag_key(stream_id, "cancel"), 1, _ttl())
+        await _cache_call(_cache().set, flag_key(stream_id, "cancel"), 1, _ttl())
 
 
 async def _stored_events(stream_id: str, after: int, first_batch: int = 0) -> tuple[list[Event], int]:
@@ -272,29 +346,59 @@ async def open_replay(stream_id: str, user: Any, after: int) -> AsyncIterator[Ev
     meta = await _meta_for(stream_id, user)
     local = journal().local(stream_id)
     if local is not None:
-        return _replay_local(local, stream_id, after)
+        return await _open_local(local, stream_id, after)
     return _replay_remote(stream_id, after, meta)
 
 
-async def _replay_local(stream: ChatStream, stream_id: str, after: int) -> AsyncIterator[Event]:
-    stored_until = after
+async def _open_local(stream: ChatStream, stream_id: str, after: int) -> AsyncIterator[Event]:
+    """The replay of a stream of this process: what memory no longer holds is read from the store
+    now, before any event (so an unreachable store is a JournalUnavailable, not a cut stream)."""
+    stored: list[Event] = []
     try:
         reader = stream.subscribe(after)
     except EventsDropped as dropped:
         # Subscribe at once (no await in between, so this cannot fail): the subscription keeps the
         # events after log_base in memory while the older ones, already stored, are read back.
-        stored_until = dropped.log_base
-        reader = stream.subscribe(stored_until)
+        reader = stream.subscribe(dropped.log_base)
+        try:
+            found, _ = await _stored_events(stream_id, after)
+        except Exception as exc:
+            reader.close()
+            _outage().failed(exc)
+            raise JournalUnavailable() from exc
+        stored = [event for event in found if event.seq <= dropped.log_base]
+    return _replay_local(stored, reader)
+
+
+async def _replay_local(stored: list[Event], reader: Subscription) -> AsyncIterator[Event]:
     try:
-        if stored_until > after:
-            stored, _ = await _stored_events(stream_id, after)
-            for event in stored:
-                if event.seq <= stored_until:
-                    yield event
+        for event in stored:
+            yield event
         async for event in reader:
             yield event
     finally:
         reader.close()
+
+
+async def _next_events(
+    layer: Any, channel: str | None, poll: float, stream_id: str, last: int, batches: int
+) -> tuple[list[Event], int]:
+    """The events after ``last`` that came live (within ``poll`` seconds) or, on a gap or none, from the
+    store; and the index of the first batch not yet read from the store."""
+    batch = None
+    if channel is not None:
+        with contextlib.suppress(TimeoutError):
+            message = await asyncio.wait_for(layer.receive(channel), poll)
+            batch = message.get("batch")
+    else:
+        await asyncio.sleep(FLUSH_INTERVAL)
+    events = _decode(batch) if batch else []
+    if not events or events[0].seq > last + 1:
+        # Nothing live, or a gap: the store has whatever was written meanwhile.
+        stored, batches = await _stored_events(stream_id, last, max(0, batches - 1))
+        newest = stored[-1].seq if stored else last
+        events = stored + [e for e in events if e.seq > newest]
+    return events, batches
 
 
 async def _replay_remote(stream_id: str, after: int, meta: dict[str, Any]) -> AsyncIterator[Event]:
@@ -319,19 +423,14 @@ async def _replay_remote(stream_id: str, after: int, meta: dict[str, Any]) -> As
         poll = min(keepalive, CONTROL_INTERVAL)
         quiet_since = loop.time()
         while time.time() < meta["deadline"]:
-            batch = None
-            if channel is not None:
-                with contextlib.suppress(TimeoutError):
-                    message = await asyncio.wait_for(layer.receive(channel), poll)
-                    batch = message.get("batch")
+            try:
+                events, batches = await _next_events(layer, channel, poll, stream_id, last, batches)
+            except Exception as exc:  # the store or the layer is unreachable: wait for it, keep the client
+                _outage().failed(exc)
+                events = []
+                await asyncio.sleep(RETRY_INTERVAL)
             else:
-                await asyncio.sleep(FLUSH_INTERVAL)
-            events = _decode(batch) if batch else []
-            if not events or events[0].seq > last + 1:
-                # Nothing live, or a gap: the store has whatever was written meanwhile.
-                stored, batches = await _stored_events(stream_id, last, max(0, batches - 1))
-                newest = stored[-1].seq if stored else last
-                events = stored + [e for e in events if e.seq > newest]
+                _outage().ok()
             fresh = [e for e in events if e.seq > last]
             if not fresh:
                 if loop.time() - quiet_since >= keepalive:

@@ -121,7 +121,13 @@ async def resume_view(request: HttpRequest, stream_id: str) -> HttpResponse:
         events = await resume.open_replay(stream_id, request.user, after)
     except resume.StreamNotFound:
         return native_error(ErrorCode.NOT_FOUND, "No such stream: it ended more than RESUME.TTL ago, or never existed.")
+    except resume.JournalUnavailable as exc:
+        return _journal_unavailable(exc)
     return sse_response(events)
+
+
+def _journal_unavailable(exc: resume.JournalUnavailable) -> HttpResponse:
+    return native_error(ErrorCode.UNAVAILABLE, exc.message, headers={"Retry-After": str(exc.retry_after)})
 
 
 @endpoint("POST", "Use POST.")
@@ -131,4 +137,6 @@ async def cancel_view(request: HttpRequest, stream_id: str) -> HttpResponse:
         await resume.cancel(stream_id, request.user)
     except resume.StreamNotFound:
         return native_error(ErrorCode.NOT_FOUND, "No such stream.")
+    except resume.JournalUnavailable as exc:
+        return _journal_unavailable(exc)
     return JsonResponse({"stream_id": stream_id, "status": "cancelling"}, status=202)

@@ -137,6 +137,9 @@ if REDIS_URL:
         "default": {
             "BACKEND": "django.core.cache.backends.redis.RedisCache",
             "LOCATION": REDIS_URL,
+            # redis-py waits forever by default: a Redis that hangs (rather than refuses) would
+            # hold chatproxy's cache calls, and the streams opening behind them (docs/deploy.md).
+            "OPTIONS": {"socket_connect_timeout": 1.0, "socket_timeout": 2.0},
         }
     }
 else:

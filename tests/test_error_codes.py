@@ -32,6 +32,7 @@ STATUS_AND_TYPE = {
     "permission_denied": (403, "permission_error"),
     "csrf_failed": (403, "permission_error"),
     "not_found": (404, "invalid_request_error"),
+    "unavailable": (503, "api_error"),
     "method_not_allowed": (405, "invalid_request_error"),
     "rate_limited": (429, "rate_limit_error"),
     "upstream_timeout": (504, "timeout_error"),

@@ -1,0 +1,190 @@
+"""Operations on a bad day, on a real worker: Redis stopped mid-load, the worker stopped mid-stream.
+
+Each test runs the sample project under a real Daphne or uvicorn, streaming from the simulator.
+The Redis tests give the worker a redis-server of their own (Django's cache and the Channels
+layer), stop it while streams run and start it again on the same port with the same data
+(append-only file), as a restarted Redis with persistence would come back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from chatproxy.simulator.text import answer_tokens
+from tests.e2e.stack import HOST, Proc, find_program, free_port, redis_ping, wait_until
+from tests.servers import AppServer, simulator_env
+from tests.sseclient import SSEResponse, parse_block, read_sse
+
+pytestmark = pytest.mark.e2e
+
+TIMEOUTS = {"CONNECT": 1.0, "FIRST_TOKEN": 1.0, "STALL": 0.5, "DEADLINE": 20.0, "BACKOFF_INITIAL": 0.05,
+            "BACKOFF_MAX": 0.2, "KEEPALIVE": 0.3, "GATEWAY": 2.0}
+SERVERS = ("daphne", "uvicorn")
+_unique = itertools.count()
+
+
+class Redis:
+    """A redis-server of the test's own that can be stopped and started again on its port, data kept."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.port = free_port()
+        self.proc: Proc | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://{HOST}:{self.port}/0"
+
+    def start(self) -> None:
+        cmd = [find_program("redis-server"), "--port", str(self.port), "--bind", HOST, "--save", "",
+               "--appendonly", "yes", "--appendfsync", "always", "--daemonize", "no", "--dir", str(self.tmp)]
+        self.proc = Proc("redis", cmd, self.tmp / "redis.log").start()
+        wait_until(lambda: redis_ping(self.port), "redis", [self.proc], timeout=10)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.stop()
+            self.proc = None
+
+
+@pytest.fixture
+def redis(tmp_path: Path) -> Iterator[Redis]:
+    server = Redis(tmp_path)
+    server.start()
+    yield server
+    server.stop()
+
+
+def chat(chunks: int, gap: float = 0.05) -> tuple[dict[str, object], str]:
+    """A request body and the exact answer the simulator gives it."""
+    content = f"Tell me about harbours #{next(_unique)} [[sim chunks={chunks} gap={gap}]]"
+    messages = [{"role": "user", "content": content}]
+    return {"messages": messages}, "".join(answer_tokens(messages, n=chunks))
+
+
+async def sse_post(session: aiohttp.ClientSession, body: dict[str, object]) -> SSEResponse:
+    started = time.monotonic()
+    async with session.post("/chat/stream/", json=body) as response:
+        return await read_sse(response, started)
+
+
+def assert_complete(result: SSEResponse, expected: str) -> None:
+    assert result.status == 200, result.body[:300]
+    assert [e.event for e in result.events][-1] == "done", result.events[-3:]
+    assert result.text == expected
+    ids = [e.id for e in result.events]
+    assert ids == list(range(1, len(ids) + 1)), ids
+
+
+@pytest.mark.parametrize("server", SERVERS)
+async def test_redis_outage_mid_load(server: str, redis: Redis, module_simulator) -> None:
+    """Redis stops while streams run and new ones arrive, then comes back; no restart of the worker.
+
+    In flight: complete and exact. New during the outage: served, complete and exact (limits fail
+    open by default). Resume during the outage: 503 ``unavailable`` JSON with ``Retry-After`` (or,
+    for a stream of this worker whose asked-for events memory still holds, the exact replay). One
+    warning for the outage and one line for its end, whatever the number of calls that failed.
+    After it: a resume from the start of a stream that ran through the outage replays it exactly
+    from the store (the journal kept and wrote what it could not write meanwhile).
+    """
+    env = simulator_env(module_simulator.base_url, timeouts=TIMEOUTS, limits={"MAX_STREAMS_PER_USER": 50},
+                        resume={"GRACE": 0.5, "TTL": 60})
+    app = AppServer({**env, "REDIS_URL": redis.url}, server=server, capture_stderr=True).start()
+    try:
+        async with aiohttp.ClientSession(app.url) as session:
+            # Ended before the outage, and written out: during it only the store has it.
+            earlier_body, earlier_text = chat(3, gap=0.0)
+            earlier = await sse_post(session, earlier_body)
+            assert_complete(earlier, earlier_text)
+            earlier_id = earlier.named("start")[0].data["stream_id"]
+            await asyncio.sleep(0.3)  # the journal's last write of it (every 0.1 s)
+
+            # In flight: 2.5 s answers; Redis stops once each has sent its first words.
+            in_flight = [chat(50) for _ in range(3)]
+            started: list[asyncio.Event] = [asyncio.Event() for _ in in_flight]
+            ids: list[str] = ["" for _ in in_flight]
+
+            async def run(index: int) -> SSEResponse:
+                body = in_flight[index][0]
+                begun = time.monotonic()
+                async with session.post("/chat/stream/", json=body) as response:
+                    result = SSEResponse(response.status, dict(response.headers), begun)
+                    buffer = ""
+                    async for chunk in response.content.iter_any():
+                        result.body += chunk
+                        buffer += chunk.decode()
+                        while "\n\n" in buffer:
+                            block, buffer = buffer.split("\n\n", 1)
+                            item = parse_block(block, time.monotonic())
+                            if item is None:
+                                continue
+                            result.items.append(item)
+                            if item.event == "start":
+                                ids[index] = item.data["stream_id"]
+                            if item.event == "delta":
+                                started[index].set()
+                return result
+
+            tasks = [asyncio.create_task(run(i)) for i in range(len(in_flight))]
+            await asyncio.wait_for(asyncio.gather(*(e.wait() for e in started)), 10)
+            redis.stop()
+            outage_began = time.monotonic()
+
+            new = [chat(8) for _ in range(4)]
+            during = await asyncio.gather(*(sse_post(session, body) for body, _ in new))
+            async with session.get(f"/chat/stream/{earlier_id}/", headers={"Last-Event-ID": "0"}) as response:
+                resume_status, resume_body = response.status, await response.json()
+                retry_after = response.headers.get("Retry-After")
+            # A stream running in this worker: from memory when memory still holds what is asked
+            # for, else (its start was written out and dropped) the same 503, never a cut stream.
+            async with session.get(f"/chat/stream/{ids[0]}/", headers={"Last-Event-ID": "0"}) as response:
+                local_resume = await read_sse(response, time.monotonic())
+            finished = await asyncio.wait_for(asyncio.gather(*tasks), 15)
+            assert time.monotonic() - outage_began < 4.0  # the outage covered the streams' ends
+
+            for result, (_, expected) in zip(during, new, strict=True):
+                assert_complete(result, expected)
+            for result, (_, expected) in zip(finished, in_flight, strict=True):
+                assert_complete(result, expected)
+            if local_resume.status == 200:
+                assert_complete(local_resume, in_flight[0][1])
+            else:
+                assert local_resume.status == 503 and b'"unavailable"' in local_resume.body, local_resume.body
+            assert resume_status == 503, resume_body
+            assert resume_body["error"]["code"] == "unavailable"
+            assert "try again" in resume_body["error"]["message"].lower()
+            assert retry_after is not None and retry_after.isdigit()
+
+            redis.start()
+            # Back without a restart: a new stream is served, and the stream that ran through the
+            # outage is replayed whole from the store once the journal wrote what it kept.
+            body, expected = chat(5)
+            assert_complete(await sse_post(session, body), expected)
+
+            async def replayed() -> SSEResponse | None:
+                async with session.get(f"/chat/stream/{ids[1]}/", headers={"Last-Event-ID": "0"}) as response:
+                    result = await read_sse(response, time.monotonic())
+                return result if result.status == 200 and result.text == in_flight[1][1] else None
+
+            deadline = time.monotonic() + 5
+            replay = await replayed()
+            while replay is None and time.monotonic() < deadline:
+                await asyncio.sleep(0.2)
+                replay = await replayed()
+            assert replay is not None, "the stream that ran through the outage was never replayable"
+            assert_complete(replay, in_flight[1][1])
+    finally:
+        log = app.log()
+        app.stop()
+    assert log.count("is unreachable") == 1, log[-3000:]
+    assert log.count("is reachable again") == 1, log[-3000:]
+    assert "Traceback" not in log, log[-3000:]
+    assert "Internal Server Error" not in log and " 500 " not in log, log[-3000:]
+
