@@ -408,3 +408,28 @@ class DirectStreams(RequestSizeGuard):
 
     def app_for(self, match: ResolverMatch) -> ASGIApp:
         return self.streams if match.url_name in DIRECT_ROUTES else self.app
+
+
+class Lifespan:
+    """The ASGI ``lifespan`` protocol: at server shutdown, close chatproxy's upstream sessions.
+
+    Route it in the project's ASGI application, for servers that speak lifespan (uvicorn,
+    Hypercorn)::
+
+        ProtocolTypeRouter({"http": ..., "websocket": ..., "lifespan": Lifespan()})
+
+    Daphne does not send lifespan events; there :mod:`chatproxy.service` closes them from a
+    reactor shutdown trigger instead.
+    """
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        from chatproxy.service import close_upstreams
+
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await close_upstreams()
+                await send({"type": "lifespan.shutdown.complete"})
+                return

@@ -3,12 +3,22 @@
 Adapters hold connection pools bound to one event loop, so one adapter is kept per running loop
 (Daphne and uvicorn run one loop per process; tests may run several in turn). The cache is
 dropped when ``CHATPROXY`` changes.
+
+The adapter's sessions are closed when the server stops (:func:`close_upstreams`): through the
+ASGI lifespan protocol where the server speaks it (uvicorn, Hypercorn: route ``"lifespan"`` to
+:class:`chatproxy.asgi.Lifespan`), and under Daphne, which does not, through a Twisted reactor
+shutdown trigger registered with the loop's first adapter. Left open, aiohttp reports each one
+as an ``Unclosed client session`` (and its connector fails in ``__del__``) while the interpreter
+exits.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
+import logging
+import sys
 import weakref
 from typing import Any
 
@@ -17,6 +27,8 @@ from chatproxy.conf import get_config, upstream_api_key
 from chatproxy.core import ChatRequest, ChatStream, Subscription
 from chatproxy.upstream import build_upstream
 from chatproxy.upstream.base import Upstream
+
+logger = logging.getLogger("chatproxy.service")
 
 _upstreams: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Upstream] = weakref.WeakKeyDictionary()
 
@@ -34,7 +46,43 @@ def get_upstream() -> Upstream:
             api_key=upstream_api_key(),
         )
         _upstreams[loop] = upstream
+        _close_at_reactor_shutdown(loop)
     return upstream
+
+
+async def close_upstreams() -> None:
+    """Close the running loop's upstream adapter (its HTTP sessions and pools); at server shutdown.
+
+    The next stream on this loop, if any, builds a new one. Never raises: the server is stopping.
+    """
+    upstream = _upstreams.pop(asyncio.get_running_loop(), None)
+    if upstream is not None:
+        try:
+            await upstream.aclose()
+        except Exception:
+            logger.warning("chatproxy could not close the upstream %s cleanly", upstream.name, exc_info=True)
+
+
+_reactor_hooked: weakref.WeakSet[asyncio.AbstractEventLoop] = weakref.WeakSet()
+
+
+def _close_at_reactor_shutdown(loop: asyncio.AbstractEventLoop) -> None:
+    """Under Daphne (a Twisted reactor running ``loop``): close the upstreams when the reactor shuts
+    down, before it stops the loop. Nothing elsewhere: lifespan servers use :class:`chatproxy.asgi.Lifespan`."""
+    module = sys.modules.get("twisted.internet.reactor")
+    if module is None or loop in _reactor_hooked:
+        return
+    reactor: Any = module
+    if not (getattr(reactor, "running", False) and getattr(reactor, "_asyncioEventloop", None) is loop):
+        return
+    from twisted.internet import defer
+
+    def close() -> Any:
+        return defer.Deferred.fromFuture(loop.create_task(close_upstreams()))
+
+    with contextlib.suppress(Exception):  # a reactor that is already shutting down takes no trigger
+        reactor.addSystemEventTrigger("before", "shutdown", close)
+        _reactor_hooked.add(loop)
 
 
 def forget_upstreams(**kwargs: Any) -> None:

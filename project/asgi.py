@@ -20,7 +20,7 @@ from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E40
 
 import chatproxy.routing  # noqa: E402
 import chatproxy.upstream  # noqa: E402
-from chatproxy.asgi import DirectStreams  # noqa: E402
+from chatproxy.asgi import DirectStreams, Lifespan  # noqa: E402
 
 # Import the openai SDK now, at server start: left to a worker's first stream, the import (slow: a
 # large package) would block that worker's event loop while a gateway's idle deadline runs (docs/deploy.md).
@@ -32,6 +32,8 @@ application = ProtocolTypeRouter(
         "websocket": AllowedHostsOriginValidator(
             AuthMiddlewareStack(URLRouter(chatproxy.routing.websocket_urlpatterns))
         ),
+        # uvicorn & co.: the upstream sessions close at shutdown (Daphne: chatproxy.service does it)
+        "lifespan": Lifespan(),
     }
 )
 

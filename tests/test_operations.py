@@ -9,7 +9,10 @@ layer), stop it while streams run and start it again on the same port with the s
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
+import json
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,8 +20,18 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from chatproxy.simulator.process import SimulatorProcess
 from chatproxy.simulator.text import answer_tokens
-from tests.e2e.stack import HOST, Proc, find_program, free_port, redis_ping, wait_until
+from tests.e2e.stack import (
+    HOST,
+    Proc,
+    find_program,
+    free_port,
+    redis_ping,
+    simulator_port,
+    start_simulator,
+    wait_until,
+)
 from tests.servers import AppServer, simulator_env
 from tests.sseclient import SSEResponse, parse_block, read_sse
 
@@ -52,6 +65,20 @@ class Redis:
         if self.proc is not None:
             self.proc.stop()
             self.proc = None
+
+
+@pytest.fixture(scope="module")
+def module_simulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimulatorProcess]:
+    """This module's own simulator, which closes idle keep-alive connections after 0.5 s as real
+    servers do (``tests.e2e.simulator_main``); only its HTTP accounting is used from here."""
+    tmp = tmp_path_factory.mktemp("operations-sim")
+    port = free_port()
+    proc = start_simulator(tmp, port)
+    try:
+        wait_until(lambda: simulator_port(proc) == port, "simulator", [proc], timeout=20)
+        yield SimulatorProcess(HOST, port)
+    finally:
+        proc.stop()
 
 
 @pytest.fixture
@@ -188,3 +215,63 @@ async def test_redis_outage_mid_load(server: str, redis: Redis, module_simulator
     assert "Traceback" not in log, log[-3000:]
     assert "Internal Server Error" not in log and " 500 " not in log, log[-3000:]
 
+
+SHUTDOWN_NOISE = ("Unclosed client session", "Unclosed connector", "AttributeError", "Traceback",
+                  "Task was destroyed but it is pending", "Exception ignored")
+
+
+async def websocket_chat(url: str, body: dict[str, object]) -> list[dict[str, object]]:
+    """One chat over ``/ws/chat/``; the frames until its done/error."""
+    import websockets
+
+    ws_url = url.replace("http://", "ws://") + "/ws/chat/"
+    frames: list[dict[str, object]] = []
+    async with websockets.connect(ws_url, origin=url, open_timeout=5, ping_interval=None) as socket:  # type: ignore[arg-type]
+        await socket.send(json.dumps({"type": "chat", "request_id": "r1", **body}))
+        while not frames or frames[-1]["type"] not in ("done", "error"):
+            frames.append(json.loads(await asyncio.wait_for(socket.recv(), 5)))
+    return frames
+
+
+@pytest.mark.parametrize("in_flight", [False, True], ids=["idle", "streaming"])
+@pytest.mark.parametrize("server", SERVERS)
+async def test_stopped_server_closes_its_upstream_sessions(server: str, in_flight: bool, redis: Redis,
+                                                          module_simulator) -> None:
+    """SIGTERM to a worker that streamed (SSE and WebSocket answers done; idle for a while, or one
+    SSE answer still running): it exits without aiohttp's ``Unclosed client session`` (and its
+    connector's ``AttributeError``) on stderr, and the simulator sees every upstream connection
+    closed. Regression: an idle Daphne worker printed both when stopped."""
+    env = simulator_env(module_simulator.base_url, timeouts=TIMEOUTS, log_level="WARNING")
+    app = AppServer({**env, "REDIS_URL": redis.url}, server=server, capture_stderr=True).start()
+    try:
+        async with aiohttp.ClientSession(app.url) as session:
+            body, expected = chat(3, gap=0.0)
+            assert_complete(await sse_post(session, body), expected)  # leaves a pooled connection
+            body, expected = chat(3, gap=0.0)
+            frames = await websocket_chat(app.url, body)
+            assert frames[-1]["type"] == "done"
+            # A worker usually stops a while after its last answer: the idle pooled connections'
+            # keep-alive ends meanwhile (the regression only showed after that).
+            await asyncio.sleep(1.5)
+            assert app.proc is not None
+            if not in_flight:
+                app.proc.send_signal(signal.SIGTERM)
+            else:
+                running, _ = chat(40, gap=0.05)
+                async with session.post("/chat/stream/", json=running) as response:
+                    await response.content.readuntil(b"event: delta")
+                    app.proc.send_signal(signal.SIGTERM)
+                    with contextlib.suppress(aiohttp.ClientError):
+                        async with asyncio.timeout(10):
+                            async for _ in response.content.iter_any():
+                                pass
+        assert app.proc is not None
+        await asyncio.to_thread(app.proc.wait, 10)
+    finally:
+        log = app.log()
+        app.stop()
+    noise = [line for line in log.splitlines() if any(marker in line for marker in SHUTDOWN_NOISE)]
+    assert not noise, log[-4000:]
+    # Only this module's workers use this simulator; the stopped one must have left nothing open.
+    stats = await module_simulator.await_until(lambda s: s["active_requests"] == 0 and s["open_connections"] == 0)
+    assert stats["open_connections"] == 0
