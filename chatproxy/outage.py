@@ -29,9 +29,10 @@ class Outage:
     Thread-safe: cache calls fail in worker threads as well as on the event loop.
     """
 
-    def __init__(self, what: str, consequences: str) -> None:
+    def __init__(self, what: str, consequences: str, counted: str = "failed calls") -> None:
         self.what = what
         self.consequences = consequences
+        self.counted = counted  # what ``failures`` counts, for the recovery line
         self.since: float | None = None  # time.monotonic() of the first failure, while failing
         self.failures = 0  # failed calls in the current (or last) outage
         self.outages = 0  # outages seen by this process
@@ -41,10 +42,11 @@ class Outage:
     def down(self) -> bool:
         return self.since is not None
 
-    def failed(self, exc: BaseException) -> None:
-        """A call failed with ``exc``: the first failure of an outage logs a warning, the rest count."""
+    def failed(self, exc: BaseException, count: int = 1) -> None:
+        """A call failed with ``exc`` (``count``: what it cost, in the unit ``counted`` names): the first
+        failure of an outage logs a warning, the rest only count."""
         with self._lock:
-            self.failures = self.failures + 1 if self.since is not None else 1
+            self.failures = self.failures + count if self.since is not None else count
             if self.since is not None:
                 return
             self.since = time.monotonic()
@@ -60,8 +62,8 @@ class Outage:
             since, self.since = self.since, None
             failures = self.failures
         if since is not None:
-            logger.warning("%s is reachable again after %.1f s (%d failed calls meanwhile)", self.what,
-                           time.monotonic() - since, failures)
+            logger.warning("%s is reachable again after %.1f s (%d %s meanwhile)", self.what,
+                           time.monotonic() - since, failures, self.counted)
 
 
 _outages: dict[str, Outage] = {}

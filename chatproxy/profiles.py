@@ -39,6 +39,12 @@ Before a stream is opened, :func:`arefresh` looks at two things, at most once ev
   seconds. It costs one query per ``REFRESH`` seconds per process, reading the profiles table,
   which holds one row per tuned model family; a failed load is retried after the same interval.
 
+While the database is unreachable (or SQLite is locked) a failed load keeps the profiles of the
+last snapshot that loaded (logged once, and once more when a load works again), so streams keep
+the timeouts they had; only a process that never loaded any uses ``CHATPROXY["TIMEOUTS"]``. And a
+stream never waits long for a check: requests wait at most :data:`CHECK_PATIENCE` seconds after a
+check began for its result, then use the snapshot there is (a normal check takes milliseconds).
+
 Nothing here runs per chunk, and a request costs no query: a lookup between two checks is a dict
 read. System check ``chatproxy.W003`` says when only the ``REFRESH`` read can carry changes
 between workers (a per-process cache), and ``chatproxy.E012`` when ``REFRESH`` is invalid.
@@ -51,6 +57,7 @@ forbids it there) and uses the snapshot :func:`arefresh` prepared.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fnmatch
 import logging
 import math
@@ -74,6 +81,8 @@ CACHE_ALIAS = "default"
 VERSION_KEY = "chatproxy:profiles:version"
 #: Seconds between two version checks in one process.
 CHECK_INTERVAL = 0.5
+#: Seconds after a check began that requests wait for its result before using the current snapshot.
+CHECK_PATIENCE = 0.5
 #: Models remembered per snapshot (the memo is dropped when it grows past this).
 MEMO_SIZE = 1024
 
@@ -245,6 +254,8 @@ def _loaded(version: str | None, rows: Sequence[dict[str, Any]], now: float) -> 
     """The snapshot for ``rows`` just read: the current one (memo kept) when nothing changed."""
     current = _snapshot
     rows = tuple(rows)
+    if current.failed:
+        logger.warning("timeout profiles loaded again from the database")
     if current is not _EMPTY and not current.failed and rows == current.rows:
         return replace(current, version=version, loaded_at=now)
     if current is not _EMPTY and version == current.version and not current.failed:
@@ -266,10 +277,13 @@ def _build(version: str | None, rows: tuple[dict[str, Any], ...], now: float) ->
 
 
 def _failed(version: str | None, now: float, exc: BaseException) -> Snapshot:
-    if not _snapshot.failed:
-        logger.warning("timeout profiles could not be loaded (%s: %s); using CHATPROXY settings",
-                       type(exc).__name__, exc)
-    return Snapshot(version=version, loaded_at=now, failed=True)
+    """After a failed load: the profiles of the current snapshot, kept (retried after ``REFRESH``)."""
+    current = _snapshot
+    if not current.failed:
+        kept = "keeping the profiles loaded before" if current.entries else "using CHATPROXY settings"
+        logger.warning("timeout profiles could not be loaded (%s: %s); %s until the database answers",
+                       type(exc).__name__, str(exc)[:200], kept)
+    return Snapshot(version=version, loaded_at=now, entries=current.entries, failed=True, rows=current.rows)
 
 
 def refresh() -> Snapshot:
@@ -302,17 +316,29 @@ async def arefresh() -> Snapshot:
     """Async :func:`refresh`: the version check is a cache read, the reload goes through the async ORM.
 
     Requests arriving while a check is under way wait for its result rather than take the snapshot
-    it is replacing (otherwise all but one of a burst of requests would miss a fresh change).
+    it is replacing (otherwise all but one of a burst of requests would miss a fresh change), for
+    at most ``CHECK_PATIENCE`` seconds after it began.
     """
-    global _checking
+    global _checking, _checked_at
     checking = _checking
     if checking is not None and not checking.done() and checking.get_loop() is asyncio.get_running_loop():
-        return await asyncio.shield(checking)
+        return await _patiently(checking)
     now = time.monotonic()
     if not _due(now):
         return _snapshot
+    _checked_at = now  # before the task runs: _patiently measures its patience from here
     _checking = asyncio.get_running_loop().create_task(_check(now))
-    return await asyncio.shield(_checking)
+    return await _patiently(_checking)
+
+
+async def _patiently(checking: asyncio.Task[Snapshot]) -> Snapshot:
+    """The result of ``checking`` if it comes within ``CHECK_PATIENCE`` of its start, else the
+    snapshot there is (a database that hangs must not hold the streams opening meanwhile)."""
+    wait = _checked_at + CHECK_PATIENCE - time.monotonic()
+    if wait > 0:
+        with contextlib.suppress(TimeoutError):
+            return await asyncio.wait_for(asyncio.shield(checking), wait)
+    return _snapshot
 
 
 async def _check(now: float) -> Snapshot:

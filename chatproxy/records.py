@@ -5,8 +5,12 @@ Writing
 :func:`record_stream` runs in the stream's ``on_finish`` hook, once, when the stream has ended:
 it copies the stream's :class:`~chatproxy.core.StreamStats` into a dict and hands the
 ``INSERT`` to one dedicated writer thread per process, off the event loop and off the
-per-chunk path. A failed write is logged (logger ``chatproxy.records``) and dropped; it never
-reaches the stream. Settings (``CHATPROXY["RECORDS"]``, optional)::
+per-chunk path. A write the database refuses for the moment (unreachable, or SQLite locked) is
+retried in that thread with a growing pause for up to :data:`RETRY_FOR` seconds, while the next
+records queue up (at most :data:`MAX_QUEUED`; beyond that the oldest are dropped); a batch still
+refused then, or refused for good (a bug, a missing table), is dropped. Outages are logged once
+when they begin and once when a write works again, with the number of records dropped meanwhile
+(logger ``chatproxy.outage``); nothing of it ever reaches a stream. Settings (``CHATPROXY["RECORDS"]``, optional)::
 
     "RECORDS": {
         "ENABLED": True,        # False: write no records
@@ -48,6 +52,7 @@ import asyncio
 import logging
 import math
 import threading
+import time
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -58,10 +63,14 @@ from typing import Any
 from django.db import InterfaceError, OperationalError, connections
 from django.utils import timezone
 
+from chatproxy import outage
 from chatproxy.conf import Policy, get_config
 from chatproxy.core import ChatStream
 
 logger = logging.getLogger("chatproxy.records")
+_outage = outage.Outage("chatproxy's database (stream records)",
+                        "stream records wait and are retried, and dropped (counted) past RETRY_FOR",
+                        counted="stream records dropped")
 
 #: Most recent streams per model that statistics look at.
 SAMPLE_LIMIT = 5000
@@ -88,6 +97,13 @@ def records_config() -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- writing
+
+#: Seconds a batch the database refuses is retried before it is dropped.
+RETRY_FOR = 30.0
+#: Pauses between two tries of a refused batch: doubled from the first to the last.
+RETRY_PAUSE = (0.1, 2.0)
+#: Records waiting for the writer at most; beyond this the oldest are dropped (counted).
+MAX_QUEUED = 10_000
 
 _writer: ThreadPoolExecutor | None = None
 _writer_lock = threading.Lock()
@@ -143,6 +159,9 @@ def record_stream(stream: ChatStream, user: Any = None) -> None:
         values = record_values(stream, user)
         with _queue_lock:
             _queue.append(values)
+            if len(_queue) > MAX_QUEUED:
+                del _queue[0]  # the database has been refusing writes for a while: drop the oldest
+                _outage.failed(OperationalError("too many stream records waiting for the database"))
             if len(_queue) > 1:
                 return  # a batch write is already queued: it takes this record too
         future = _executor().submit(_write_queued)
@@ -173,21 +192,27 @@ def _write_queued() -> None:
         _queue.clear()
     if not batch:
         return
-    error: Exception | None = None
-    for _ in range(2):
+    give_up = time.monotonic() + RETRY_FOR
+    pause = RETRY_PAUSE[0]
+    while True:
         try:
             StreamRecord.objects.bulk_create([StreamRecord(**values) for values in batch])
+        except (OperationalError, InterfaceError) as exc:  # unreachable, locked: for the moment
+            connections[StreamRecord.objects.db].close()  # a dropped connection is replaced
+            if time.monotonic() + pause > give_up:
+                _outage.failed(exc, len(batch))
+                return
+            _outage.failed(exc, 0)
+            time.sleep(pause)  # the writer's own thread: only later records wait
+            pause = min(pause * 2, RETRY_PAUSE[1])
+        except Exception as exc:  # refused for good: nothing a retry would change
+            ids = ", ".join(values["stream_id"] for values in batch[:3]) + (", ..." if len(batch) > 3 else "")
+            logger.warning("could not save the records of %d stream(s) (%s): %s: %s", len(batch), ids,
+                           type(exc).__name__, exc)
             return
-        except (OperationalError, InterfaceError) as exc:
-            error = exc
-            connections[StreamRecord.objects.db].close()
-        except Exception as exc:
-            error = exc
-            break
-    assert error is not None
-    ids = ", ".join(values["stream_id"] for values in batch[:3]) + (", ..." if len(batch) > 3 else "")
-    logger.warning("could not save the records of %d stream(s) (%s): %s: %s", len(batch), ids,
-                   type(error).__name__, error)
+        else:
+            _outage.ok()
+            return
 
 
 async def drain() -> None:

@@ -9,6 +9,7 @@ Environment variables (all optional):
 ``DJANGO_CSRF_TRUSTED_ORIGINS``   comma-separated origins, e.g. "http://127.0.0.1:8080" behind a proxy
 ``DJANGO_LOG_LEVEL``              level of the console log, default "INFO"
 ``DJANGO_DB_PATH``                the SQLite file, default db.sqlite3 in the repository root
+``DJANGO_DB_TIMEOUT``             seconds a query waits for a locked SQLite file, default 5 (sqlite3's)
 ``REDIS_URL``                     e.g. "redis://127.0.0.1:6379/0": Redis channel layer and cache
                                   (several workers, resumable streams); in-memory otherwise
 ``DJANGO_CACHE_DIR``              without REDIS_URL: a directory for a file-based cache shared by the
@@ -119,6 +120,7 @@ DATABASES = {
     "default": {
         "ENGINE": "django.db.backends.sqlite3",
         "NAME": os.environ.get("DJANGO_DB_PATH") or BASE_DIR / "db.sqlite3",
+        "OPTIONS": {"timeout": float(os.environ.get("DJANGO_DB_TIMEOUT", "").strip() or 5.0)},
     }
 }
 

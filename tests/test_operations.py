@@ -13,6 +13,7 @@ import contextlib
 import itertools
 import json
 import signal
+import sqlite3
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -275,3 +276,72 @@ async def test_stopped_server_closes_its_upstream_sessions(server: str, in_fligh
     # Only this module's workers use this simulator; the stopped one must have left nothing open.
     stats = await module_simulator.await_until(lambda s: s["active_requests"] == 0 and s["open_connections"] == 0)
     assert stats["open_connections"] == 0
+
+
+KEPT_PROFILE = "ops-kept"
+KEPT_MODEL = "sim-ops-1"
+
+
+def record_count(db_path: str, model: str) -> int:
+    with contextlib.closing(sqlite3.connect(db_path, timeout=0.1)) as db:
+        return int(db.execute("SELECT count(*) FROM chatproxy_streamrecord WHERE model = ?", (model,)).fetchone()[0])
+
+
+async def test_locked_database_leaves_streams_alone(module_simulator) -> None:
+    """SQLite locked by another process for 3 s (longer than a query waits for it, 1 s): streams
+    opened meanwhile start at once under the admin profile loaded before (not the settings'
+    timeouts), finish exactly, and their records, refused once, are retried and written once the
+    lock is gone. The log says so once per component, not per stream."""
+    env = simulator_env(module_simulator.base_url, timeouts=TIMEOUTS, profiles={"REFRESH": 0.5},
+                        limits={"MAX_STREAMS_PER_USER": 50})
+    app = AppServer({**env, "DJANGO_DB_TIMEOUT": "1.0"}, server="daphne", capture_stderr=True).start()
+    db_path = app.env["DJANGO_DB_PATH"]
+    try:
+        app.manage("shell", "-c", "from chatproxy.models import TimeoutProfile; "
+                   f"TimeoutProfile.objects.create(name={KEPT_PROFILE!r}, model_pattern='sim-ops*')")
+        async with aiohttp.ClientSession(app.url) as session:
+
+            async def ask() -> tuple[SSEResponse, str]:
+                body, expected = chat(8)
+                return await sse_post(session, {**body, "model": KEPT_MODEL}), expected
+
+            deadline = time.monotonic() + 5
+            while True:  # the worker picks the new profile up within PROFILES.REFRESH
+                result, _ = await ask()
+                if result.named("start")[0].data["profile"] == KEPT_PROFILE or time.monotonic() > deadline:
+                    break
+            assert result.named("start")[0].data["profile"] == KEPT_PROFILE
+            await asyncio.sleep(0.3)  # the records of those streams are written by now
+            before = record_count(db_path, KEPT_MODEL)
+
+            locker = sqlite3.connect(db_path, isolation_level=None)
+            try:
+                locker.execute("BEGIN EXCLUSIVE")
+                locked_at = time.monotonic()
+                await asyncio.sleep(0.6)  # the snapshot is now due for a re-read, which will fail
+                during = await asyncio.gather(*(ask() for _ in range(4)))
+                await asyncio.sleep(max(0.0, locked_at + 3.0 - time.monotonic()))
+            finally:
+                locker.execute("ROLLBACK")
+                locker.close()
+            for result, expected in during:
+                assert_complete(result, expected)
+                assert result.named("start")[0].data["profile"] == KEPT_PROFILE
+                assert result.first_byte is not None and result.first_byte - result.started < 1.0
+
+            # Written by the worker's record thread once the lock is gone: polled (there is nothing to await).
+            written = await asyncio.to_thread(wait_until, lambda: record_count(db_path, KEPT_MODEL) >= before + 4,
+                                              "the stream records", [], 8.0, 0.2)
+            assert written and record_count(db_path, KEPT_MODEL) == before + 4  # every stream's, none dropped
+            await asyncio.sleep(0.6)  # due for a re-read again, which now works
+            after, expected = await ask()
+            assert_complete(after, expected)
+    finally:
+        log = app.log()
+        app.stop()
+    assert log.count("timeout profiles could not be loaded") == 1, log[-3000:]
+    assert log.count("timeout profiles loaded again") == 1, log[-3000:]
+    assert "Traceback" not in log, log[-3000:]
+    assert log.count("(stream records) is unreachable") == 1, log[-3000:]
+    assert log.count("(stream records) is reachable again") == 1, log[-3000:]
+    assert "(0 stream records dropped meanwhile)" in log, log[-3000:]
