@@ -52,6 +52,7 @@ from .wire import (
     dumps,
     non_stream_faults,
     select_faults,
+    start_stream,
 )
 
 SYSTEM_FINGERPRINT = "fp_sim0001"
@@ -541,19 +542,17 @@ async def stream_chat(
         }
         return b"data: " + dumps(payload) + b"\n\n"
 
-    resp = web.StreamResponse(
-        status=200,
-        headers={"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache", **headers},
+    resp, body = await start_stream(
+        request, {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache", **headers}, faults
     )
-    await resp.prepare(request)
     record.status, record.headers_sent = 200, time.monotonic()
     error = error_body(500, "The server had an error while processing your request (simulated in-stream error).")
     delivery = Delivery(
-        request, resp, record, faults, keepalive=b": keepalive\n\n", error_frame=b"data: " + dumps(error) + b"\n\n"
+        request, body, record, faults, keepalive=b": keepalive\n\n", error_frame=b"data: " + dumps(error) + b"\n\n"
     )
     await delivery.silence(faults.first_delay)
     for choice in choices:
-        await resp.write(chunk(choice.index, _role_delta(choice)))
+        await body.write(chunk(choice.index, _role_delta(choice)))
     record.first_chunk = time.monotonic()
     count_all = faults.count == "all"
     sent = 0
@@ -572,7 +571,7 @@ async def stream_chat(
         if req.logprobs and kind in ("content", "refusal"):
             entry = [_logprob(text, top)]
             logprobs = {"content": entry, "refusal": None} if kind == "content" else {"content": None, "refusal": entry}
-        await resp.write(chunk(index, _delta(choices[index], kind, text, call), None, logprobs))
+        await body.write(chunk(index, _delta(choices[index], kind, text, call), None, logprobs))
         record.chunks += 1
         sent += counted
     else:
@@ -582,12 +581,12 @@ async def stream_chat(
         elif outcome != GO_ON:
             return resp
     for choice in choices:
-        await resp.write(chunk(choice.index, {}, finish_override or choice.finish))
+        await body.write(chunk(choice.index, {}, finish_override or choice.finish))
     if req.include_usage:
         usage_chunk = {**head, "choices": [], "usage": usage(answer.messages, choices)}
-        await resp.write(b"data: " + dumps(usage_chunk) + b"\n\n")
-    await resp.write(b"data: [DONE]\n\n")
-    await resp.write_eof()
+        await body.write(b"data: " + dumps(usage_chunk) + b"\n\n")
+    await body.write(b"data: [DONE]\n\n")
+    await body.write_eof()
     record.outcome = "complete"
     return resp
 

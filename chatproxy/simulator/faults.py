@@ -61,6 +61,7 @@ DIRECTIVE_RE = re.compile(r"\[\[\s*sim\b([^\]]*)\]\]", re.IGNORECASE)
 # Delays are capped so that a typo such as ``stall=36000000`` cannot overflow asyncio timers.
 _MAX_SECONDS = 86_400.0
 _MAX_COUNT = 1_000_000
+_MAX_BYTES = 1 << 30  # huge_bytes: up to 1 GiB
 _TRUE = {"", "1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
@@ -167,6 +168,16 @@ class Faults:
     refuse: bool = False  # answer with a refusal instead of content
     content_filter_after: int | None = None  # end with finish_reason content_filter after N chunks
     pings_only: bool = False  # after the headers only keepalives (``event: ping``), nothing else
+    # --- hostile or broken servers (Chat Completions streams) --------------------------------
+    huge_after: int | None = None  # one data line of ``huge_bytes`` after N chunks, then continue
+    huge_bytes: int = 50 * 1024 * 1024
+    endless_after: int | None = None  # after N chunks a line that never ends (bytes, no newline)
+    sse_error_after: int | None = None  # ``event: error`` + an error data line after N chunks, then end
+    invalid_utf8_after: int | None = None  # a data line with invalid UTF-8, split over two writes
+    encoding: str | None = None  # "gzip" | "deflate": the body compressed (flushed per write)
+    close_delimited: bool = False  # no chunked encoding, no length: the body ends when the connection does
+    redirect: bool = False  # answer 307 to the same URL instead of a stream
+    html: bool = False  # answer 200 with an HTML error page instead of a stream
     # --- shape keys (never switched off by ``times``) ---------------------------------------
     chunks: int = 20  # number of content chunks in a complete answer
     times: int | None = None  # faults apply to the first N requests per fingerprint only
@@ -221,6 +232,15 @@ FAULT_KEYS: tuple[str, ...] = (
     "refuse",
     "content_filter_after",
     "pings_only",
+    "huge_after",
+    "huge_bytes",
+    "endless_after",
+    "sse_error_after",
+    "invalid_utf8_after",
+    "encoding",
+    "close_delimited",
+    "redirect",
+    "html",
 )
 
 #: Keys that keep applying after ``times`` has run out.
@@ -284,6 +304,22 @@ def _error_name(key: str, raw: str) -> str:
     return raw
 
 
+def _size(key: str, raw: str) -> int:
+    try:
+        value = int(raw)
+    except ValueError:
+        raise DirectiveError(f"{key}={raw!r}: expected a number of bytes") from None
+    if not 1 <= value <= _MAX_BYTES:
+        raise DirectiveError(f"{key}={raw!r}: expected bytes between 1 and {_MAX_BYTES}")
+    return value
+
+
+def _encoding(key: str, raw: str) -> str:
+    if raw not in ("gzip", "deflate"):
+        raise DirectiveError(f"{key}={raw!r}: expected gzip or deflate")
+    return raw
+
+
 def _count_mode(key: str, raw: str) -> str:
     if raw not in ("all", "args"):
         raise DirectiveError(f"{key}={raw!r}: expected all (every streamed unit) or args (tool-call arguments)")
@@ -325,8 +361,17 @@ _PARSERS: dict[str, tuple[Any, str]] = {
     "count": (_count_mode, "count"),
     "tool_calls": (_calls, "tool_calls"),
     "reasoning": (_count, "reasoning"),
+    "huge_after": (_count, "huge_after"),
+    "huge_bytes": (_size, "huge_bytes"),
+    "endless_after": (_count, "endless_after"),
+    "sse_error_after": (_count, "sse_error_after"),
+    "invalid_utf8_after": (_count, "invalid_utf8_after"),
+    "encoding": (_encoding, "encoding"),
+    "close_delimited": (_flag, "close_delimited"),
+    "redirect": (_flag, "redirect"),
+    "html": (_flag, "html"),
 }
-_FLAGS = {"diverge", "refuse", "pings_only", "per_model"}
+_FLAGS = {"diverge", "refuse", "pings_only", "per_model", "close_delimited", "redirect", "html"}
 
 
 def parse_tokens(text: str) -> dict[str, str]:

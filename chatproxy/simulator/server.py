@@ -53,7 +53,16 @@ from aiohttp import web
 
 from . import chat, messages
 from .faults import DirectiveError, describe
-from .wire import STATE_KEY, RequestRecord, SimState, dumps, install_connection_hooks, loads, response_headers
+from .wire import (
+    HTML_PAGE,
+    STATE_KEY,
+    RequestRecord,
+    SimState,
+    dumps,
+    install_connection_hooks,
+    loads,
+    response_headers,
+)
 
 __all__ = [
     "MODELS",
@@ -190,6 +199,14 @@ async def _handle(request: web.Request, api: str) -> web.StreamResponse:
             record.status = response.status
             return response
         headers = response_headers(record)
+        if faults.redirect or faults.html:
+            record.outcome = "redirect" if faults.redirect else "html"
+            if faults.redirect:
+                response = web.Response(status=307, headers={**headers, "Location": str(request.rel_url)})
+            else:
+                response = web.Response(body=HTML_PAGE, content_type="text/html", headers=headers)
+            record.status = response.status
+            return response
         if anthropic:
             if stream:
                 return await messages.stream_messages(request, answer, record, headers)

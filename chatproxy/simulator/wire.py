@@ -18,6 +18,7 @@ import itertools
 import socket
 import struct
 import time
+import zlib
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -222,6 +223,55 @@ def select_faults(state: SimState, record: RequestRecord, model: str, last_user_
     return faults if record.faults_applied else faults.clean()
 
 
+#: ``huge_after``'s line is written in pieces of this size (the relay may give up in the middle).
+HUGE_PIECE = 1 << 20
+#: ``endless_after`` writes this much at a time, up to ENDLESS_CAP bytes (then drops the connection).
+ENDLESS_PIECE = 64 * 1024
+ENDLESS_CAP = 1 << 30
+#: ``invalid_utf8_after``'s event, in the two writes it is sent as: the split falls inside a
+#: two-byte sequence whose second byte is not a continuation byte (``\xc3\x28``).
+INVALID_UTF8 = (b'data: {"choices":[{"index":0,"delta":{"content":"caf\xc3', b'\x28"},"finish_reason":null}]}\n\n')
+#: The page ``html`` answers with (a proxy's error page, status 200).
+HTML_PAGE = (b"<!DOCTYPE html><html><head><title>502 Bad Gateway</title></head><body>"
+             b"<h1>Bad Gateway</h1><p>The upstream server is temporarily unavailable (simulated).</p></body></html>")
+
+
+class Body:
+    """The response body as a (mis)behaving server writes it: compressed when ``encoding`` is
+    given (gzip or deflate, flushed after every write so the stream still streams)."""
+
+    __slots__ = ("_zip", "resp")
+
+    def __init__(self, resp: web.StreamResponse, encoding: str | None) -> None:
+        self.resp = resp
+        self._zip = zlib.compressobj(wbits=31 if encoding == "gzip" else 15) if encoding else None
+
+    async def write(self, data: bytes) -> None:
+        if self._zip is not None:
+            data = self._zip.compress(data) + self._zip.flush(zlib.Z_SYNC_FLUSH)
+        await self.resp.write(data)
+
+    async def write_eof(self) -> None:
+        if self._zip is not None:
+            await self.resp.write(self._zip.flush())
+        await self.resp.write_eof()
+
+
+async def start_stream(
+    request: web.Request, headers: Mapping[str, str], faults: Faults
+) -> tuple[web.StreamResponse, Body]:
+    """Send the headers of a streamed answer, shaped by ``encoding`` and ``close_delimited``."""
+    resp = web.StreamResponse(status=200, headers=headers)
+    if faults.encoding:
+        resp.headers["Content-Encoding"] = faults.encoding
+    if faults.close_delimited:
+        # Neither chunked nor a length: the body ends when the connection closes (HTTP/1.0 style).
+        resp.force_close()
+        resp._length_check = False  # aiohttp would otherwise pick chunked encoding for HTTP/1.1
+    await resp.prepare(request)
+    return resp, Body(resp, faults.encoding)
+
+
 #: What :meth:`Delivery.faults_after` tells the writer: go on, stop (the response is over), or
 #: end the answer now with a content-filter finish.
 GO_ON, OVER, FILTERED = 0, 1, 2
@@ -239,7 +289,7 @@ class Delivery:
     def __init__(
         self,
         request: web.Request,
-        resp: web.StreamResponse,
+        resp: web.StreamResponse | Body,
         record: RequestRecord,
         faults: Faults,
         *,
@@ -278,10 +328,20 @@ class Delivery:
             await self.silence(faults.stall)
         if faults.malformed_after == sent:
             await self.resp.write(b"data: {not json\n\n")
-        if faults.error_after == sent:
-            await self.resp.write(self.error_frame)
+        if faults.error_after == sent or faults.sse_error_after == sent:
+            named = b"event: error\n" if faults.sse_error_after == sent else b""
+            await self.resp.write(named + self.error_frame)
             await self.resp.write_eof()
             self.record.outcome = "error_event"
+            return OVER
+        if faults.invalid_utf8_after == sent:
+            for piece in INVALID_UTF8:
+                await self.resp.write(piece)
+                await asyncio.sleep(0.01)  # two reads for the client, not one
+        if faults.huge_after == sent:
+            await self._huge_line(faults.huge_bytes)
+        if faults.endless_after == sent:
+            await self._endless_line()
             return OVER
         if faults.close_after == sent or faults.reset_after == sent:
             await abort_and_wait(self.request, self.record, reset=faults.reset_after == sent)
@@ -289,6 +349,26 @@ class Delivery:
         if faults.content_filter_after == sent:
             return FILTERED
         return GO_ON
+
+
+    async def _huge_line(self, size: int) -> None:
+        """One valid-looking data line of ``size`` bytes (then the answer goes on)."""
+        head, tail = b'data: {"id":"', b'"}\n\n'
+        left = max(0, size - len(head) - len(tail))
+        await self.resp.write(head)
+        while left > 0:
+            piece = min(left, HUGE_PIECE)
+            await self.resp.write(b"x" * piece)
+            left -= piece
+        await self.resp.write(tail)
+
+    async def _endless_line(self) -> None:
+        """Bytes without a newline until the client gives up (or ENDLESS_CAP), then drop the connection."""
+        await self.resp.write(b"data: ")
+        piece = b"y" * ENDLESS_PIECE
+        for _ in range(ENDLESS_CAP // ENDLESS_PIECE):
+            await self.resp.write(piece)
+        await abort_and_wait(self.request, self.record, reset=True)
 
 
 async def non_stream_faults(

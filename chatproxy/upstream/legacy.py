@@ -37,7 +37,8 @@ Contract, beyond :mod:`chatproxy.upstream.base`:
   ``APIError`` mid-stream caused by a line that is not JSON       ``UpstreamDisconnected``
   ``asyncio.TimeoutError`` mid-body (``total`` ran out)           ``StallTimeout``
   aiohttp ``ClientPayloadError`` / ``ServerDisconnectedError`` /
-  ``ConnectionResetError`` mid-body                               ``UpstreamDisconnected``
+  ``ConnectionResetError`` / ``LineTooLong`` mid-body             ``UpstreamDisconnected``
+  a line that is not UTF-8                                        ``UpstreamDisconnected``
   ============================================================  =================================
 
   SDK errors are raised ``from None``: their messages carry response bodies and headers.
@@ -133,6 +134,9 @@ class LegacyUpstream:
             ConnectionError,
             OSError,
             asyncio.IncompleteReadError,
+            # aiohttp's LineTooLong: the SDK reads the body by lines, and aiohttp refuses a line
+            # past its read buffer's limit (a broken or hostile server), so memory stays bounded.
+            aiohttp.http_exceptions.HttpProcessingError,
         )
 
     def __repr__(self) -> str:
@@ -254,7 +258,8 @@ class LegacyStream(BodyStream):
             if self._closed:
                 raise UpstreamDisconnected("stream closed by caller") from None
             raise UpstreamDisconnected(describe_chain(exc)) from exc
-        except (AttributeError, TypeError, IndexError, KeyError):
+        except (AttributeError, TypeError, IndexError, KeyError, UnicodeDecodeError):
+            # UnicodeDecodeError: the SDK decodes each line before parsing it (invalid UTF-8).
             raise UpstreamDisconnected("malformed chunk") from None
         if usage is not None:
             to_dict = getattr(usage, "to_dict_recursive", None)
