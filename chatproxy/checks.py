@@ -54,7 +54,8 @@ PER_PROCESS_CACHES = (
     "django.core.cache.backends.dummy.DummyCache",
 )
 CHAT_CONSUMER = "chatproxy.consumers.ChatConsumer"
-OPTIONAL_LIMITS = frozenset({"MAX_STREAMS_PER_USER", "REQUESTS_PER_MINUTE"})  # None switches these off
+# None switches these off
+OPTIONAL_LIMITS = frozenset({"MAX_STREAMS_PER_USER", "REQUESTS_PER_MINUTE", "WS_FRAMES_PER_SECOND"})
 
 
 @register("chatproxy")

@@ -38,6 +38,7 @@ DEFAULTS: dict[str, Any] = {
         "REQUESTS_PER_MINUTE": None,  # streams started per user and minute; None: no limit
         # "allow" | "refuse": a new stream while RESUME.CACHE (where the limits count) is unreachable
         "WHEN_CACHE_DOWN": "allow",
+        "WS_FRAMES_PER_SECOND": 20,  # frames one WebSocket may send per second, else closed (4008); None: no cap
     },
     "RESUME": {"CACHE": "default", "TTL": 600, "GRACE": 30.0},
     "RECORDS": {

@@ -3,6 +3,14 @@
 Thin like the HTTP views: frames are validated, each ``chat`` frame opens a
 :class:`~chatproxy.core.ChatStream`, and one relay task per stream turns its events into frames.
 Closing the socket closes every stream it opened (and so their upstream connections).
+
+A client may send at most ``LIMITS["WS_FRAMES_PER_SECOND"]`` frames in any one-second window
+(counted per socket, from its first frame of the window): one more gets an error frame
+(``rate_limited``) and the socket is closed with code 4008 (1008 "policy violation" moved into the
+application's range, as 4403 echoes HTTP 403: Daphne's WebSocket library lets an application
+close only with 1000 or 3000-4999, so 1008 itself would fail there). Well-behaved
+clients send a frame per question; a flood is a broken or hostile client, and each frame costs
+validation and perhaps a stream.
 """
 
 from __future__ import annotations
@@ -27,6 +35,8 @@ from chatproxy.validation import InvalidRequest, max_body_bytes, parse_native_re
 
 # Close code for a refused connection (4000-4999 are the application's; 4403 echoes HTTP 403).
 CLOSE_FORBIDDEN = 4403
+#: Close code for a client that sent frames faster than ``LIMITS["WS_FRAMES_PER_SECOND"]`` (1008 echoed).
+CLOSE_POLICY_VIOLATION = 4008
 KEEPALIVE_FRAME = '{"type":"keepalive"}'
 logger = logging.getLogger("chatproxy.consumers")
 
@@ -40,6 +50,9 @@ class ChatConsumer(AsyncWebsocketConsumer):
     async def connect(self) -> None:
         self.streams = {}
         self.stream_ids: dict[str, str] = {}
+        self._window_start = 0.0  # loop time the current one-second frame window began
+        self._window_frames = 0
+        self._flooded = False
         if not await permitted(self.scope):
             await self.close(code=CLOSE_FORBIDDEN)
             return
@@ -54,6 +67,8 @@ class ChatConsumer(AsyncWebsocketConsumer):
         await asyncio.gather(*relays, return_exceptions=True)
 
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
+        if await self._over_frame_cap():
+            return
         raw = text_data if text_data is not None else bytes_data
         if raw is None or len(raw) > max_body_bytes():
             await self.send_error(f"Frames must be JSON text of at most {max_body_bytes()} bytes.")
@@ -76,6 +91,26 @@ class ChatConsumer(AsyncWebsocketConsumer):
             await self.resume_stream(frame)
         else:
             await self.send_error("Unknown frame 'type': use 'chat', 'cancel' or 'resume'.", request_id)
+
+    async def _over_frame_cap(self) -> bool:
+        """Count this frame; past the cap, answer once with an error frame and close with 4008."""
+        if self._flooded:
+            return True  # closing: frames still in flight are dropped
+        cap = limits.ws_frames_per_second()
+        if cap is None:
+            return False
+        now = asyncio.get_running_loop().time()
+        if now - self._window_start >= 1.0:
+            self._window_start, self._window_frames = now, 0
+        self._window_frames += 1
+        if self._window_frames <= cap:
+            return False
+        self._flooded = True
+        message = f"Too many frames: at most {cap} per second. The connection is closed; reconnect and slow down."
+        with contextlib.suppress(Exception):  # the client may be gone already
+            await self.send(text_data=websocket_error(ErrorCode.RATE_LIMITED, message=message))
+            await self.close(code=CLOSE_POLICY_VIOLATION)
+        return True
 
     async def cancel_request(self, request_id: Any) -> None:
         entry = self.streams.get(request_id) if isinstance(request_id, str) else None

@@ -111,6 +111,12 @@ class LimitsUnavailable(LimitExceeded):
     code = ErrorCode.UNAVAILABLE
 
 
+def ws_frames_per_second() -> int | None:
+    """``LIMITS["WS_FRAMES_PER_SECOND"]``: frames one WebSocket may send per second (None: no cap)."""
+    value = get_config()["LIMITS"].get("WS_FRAMES_PER_SECOND")
+    return None if value is None else int(value)
+
+
 def identity(user: Any, client_address: str | None) -> str:
     """Who a limit counts against: ``u:<pk>`` for a signed-in user, else ``ip:<address>``."""
     if user is not None and getattr(user, "is_authenticated", False):

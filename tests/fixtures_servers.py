@@ -24,7 +24,8 @@ LIVE_TIMEOUTS = {
 }
 LIVE_RESUME = {"GRACE": 0.6, "TTL": 60}
 # Tests drive many streams at once as one visitor; the limits have their own servers (test_limits.py).
-LIVE_LIMITS = {"MAX_STREAMS_PER_USER": 1000}
+# Their WebSocket clients send frames back to back (tests/test_fuzz.py: 23 in a row).
+LIVE_LIMITS = {"MAX_STREAMS_PER_USER": 1000, "WS_FRAMES_PER_SECOND": 40}
 
 
 @pytest.fixture(scope="session")

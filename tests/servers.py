@@ -31,11 +31,14 @@ class AppServer:
     """``project.asgi:application`` under ``server`` ("daphne" or "uvicorn") on a loopback port."""
 
     def __init__(
-        self, env: dict[str, str], *, server: str = "daphne", backlog: int = 1024, capture_stderr: bool = False
+        self, env: dict[str, str], *, server: str = "daphne", backlog: int = 1024, capture_stderr: bool = False,
+        send_buffer: int | None = None,
     ) -> None:
         self.server = server
         self._sock = socket.socket()
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if send_buffer is not None:  # inherited by accepted connections: the kernel buffers little for a slow client
+            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer)
         self._sock.bind(("127.0.0.1", 0))
         self._sock.listen(backlog)
         self.port = self._sock.getsockname()[1]

@@ -66,7 +66,9 @@ def fuzz_settings(sim, settings):
         "TIMEOUTS": {"FIRST_TOKEN": 1.0, "STALL": 0.5, "KEEPALIVE": 0.25, "GATEWAY": 2.0, "DEADLINE": 5.0,
                      "BACKOFF_INITIAL": 0.01, "BACKOFF_MAX": 0.05},
         "PERMISSION": "chatproxy.permissions.allow_any",
-        "LIMITS": {"MAX_MESSAGES": 8, "MAX_INPUT_CHARS": MAX_INPUT_CHARS, "MAX_STREAMS_PER_USER": 4},
+        # No frame cap: the fuzzer sends its examples' frames over one socket as fast as it can.
+        "LIMITS": {"MAX_MESSAGES": 8, "MAX_INPUT_CHARS": MAX_INPUT_CHARS, "MAX_STREAMS_PER_USER": 4,
+                   "WS_FRAMES_PER_SECOND": None},
         "RESUME": {"GRACE": 0.0},  # a stream stops as soon as its client leaves
         "RECORDS": {"ENABLED": False},
     }

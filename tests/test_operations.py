@@ -13,6 +13,7 @@ import contextlib
 import itertools
 import json
 import signal
+import socket
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -345,3 +346,65 @@ async def test_locked_database_leaves_streams_alone(module_simulator) -> None:
     assert log.count("(stream records) is unreachable") == 1, log[-3000:]
     assert log.count("(stream records) is reachable again") == 1, log[-3000:]
     assert "(0 stream records dropped meanwhile)" in log, log[-3000:]
+
+
+def rss_bytes(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmRSS")
+
+
+NEVER_READING = 8
+LONG_ANSWER = 20_000  # chunks: a few MB of events per stream if memory kept them all
+
+
+async def test_clients_that_never_read_are_cut_and_cost_bounded_memory(module_simulator) -> None:
+    """Clients open long answers and never read a byte (uvicorn: the server waits for them). Each
+    is cut once it falls ``MAX_CLIENT_LAG`` events behind (so memory holds at most that many events
+    for it), its stream then stops after ``RESUME.GRACE`` (the upstream is closed long before the
+    answer's end), and a normal client, their connections still open, gets its exact answer.
+    Regression: the streams ran to the end for clients that never read, keeping every event."""
+    env = simulator_env(module_simulator.base_url, timeouts={**TIMEOUTS, "DEADLINE": 60.0},
+                        limits={"MAX_STREAMS_PER_USER": 1000}, resume={"GRACE": 0.5, "TTL": 60})
+    # Small socket buffers on both ends, as on a slow path: what a client does not read backs up
+    # into the server quickly, instead of into megabytes of loopback buffers.
+    app = AppServer(env, server="uvicorn", capture_stderr=True, send_buffer=16384).start()
+    assert app.proc is not None
+    sockets: list[socket.socket] = []
+    try:
+        async with aiohttp.ClientSession(app.url) as session:
+            warm_body, warm_text = chat(5, gap=0.0)
+            assert_complete(await sse_post(session, warm_body), warm_text)
+            module_simulator.reset()
+            before = rss_bytes(app.proc.pid)
+            for _ in range(NEVER_READING):
+                body, _ = chat(LONG_ANSWER, gap=0.0003)  # still streaming when its client is cut
+                payload = json.dumps(body).encode()
+                sock = socket.socket()
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect: a small window
+                sock.connect((HOST, app.port))
+                sock.sendall(b"POST /chat/stream/ HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                             b"Content-Length: %d\r\n\r\n%s" % (len(payload), payload))
+                sockets.append(sock)
+            stats = await module_simulator.await_until(
+                lambda s: len(s["requests"]) >= NEVER_READING and s["active_requests"] == 0, timeout=30)
+            grown = rss_bytes(app.proc.pid) - before
+            print(f"worker RSS grew by {grown / 2**20:.1f} MiB for {NEVER_READING} clients that never read")
+            body, expected = chat(30, gap=0.02)
+            assert_complete(await sse_post(session, body), expected)  # their sockets still open
+    finally:
+        for sock in sockets:
+            sock.close()
+        log = app.log()
+        app.stop()
+    long_ones = stats["requests"]
+    assert len(long_ones) == NEVER_READING
+    # Cut, then stopped after the grace period: no upstream answer was read to its end.
+    assert all(r["outcome"] == "client_disconnected" and r["chunks"] < LONG_ANSWER for r in long_ones), [
+        (r["outcome"], r["chunks"]) for r in long_ones]
+    # Memory: what is left of processing the answers, not the answers kept (about 69 MiB here when
+    # the events stayed in memory for the stuck clients; about 23 MiB once they are cut).
+    assert grown < 40 * 2**20, f"the worker grew by {grown / 2**20:.1f} MiB for {NEVER_READING} stuck clients"
+    assert "Traceback" not in log, log[-3000:]

@@ -11,6 +11,7 @@ import websockets
 from channels.testing import WebsocketCommunicator
 
 from project.asgi import application
+from tests.fixtures_servers import LIVE_LIMITS
 
 pytestmark = pytest.mark.upstream
 _unique = itertools.count()
@@ -198,3 +199,48 @@ async def test_a_stream_that_cannot_start_gets_an_error_frame_and_the_socket_sta
     frames = await frames_until_end(ws, {"fixed"})
     assert frames[-1]["type"] == "done"
     assert sim.stats()["total_requests"] == 1
+
+
+async def test_a_flood_of_frames_gets_an_error_frame_and_close_4008(ws, sim):
+    """More than LIMITS["WS_FRAMES_PER_SECOND"] (20 by default) frames in one second: the frames
+    up to the cap are answered as usual, the next one gets ``rate_limited`` and the socket closes
+    with 4008 (1008, policy violation, in the application's range)."""
+    for _ in range(25):
+        await ws.send_to(text_data='{"type": "hello"}')
+    codes = [(await ws.receive_json_from(timeout=RECEIVE))["code"] for _ in range(21)]
+    assert codes == ["bad_request"] * 20 + ["rate_limited"]
+    closed = await ws.receive_output(timeout=RECEIVE)
+    assert closed == {"type": "websocket.close", "code": 4008}
+
+
+async def test_frames_at_the_cap_keep_the_socket(ws, sim, chatproxy_settings):
+    """20 frames a second for two seconds, then a chat: the socket stays and answers."""
+    for window in range(2):
+        for _ in range(20):
+            await ws.send_to(text_data='{"type": "hello"}')
+        for _ in range(20):
+            assert (await ws.receive_json_from(timeout=RECEIVE))["code"] == "bad_request"
+        if window == 0:
+            await asyncio.sleep(1.05)  # the next one-second window
+    await asyncio.sleep(1.05)
+    await ws.send_json_to(chat_frame("after"))
+    frames = await frames_until_end(ws, {"after"})
+    assert frames[-1]["type"] == "done"
+
+
+async def test_a_real_client_flooding_frames_is_closed_with_4008(daphne, sim):
+    url = daphne.url.replace("http://", "ws://") + "/ws/chat/"
+    async with websockets.connect(url, origin=daphne.url.replace("127.0.0.1", "localhost")) as socket:
+        for _ in range(100):
+            await socket.send('{"type": "hello"}')
+        frames = []
+        try:
+            while True:
+                frames.append(json.loads(await asyncio.wait_for(socket.recv(), RECEIVE)))
+        except websockets.exceptions.ConnectionClosed:
+            pass
+        except TimeoutError:
+            raise AssertionError(f"no close after {len(frames)} frames: {frames[-3:]}") from None
+    assert socket.close_code == 4008
+    cap = LIVE_LIMITS["WS_FRAMES_PER_SECOND"]
+    assert [f["code"] for f in frames] == ["bad_request"] * cap + ["rate_limited"]

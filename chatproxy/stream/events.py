@@ -5,6 +5,11 @@ has them and, for a persistent stream, the event store has them too. Keepalives 
 each client reader has a flag that makes its next read return :data:`KEEPALIVE` if no real event
 came first. When the last client reader leaves before the end, the log waits ``grace`` seconds for
 a new one, then calls ``abandoned`` (the stream cancels itself).
+
+A client reader that falls :data:`MAX_CLIENT_LAG` events behind the newest (its client stopped
+reading while the server waits for it to: uvicorn's backpressure) is cut off: it is detached, so
+memory no longer keeps events for it, and its iteration ends at its next read. That client only:
+the stream and its other readers go on (and the client may resume with ``Last-Event-ID``).
 """
 
 from __future__ import annotations
@@ -16,6 +21,9 @@ from typing import Any, TypeVar
 # Memory holds at most about this many events beyond what every reader and the store have.
 _TRIM_AT = 256
 _NO_PERSISTENCE = 1 << 62  # "everything is persisted": readers alone decide what memory keeps
+#: Events a client reader may fall behind the newest before it is cut off (see the module docstring).
+MAX_CLIENT_LAG = 4096
+_CUT = 1 << 62  # a cut reader's next_seq: beyond every event, so its next read takes the slow path
 
 R = TypeVar("R", bound="Reader")
 
@@ -145,12 +153,21 @@ class EventLog:
         if not self._readers:
             return  # nobody has read anything yet
         keep_from = self._persisted
-        for reader in self._readers:
+        for reader in list(self._readers):
+            if reader.client and self.seq - reader.next_seq >= MAX_CLIENT_LAG:
+                self._cut(reader)
+                continue
             keep_from = min(keep_from, reader.next_seq - 1)
         drop = keep_from - self.base
         if drop > 0:
             del self.events[:drop]
             self.base += drop
+
+    def _cut(self, reader: Reader) -> None:
+        """Stop keeping events for a client reader that fell too far behind; it ends at its next read."""
+        reader.next_seq = _CUT
+        self.detach(reader)
+        reader.wake()
 
     def _grace_expired(self) -> None:
         self._grace_timer = None
@@ -198,7 +215,7 @@ class Reader:
             if self.keepalive:
                 self.keepalive = False
                 return KEEPALIVE
-            if log.finished:
+            if log.finished or self.next_seq == _CUT:
                 raise StopAsyncIteration
             self._waiter = log.loop.create_future()
             try:

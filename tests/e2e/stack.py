@@ -243,7 +243,7 @@ class Worker:
         self.port = sock.getsockname()[1]
         fd = str(sock.fileno())
         if self.kind == "uvicorn":
-            cmd = [sys.executable, "-m", "uvicorn", "--fd", fd, "--lifespan", "off",
+            cmd = [sys.executable, "-m", "uvicorn", "--fd", fd, "--lifespan", "on",
                    "--timeout-graceful-shutdown", "2", "project.asgi:application"]
         else:
             cmd = [sys.executable, "-m", "daphne", "--fd", fd, "project.asgi:application"]
