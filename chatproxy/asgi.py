@@ -28,6 +28,7 @@ it), so also cap request bodies in the front proxy (nginx ``client_max_body_size
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping
@@ -342,7 +343,26 @@ class DirectHandler(ASGIHandler):  # type: ignore[misc]
     """
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await self.handle(scope, receive, send)  # Django wraps this in a ThreadSensitiveContext
+        # Django wraps this in a ThreadSensitiveContext. When the server cancels the request (Daphne
+        # does at shutdown), Django's handle() leaves its disconnect listener behind, whose
+        # RequestAborted nobody retrieves ("Task exception was never retrieved" in the log): the
+        # listener's pending receive() is cancelled with the request instead.
+        pending: set[asyncio.Future[Message]] = set()
+
+        async def guarded_receive() -> Message:
+            waiter = asyncio.ensure_future(receive())
+            pending.add(waiter)
+            try:
+                return await waiter
+            finally:
+                pending.discard(waiter)
+
+        try:
+            await self.handle(scope, guarded_receive, send)
+        except asyncio.CancelledError:
+            for waiter in pending:
+                waiter.cancel()
+            raise
 
     def load_middleware(self, is_async: bool = True) -> None:
         """Django's chain (its order, ``MiddlewareNotUsed``, hook lists, exception conversion around
@@ -411,7 +431,8 @@ class DirectStreams(RequestSizeGuard):
 
 
 class Lifespan:
-    """The ASGI ``lifespan`` protocol: at server shutdown, close chatproxy's upstream sessions.
+    """The ASGI ``lifespan`` protocol: at server shutdown, let running streams finish (``RESUME.DRAIN``)
+    and close chatproxy's upstream sessions.
 
     Route it in the project's ASGI application, for servers that speak lifespan (uvicorn,
     Hypercorn)::
@@ -423,13 +444,13 @@ class Lifespan:
     """
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        from chatproxy.service import close_upstreams
+        from chatproxy.service import shut_down
 
         while True:
             message = await receive()
             if message["type"] == "lifespan.startup":
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
-                await close_upstreams()
+                await shut_down()
                 await send({"type": "lifespan.shutdown.complete"})
                 return

@@ -9,7 +9,8 @@
 * ``chatproxy.E005`` ``CHATPROXY`` (or one of its sections) is not a dict
 * ``chatproxy.E006`` a ``LIMITS`` value is not a positive whole number (the per-user limits may be None: off),
   or ``WHEN_CACHE_DOWN`` is not "allow" / "refuse"
-* ``chatproxy.E007`` ``RESUME``: ``CACHE`` is not a configured cache alias, or ``TTL`` / ``GRACE`` is invalid
+* ``chatproxy.E007`` ``RESUME``: ``CACHE`` is not a configured cache alias, or ``TTL`` / ``GRACE`` /
+  ``DRAIN`` is invalid
 * ``chatproxy.E008`` ``UPSTREAM.MODEL`` / ``MODELS`` / ``EXTRA_BODY`` has the wrong shape, or ``MODEL`` is not
   among ``MODELS``
 * ``chatproxy.E009`` no ``ASGI_APPLICATION``: streaming needs ASGI (under WSGI responses are buffered)
@@ -225,6 +226,9 @@ def _check_resume(resume: Mapping[str, Any]) -> list[Any]:
                               hint="Use a whole number of seconds, at least 1 (default 600)."))
     if not (_number(resume.get("GRACE")) and resume["GRACE"] >= 0):
         problems.append(Error(f"CHATPROXY['RESUME']['GRACE'] is {resume.get('GRACE')!r}.", id="chatproxy.E007",
+                              hint="Use a number of seconds, 0 or more (default 30)."))
+    if not (_number(resume.get("DRAIN")) and resume["DRAIN"] >= 0):
+        problems.append(Error(f"CHATPROXY['RESUME']['DRAIN'] is {resume.get('DRAIN')!r}.", id="chatproxy.E007",
                               hint="Use a number of seconds, 0 or more (default 30)."))
     return problems
 

@@ -40,7 +40,9 @@ DEFAULTS: dict[str, Any] = {
         "WHEN_CACHE_DOWN": "allow",
         "WS_FRAMES_PER_SECOND": 20,  # frames one WebSocket may send per second, else closed (4008); None: no cap
     },
-    "RESUME": {"CACHE": "default", "TTL": 600, "GRACE": 30.0},
+    # DRAIN: seconds a stopping worker keeps generating its resumable streams (their clients
+    # resume on another worker), before it closes its upstream sessions
+    "RESUME": {"CACHE": "default", "TTL": 600, "GRACE": 30.0, "DRAIN": 30.0},
     "RECORDS": {
         "ENABLED": True,  # False: write no stream records
         "RETENTION_DAYS": 30,  # days `manage.py chatproxy_prune` keeps by default

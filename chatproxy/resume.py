@@ -159,6 +159,12 @@ class Journal:
         if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(self._run(), name="chatproxy-journal")
 
+    async def idle(self) -> None:
+        """Return once no stream is tracked any more: every one ended and was written out."""
+        task = self._task
+        if task is not None and not task.done():
+            await asyncio.shield(task)
+
     def local(self, stream_id: str) -> ChatStream | None:
         tracked = self.tracked.get(stream_id)
         return tracked.stream if tracked is not None else None

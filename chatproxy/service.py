@@ -4,12 +4,15 @@ Adapters hold connection pools bound to one event loop, so one adapter is kept p
 (Daphne and uvicorn run one loop per process; tests may run several in turn). The cache is
 dropped when ``CHATPROXY`` changes.
 
-The adapter's sessions are closed when the server stops (:func:`close_upstreams`): through the
-ASGI lifespan protocol where the server speaks it (uvicorn, Hypercorn: route ``"lifespan"`` to
-:class:`chatproxy.asgi.Lifespan`), and under Daphne, which does not, through a Twisted reactor
-shutdown trigger registered with the loop's first adapter. Left open, aiohttp reports each one
-as an ``Unclosed client session`` (and its connector fails in ``__del__``) while the interpreter
-exits.
+When the server stops, :func:`shut_down` first lets the resumable streams still running finish
+(:func:`drain`, at most ``RESUME.DRAIN`` seconds: their clients, cut off by the stop, resume on
+another worker from the journal), then closes the adapter's sessions (:func:`close_upstreams`).
+It runs through the ASGI lifespan protocol where the server speaks it (uvicorn, Hypercorn: route
+``"lifespan"`` to :class:`chatproxy.asgi.Lifespan`; uvicorn first waits for open connections
+itself), and under Daphne, which does not, through a Twisted reactor shutdown trigger registered
+with the loop's first adapter (Daphne cancels every response at once; the trigger delays the
+reactor's stop). Left open, aiohttp reports each session as an ``Unclosed client session`` (and its
+connector fails in ``__del__``) while the interpreter exits.
 """
 
 from __future__ import annotations
@@ -50,6 +53,30 @@ def get_upstream() -> Upstream:
     return upstream
 
 
+async def drain(seconds: float) -> int:
+    """Wait (at most ``seconds``) until this loop's resumable streams have ended and the journal
+    has written them out; returns how many were still running at the start."""
+    from chatproxy import resume
+
+    journal = resume.journal()
+    running = len(journal.tracked)
+    if running:
+        logger.warning("chatproxy: stopping; letting %d stream(s) finish (RESUME.DRAIN %.0f s)", running, seconds)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                await journal.idle()
+        if journal.tracked:
+            logger.warning("chatproxy: %d stream(s) still running after RESUME.DRAIN; stopping them",
+                           len(journal.tracked))
+    return running
+
+
+async def shut_down() -> None:
+    """At server shutdown: :func:`drain` the resumable streams, then :func:`close_upstreams`."""
+    await drain(float(get_config()["RESUME"].get("DRAIN", 0.0)))
+    await close_upstreams()
+
+
 async def close_upstreams() -> None:
     """Close the running loop's upstream adapter (its HTTP sessions and pools); at server shutdown.
 
@@ -78,7 +105,7 @@ def _close_at_reactor_shutdown(loop: asyncio.AbstractEventLoop) -> None:
     from twisted.internet import defer
 
     def close() -> Any:
-        return defer.Deferred.fromFuture(loop.create_task(close_upstreams()))
+        return defer.Deferred.fromFuture(loop.create_task(shut_down()))
 
     with contextlib.suppress(Exception):  # a reactor that is already shutting down takes no trigger
         reactor.addSystemEventTrigger("before", "shutdown", close)

@@ -18,6 +18,7 @@ import sqlite3
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -102,6 +103,13 @@ async def sse_post(session: aiohttp.ClientSession, body: dict[str, object]) -> S
     started = time.monotonic()
     async with session.post("/chat/stream/", json=body) as response:
         return await read_sse(response, started)
+
+
+def assert_logged_once(log: str, *phrases: str) -> None:
+    """Each of ``phrases`` is in the worker's log exactly once (one line per outage), and no traceback."""
+    for phrase in phrases:
+        assert log.count(phrase) == 1, (phrase, log[-3000:])
+    assert "Traceback" not in log, log[-3000:]
 
 
 def assert_complete(result: SSEResponse, expected: str) -> None:
@@ -212,9 +220,7 @@ async def test_redis_outage_mid_load(server: str, redis: Redis, module_simulator
     finally:
         log = app.log()
         app.stop()
-    assert log.count("is unreachable") == 1, log[-3000:]
-    assert log.count("is reachable again") == 1, log[-3000:]
-    assert "Traceback" not in log, log[-3000:]
+    assert_logged_once(log, "is unreachable", "is reachable again")
     assert "Internal Server Error" not in log and " 500 " not in log, log[-3000:]
 
 
@@ -340,11 +346,8 @@ async def test_locked_database_leaves_streams_alone(module_simulator) -> None:
     finally:
         log = app.log()
         app.stop()
-    assert log.count("timeout profiles could not be loaded") == 1, log[-3000:]
-    assert log.count("timeout profiles loaded again") == 1, log[-3000:]
-    assert "Traceback" not in log, log[-3000:]
-    assert log.count("(stream records) is unreachable") == 1, log[-3000:]
-    assert log.count("(stream records) is reachable again") == 1, log[-3000:]
+    assert_logged_once(log, "timeout profiles could not be loaded", "timeout profiles loaded again",
+                       "(stream records) is unreachable", "(stream records) is reachable again")
     assert "(0 stream records dropped meanwhile)" in log, log[-3000:]
 
 
@@ -408,3 +411,75 @@ async def test_clients_that_never_read_are_cut_and_cost_bounded_memory(module_si
     # the events stayed in memory for the stuck clients; about 23 MiB once they are cut).
     assert grown < 40 * 2**20, f"the worker grew by {grown / 2**20:.1f} MiB for {NEVER_READING} stuck clients"
     assert "Traceback" not in log, log[-3000:]
+
+
+DRAINED = 6
+
+
+async def read_events_until(response: aiohttp.ClientResponse, seen: list[tuple[int, str, dict[str, Any]]],
+                            deltas: int) -> None:
+    """Read SSE events into ``seen`` until ``deltas`` deltas came (or the body ends)."""
+    buffer = ""
+    while sum(1 for _, name, _ in seen if name == "delta") < deltas:
+        chunk = await response.content.readany()
+        if not chunk:
+            return
+        buffer += chunk.decode()
+        while "\n\n" in buffer:
+            block, buffer = buffer.split("\n\n", 1)
+            item = parse_block(block, time.monotonic())
+            if item is not None and item.kind == "event" and item.id is not None:
+                seen.append((item.id, item.event, item.data))
+
+
+@pytest.mark.parametrize("server", SERVERS)
+async def test_stopping_worker_lets_its_streams_finish_for_a_resume_elsewhere(
+    server: str, redis: Redis, module_simulator, tmp_path: Path
+) -> None:
+    """Two workers sharing Redis and the database; SIGTERM to the one running six streams. Their
+    clients lose the connection (Daphne) or not (uvicorn waits for them): either way each answer
+    ends exactly, read from the stopping worker or resumed on the other one with ``Last-Event-ID``,
+    because the stopping worker keeps generating them (``RESUME.DRAIN``) before it exits cleanly.
+    Regression: Daphne stopped them at once, and a resume elsewhere ended in an error."""
+    env = {**simulator_env(module_simulator.base_url, timeouts=TIMEOUTS, limits={"MAX_STREAMS_PER_USER": 50},
+                           resume={"GRACE": 10.0, "DRAIN": 15.0, "TTL": 60}),
+           "REDIS_URL": redis.url, "DJANGO_DB_PATH": str(tmp_path / "shared.sqlite3")}
+    stopping = AppServer(env, server=server, capture_stderr=True).start()
+    other = AppServer(env, server=server, capture_stderr=True).start()
+    try:
+        async with aiohttp.ClientSession() as session:
+            plans = [chat(60, gap=0.05) for _ in range(DRAINED)]  # 3 s answers
+            seen: list[list[tuple[int, str, dict[str, Any]]]] = [[] for _ in plans]
+            responses = [await session.post(f"{stopping.url}/chat/stream/", json=body) for body, _ in plans]
+            await asyncio.gather(*(read_events_until(r, s, 3) for r, s in zip(responses, seen, strict=True)))
+            assert stopping.proc is not None
+            stopping.proc.send_signal(signal.SIGTERM)
+            stopped_at = time.monotonic()
+
+            async def finish(index: int) -> None:
+                with contextlib.suppress(aiohttp.ClientError):  # cut by the stop, or read to the end
+                    await read_events_until(responses[index], seen[index], 10**6)
+                responses[index].close()
+                if seen[index][-1][1] in ("done", "error"):
+                    return
+                stream_id = seen[index][0][2]["stream_id"]
+                last = seen[index][-1][0]
+                async with session.get(f"{other.url}/chat/stream/{stream_id}/",
+                                       headers={"Last-Event-ID": str(last)}) as response:
+                    assert response.status == 200, await response.text()
+                    await read_events_until(response, seen[index], 10**6)
+
+            await asyncio.wait_for(asyncio.gather(*(finish(i) for i in range(DRAINED))), 20)
+            await asyncio.to_thread(stopping.proc.wait, 20)
+            drained_in = time.monotonic() - stopped_at
+    finally:
+        log = stopping.log()
+        stopping.stop()
+        other.stop()
+    for events, (_, expected) in zip(seen, plans, strict=True):
+        assert [seq for seq, _, _ in events] == list(range(1, len(events) + 1))  # no gap, no repeat
+        assert events[-1][1] == "done", events[-3:]
+        assert "".join(data["text"] for _, name, data in events if name == "delta") == expected
+    assert drained_in < 15.0
+    noise = [line for line in log.splitlines() if any(marker in line for marker in SHUTDOWN_NOISE)]
+    assert not noise, log[-3000:]
