@@ -51,7 +51,15 @@ def native_error(
     code: ErrorCode, message: str | None = None, *, status: int | None = None, headers: Mapping[str, str] | None = None
 ) -> JsonResponse:
     """``{"error": {"code", "message"}}`` with ``status`` (default: the code's) and extra ``headers``."""
-    return _json_response(_native_body(code, message), status or code.status, headers)
+    return _quiet(code, _json_response(_native_body(code, message), status or code.status, headers))
+
+
+def _quiet(code: ErrorCode, response: JsonResponse) -> JsonResponse:
+    """An ``unavailable`` answer (the shared cache is down) is not logged per request by Django, as a
+    5xx would be: :mod:`chatproxy.outage` logs the outage once."""
+    if code is ErrorCode.UNAVAILABLE:
+        response._has_been_logged = True  # type: ignore[attr-defined]  # read by django.utils.log.log_response
+    return response
 
 
 def openai_error(
@@ -63,7 +71,7 @@ def openai_error(
     headers: Mapping[str, str] | None = None,
 ) -> JsonResponse:
     """``{"error": {"message", "type", "param", "code"}}`` with ``status`` (default: the code's)."""
-    return _json_response(_openai_body(code, message, param), status or code.status, headers)
+    return _quiet(code, _json_response(_openai_body(code, message, param), status or code.status, headers))
 
 
 def openai_stream_error(code: ErrorCode) -> bytes:

@@ -106,14 +106,20 @@ def test_w002_unknown_keys():
                         "Unknown key CHATPROXY['TIMEOUTS']['STAL'] is ignored."]
 
 
-@pytest.mark.parametrize("limits", [{"MAX_MESSAGES": 0}, {"MAX_INPUT_CHARS": "200000"}, {"MAX_MESSAGES": 1.5}])
+@pytest.mark.parametrize("limits", [{"MAX_MESSAGES": 0}, {"MAX_INPUT_CHARS": "200000"}, {"MAX_MESSAGES": 1.5},
+                                    {"WHEN_CACHE_DOWN": "deny"}, {"WS_FRAMES_PER_SECOND": 0}])
 def test_e006_limits(limits):
     assert "chatproxy.E006" in found(with_upstream(LIMITS=limits))
 
 
-@pytest.mark.parametrize("resume", [{"CACHE": "nope"}, {"TTL": 0}, {"GRACE": -1}, {"GRACE": "soon"}])
+@pytest.mark.parametrize("resume", [{"CACHE": "nope"}, {"TTL": 0}, {"GRACE": -1}, {"GRACE": "soon"}, {"DRAIN": -1}])
 def test_e007_resume(resume):
     assert "chatproxy.E007" in found(with_upstream(RESUME=resume))
+
+
+@pytest.mark.parametrize("limits", [{"WHEN_CACHE_DOWN": "refuse"}, {"WS_FRAMES_PER_SECOND": None}])
+def test_operations_settings_accepted(limits):
+    assert "chatproxy.E006" not in found(with_upstream(LIMITS=limits, RESUME={"DRAIN": 0}))
 
 
 @pytest.mark.parametrize(

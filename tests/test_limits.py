@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import socket
 import time
 
 import pytest
@@ -18,7 +19,7 @@ from django.contrib.auth.models import AnonymousUser
 from django.core.cache import caches
 from django.core.checks import run_checks
 
-from chatproxy import limits, profiles
+from chatproxy import limits, outage, profiles
 from chatproxy.profiles import resolve_policy
 from project.asgi import application
 from tests.asgi_calls import call
@@ -504,3 +505,31 @@ def test_on_redis_a_crashed_workers_leases_lapse(redis_limits, monkeypatch):
     clock[0] = start + 2 * 64
     assert limits.running("u:21") == 0
     limits.admit("u:21", ttl=60)
+
+
+@pytest.mark.parametrize("when", ["allow", "refuse"])
+async def test_when_the_cache_is_down(limit_settings, sim, when):
+    """RESUME.CACHE is a Redis nobody listens on: LIMITS.WHEN_CACHE_DOWN serves the stream without
+    the limits ("allow") or answers 503 ``unavailable`` with Retry-After ("refuse"); never a 500,
+    and one warning for all the failed calls."""
+    with socket.socket() as probe:  # a port with nothing behind it: connections are refused at once
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    limit_settings.CACHES = {**limit_settings.CACHES, "down": {
+        "BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": f"redis://127.0.0.1:{port}/0",
+        "OPTIONS": {"socket_connect_timeout": 0.5, "socket_timeout": 0.5}}}
+    limit_settings.CHATPROXY = {**limit_settings.CHATPROXY, "RESUME": {"CACHE": "down", "GRACE": 0.0},
+                                "LIMITS": {"MAX_STREAMS_PER_USER": 2, "WHEN_CACHE_DOWN": when}}
+    down = outage.of_cache("down")
+    outages_before, failures_before = down.outages, down.failures if down.down else 0
+    replies = [await call(application, "POST", "/chat/stream/", chat("chunks=2"), client=("10.0.0.7", 1),
+                          leave_after=None) for _ in range(3)]
+    if when == "allow":
+        assert [r.status for r in replies] == [200, 200, 200]
+        assert all(b"event: done" in r.body for r in replies)
+    else:
+        assert [r.status for r in replies] == [503, 503, 503]
+        assert replies[0].json()["error"]["code"] == "unavailable"
+        assert replies[0].headers["retry-after"] == "5"
+    # At most one outage (one warning) for every failed call of the three requests.
+    assert down.down and down.outages <= outages_before + 1 and down.failures >= failures_before + 3
