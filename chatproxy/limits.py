@@ -244,6 +244,7 @@ def admit(who: str, ttl: float) -> Slot:
     """
     limits = get_config()["LIMITS"]
     try:
+        _outage().check()  # while the cache is down: no call that may hang for its socket timeout
         per_minute = limits.get("REQUESTS_PER_MINUTE")
         if per_minute is not None:
             _count_request(who, int(per_minute))

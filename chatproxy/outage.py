@@ -6,6 +6,11 @@ dependency has one :class:`Outage`: its first failure logs one warning (what is 
 and what chatproxy does meanwhile), later failures are only counted, and the first success after
 them logs one line saying how long it lasted and how many calls failed. Nothing here runs per
 chunk; :meth:`Outage.ok` on the success path is one attribute read.
+
+A dependency that hangs rather than refuses costs each call its socket timeout. So while one is
+down, callers on a request's path ask :meth:`Outage.check` first: within :data:`SKIP_FOR` seconds
+of the last real failure it raises :class:`StillDown` at once instead of letting them wait; one
+call per interval (or the resume journal's retries) still tries, and finds out when it is back.
 """
 
 from __future__ import annotations
@@ -15,6 +20,13 @@ import threading
 import time
 
 logger = logging.getLogger("chatproxy.outage")
+
+#: Seconds after a dependency's last real failure during which :meth:`Outage.check` skips calls.
+SKIP_FOR = 1.0
+
+
+class StillDown(Exception):
+    """Raised by :meth:`Outage.check` instead of a call that would most likely fail (or hang)."""
 
 #: What chatproxy does while ``RESUME.CACHE`` is unreachable (part of the outage's warning).
 CACHE_CONSEQUENCES = (
@@ -34,6 +46,7 @@ class Outage:
         self.consequences = consequences
         self.counted = counted  # what ``failures`` counts, for the recovery line
         self.since: float | None = None  # time.monotonic() of the first failure, while failing
+        self.last_failure = 0.0  # time.monotonic() of the last real (not skipped) failure
         self.failures = 0  # failed calls in the current (or last) outage
         self.outages = 0  # outages seen by this process
         self._lock = threading.Lock()
@@ -46,6 +59,8 @@ class Outage:
         """A call failed with ``exc`` (``count``: what it cost, in the unit ``counted`` names): the first
         failure of an outage logs a warning, the rest only count."""
         with self._lock:
+            if not isinstance(exc, StillDown):
+                self.last_failure = time.monotonic()
             self.failures = self.failures + count if self.since is not None else count
             if self.since is not None:
                 return
@@ -53,6 +68,11 @@ class Outage:
             self.outages += 1
         logger.warning("%s is unreachable (%s: %s): %s until it is back", self.what, type(exc).__name__,
                        str(exc)[:200], self.consequences)
+
+    def check(self) -> None:
+        """Raise :class:`StillDown` if the dependency failed less than :data:`SKIP_FOR` seconds ago."""
+        if self.since is not None and time.monotonic() - self.last_failure < SKIP_FOR:
+            raise StillDown(f"{self.what} failed less than {SKIP_FOR:g} s ago")
 
     def ok(self) -> None:
         """A call succeeded: ends the outage, if there was one, with one log line."""

@@ -217,6 +217,7 @@ def _read_version() -> str | None:
 
     cache = caches[CACHE_ALIAS]
     try:
+        outage.of_cache(CACHE_ALIAS).check()
         version = cache.get(VERSION_KEY)
         if version is None:
             cache.add(VERSION_KEY, uuid.uuid4().hex, None)

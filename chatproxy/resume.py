@@ -279,6 +279,7 @@ async def track(stream: ChatStream, user: Any) -> None:
     cache = _cache()
     tracked = j.tracked[stream.stream_id]
     try:
+        _outage().check()
         await cachecalls.run(cache, cache.set, meta_key(stream.stream_id), tracked.meta, _ttl())
     except Exception as exc:  # the cache is unreachable: the stream runs, its meta is written once it is back
         _outage().failed(exc)
@@ -290,6 +291,7 @@ async def track(stream: ChatStream, user: Any) -> None:
 async def _cache_call(func: Any, *args: Any) -> Any:
     """``func(*args)`` on the store; raises :class:`JournalUnavailable` while it is unreachable."""
     try:
+        _outage().check()
         result = await cachecalls.run(_cache(), func, *args)
     except Exception as exc:
         _outage().failed(exc)

@@ -108,7 +108,7 @@ async def sse_post(session: aiohttp.ClientSession, body: dict[str, object]) -> S
 def assert_logged_once(log: str, *phrases: str) -> None:
     """Each of ``phrases`` is in the worker's log exactly once (one line per outage), and no traceback."""
     for phrase in phrases:
-        assert log.count(phrase) == 1, (phrase, log[-3000:])
+        assert log.count(phrase) == 1, f"{phrase!r} is logged {log.count(phrase)} times:\n{log[-3000:]}"
     assert "Traceback" not in log, log[-3000:]
 
 
@@ -200,8 +200,10 @@ async def test_redis_outage_mid_load(server: str, redis: Redis, module_simulator
             assert retry_after is not None and retry_after.isdigit()
 
             redis.start()
+            # The journal notices first (it retries every 0.5 s) and writes what it kept.
+            await asyncio.to_thread(wait_until, lambda: "is reachable again" in app.log(), "the recovery", [], 5.0)
             # Back without a restart: a new stream is served, and the stream that ran through the
-            # outage is replayed whole from the store once the journal wrote what it kept.
+            # outage is replayed whole from the store.
             body, expected = chat(5)
             assert_complete(await sse_post(session, body), expected)
 
@@ -223,6 +225,43 @@ async def test_redis_outage_mid_load(server: str, redis: Redis, module_simulator
     assert_logged_once(log, "is unreachable", "is reachable again")
     # Nor one line per refused resume (Django logs every 5xx it sees): the outage's line says it.
     assert "Internal Server Error" not in log and " 500 " not in log and "Service Unavailable" not in log, log[-3000:]
+
+
+@pytest.mark.parametrize("server", SERVERS)
+async def test_hung_redis_costs_one_timeout_not_one_per_request(server: str, redis: Redis, module_simulator) -> None:
+    """Redis frozen (SIGSTOP: connections are accepted, nothing is answered) for a few seconds.
+    The first new stream waits out the cache's socket timeout (2 s in the sample settings); the
+    ones after it start at once (calls are skipped for a second after each real failure), all
+    answer exactly, and all is well again once Redis thaws."""
+    env = simulator_env(module_simulator.base_url, timeouts=TIMEOUTS, limits={"MAX_STREAMS_PER_USER": 50},
+                        resume={"GRACE": 0.5, "TTL": 60})
+    app = AppServer({**env, "REDIS_URL": redis.url}, server=server, capture_stderr=True).start()
+    assert redis.proc is not None and redis.proc.popen is not None
+    try:
+        async with aiohttp.ClientSession(app.url) as session:
+            body, expected = chat(3, gap=0.0)
+            assert_complete(await sse_post(session, body), expected)  # the cache's connections are pooled now
+            redis.proc.popen.send_signal(signal.SIGSTOP)
+            try:
+                waits = []
+                for _ in range(4):
+                    body, expected = chat(3, gap=0.0)
+                    result = await sse_post(session, body)
+                    assert_complete(result, expected)
+                    assert result.first_byte is not None
+                    waits.append(result.first_byte - result.started)
+            finally:
+                redis.proc.popen.send_signal(signal.SIGCONT)
+            await asyncio.sleep(1.2)  # past the skipping interval: the next calls reach Redis again
+            body, expected = chat(3, gap=0.0)
+            assert_complete(await sse_post(session, body), expected)
+    finally:
+        log = app.log()
+        app.stop()
+    print(f"{server}: first byte while Redis hangs: {', '.join(f'{w:.2f} s' for w in waits)}")
+    assert waits[0] < 4.0, waits  # one socket timeout, not one per cache call
+    assert max(waits[1:]) < 1.0, waits  # the others skip the frozen cache
+    assert_logged_once(log, "is unreachable", "is reachable again")
 
 
 SHUTDOWN_NOISE = ("Unclosed client session", "Unclosed connector", "AttributeError", "Traceback",
