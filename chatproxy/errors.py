@@ -68,27 +68,43 @@ class UpstreamDisconnected(UpstreamError):
     reason = "disconnected"
 
 
-class UpstreamStatusError(UpstreamError):
-    """The upstream answered with an error status (``status`` 0: an in-stream error object)."""
+#: Upstream error codes that say the conversation is too long for the model: another model may take it.
+CONTEXT_LENGTH_CODES = frozenset({"context_length_exceeded", "string_above_max_length"})
 
-    def __init__(self, status: int, detail: str = "", *, retry_after: float | None = None) -> None:
+
+class UpstreamStatusError(UpstreamError):
+    """The upstream answered with an error status (``status`` 0: an in-stream error object).
+
+    ``code`` is the error object's ``code`` (else ``type``) when it is a plain identifier, such as
+    ``context_length_exceeded``.
+    """
+
+    def __init__(self, status: int, detail: str = "", *, retry_after: float | None = None,
+                 code: str | None = None) -> None:
         super().__init__(detail or f"HTTP {status}", retry_after=retry_after)
         self.status = status
+        self.code = code
         self.retryable = status == 0 or status in RETRYABLE_STATUSES
+
+    @property
+    def context_length(self) -> bool:
+        """Whether the request was refused for being too long for this model (a fallback may take it)."""
+        return self.code in CONTEXT_LENGTH_CODES
 
 
 class RateLimited(UpstreamStatusError):
     reason = "rate_limited"
 
-    def __init__(self, detail: str = "", *, retry_after: float | None = None) -> None:
-        super().__init__(429, detail, retry_after=retry_after)
+    def __init__(self, detail: str = "", *, retry_after: float | None = None, code: str | None = None) -> None:
+        super().__init__(429, detail, retry_after=retry_after, code=code)
 
 
-def status_error(status: int, detail: str = "", *, retry_after: float | None = None) -> UpstreamStatusError:
+def status_error(status: int, detail: str = "", *, retry_after: float | None = None,
+                 code: str | None = None) -> UpstreamStatusError:
     """The most specific :class:`UpstreamStatusError` for an HTTP ``status``."""
     if status == 429:
-        return RateLimited(detail, retry_after=retry_after)
-    return UpstreamStatusError(status, detail, retry_after=retry_after)
+        return RateLimited(detail, retry_after=retry_after, code=code)
+    return UpstreamStatusError(status, detail, retry_after=retry_after, code=code)
 
 
 def parse_retry_after(headers: object) -> float | None:

@@ -128,6 +128,9 @@ def record_values(stream: ChatStream, user: Any = None) -> dict[str, Any]:
         "outcome": stats.outcome[:32],
         "duration": stats.duration,
         "chars_sent": stats.chars_sent,
+        "answered_by": stats.target[:300],
+        "abandoned": " ".join(stats.abandoned)[:300],
+        "circuits_opened": " ".join(stats.circuits_opened)[:300],
     }
 
 
