@@ -176,6 +176,7 @@ class Faults:
     count: str = "all"  # what "after N" counts: every streamed unit, or tool-call "args" only
     tool_calls: int | None = None  # how many tool calls an answer with tools makes
     reasoning: int | None = None  # reasoning units before the answer (None: by model name)
+    only: str | None = None  # fault keys apply only to requests for a model matching this glob
 
     def given(self) -> dict[str, Any]:
         """Only the fields that differ from the defaults (what the request log shows)."""
@@ -233,6 +234,7 @@ SHAPE_KEYS: tuple[str, ...] = (
     "count",
     "tool_calls",
     "reasoning",
+    "only",
 )
 
 
@@ -325,6 +327,7 @@ _PARSERS: dict[str, tuple[Any, str]] = {
     "count": (_count_mode, "count"),
     "tool_calls": (_calls, "tool_calls"),
     "reasoning": (_count, "reasoning"),
+    "only": (_name, "only"),
 }
 _FLAGS = {"diverge", "refuse", "pings_only", "per_model"}
 
