@@ -133,7 +133,7 @@ def upstream_settings(name: str) -> dict[str, Any]:
 
 
 def circuit_settings() -> tuple[int, float]:
-    """``CIRCUIT`` ``(FAILURES, COOLDOWN)``; the defaults where invalid (``chatproxy.E017`` reports it)."""
+    """``CIRCUIT`` ``(FAILURES, COOLDOWN)``; the defaults where invalid (``chatproxy.E015`` reports it)."""
     given, defaults = get_config()["CIRCUIT"], DEFAULTS["CIRCUIT"]
     failures = given.get("FAILURES")
     if not (isinstance(failures, int) and not isinstance(failures, bool) and failures >= 1):
