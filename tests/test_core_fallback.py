@@ -14,6 +14,7 @@ from dataclasses import replace
 import pytest
 from django.core.cache.backends.locmem import LocMemCache
 
+from chatproxy import records
 from chatproxy.circuit import CacheBreaker
 from chatproxy.conf import Policy
 from chatproxy.core import ChatStream, Target
@@ -129,6 +130,9 @@ async def test_both_down_the_second_provider_answers() -> None:
         None, None, FALLBACK, None, None, "backup:gpt-4.1"]
     assert run.text == "".join(WORDS) and run.last.data["model"] == "gpt-4.1"  # type: ignore[index]
     assert run.stream.stats.attempts == 7
+    values = records.record_values(run.stream)
+    assert (values["model"], values["answered_by"]) == ("gpt-4o-mini", "backup:gpt-4.1")
+    assert values["abandoned"] == "default:gpt-4o-mini default:gpt-4o" and values["circuits_opened"] == ""
 
 
 @on_virtual_clock

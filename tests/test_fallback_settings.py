@@ -3,14 +3,17 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import pytest
 from django.core.cache.backends.locmem import LocMemCache
 from django.core.exceptions import ValidationError
 from django.test import override_settings
+from django.utils import timezone
 
-from chatproxy import conf, fallbacks
+from chatproxy import conf, fallbacks, records
 from chatproxy.circuit import CacheBreaker, cache_key
-from chatproxy.models import TimeoutProfile
+from chatproxy.models import StreamRecord, TimeoutProfile
 from chatproxy.policy import Policy, from_profile
 from chatproxy.stream.targets import Admission
 from tests.test_checks import UPSTREAM, found, with_upstream
@@ -149,3 +152,37 @@ def test_cache_keys_are_safe_for_every_backend():
     assert cache_key("backup:gpt-4.1-mini") == "chatproxy:circuit:backup:gpt-4.1-mini"
     odd = cache_key("default:my model\n" + "x" * 300)
     assert odd.startswith("chatproxy:circuit:") and len(odd) < 60 and " " not in odd
+
+
+# ------------------------------------------------------------------------------ records and admin statistics
+
+
+def record(answered_by: str, *, abandoned: str = "", circuits: str = "", outcome: str = "done") -> StreamRecord:
+    return StreamRecord(stream_id=f"f{answered_by}{abandoned}{circuits}{outcome}", model="gpt-4o-mini",
+                        profile="default", started=timezone.now() - timedelta(minutes=1), attempts=1,
+                        outcome=outcome, duration=1.0, answered_by=answered_by, abandoned=abandoned,
+                        circuits_opened=circuits)
+
+
+@pytest.mark.django_db
+def test_admin_statistics_per_target(admin_client):
+    primary, same, backup = "default:gpt-4o-mini", "default:gpt-4o", "backup:gpt-4.1-mini"
+    rows = [record(primary), record(primary), record(same, abandoned=primary),
+            record(backup, abandoned=f"{primary} {same}", circuits=primary),
+            record(same, abandoned=primary, circuits=same, outcome="upstream_unavailable")]
+    for i, row in enumerate(rows):
+        row.stream_id += str(i)
+    StreamRecord.objects.bulk_create(rows)
+    found = {t.target: (t.answers, t.fallbacks, t.circuit_openings) for t in records.target_stats("24h")}
+    assert found == {primary: (2, 3, 1), same: (1, 1, 1), backup: (1, 0, 0)}
+    page = admin_client.get("/admin/chatproxy/streamrecord/stats/").content.decode()
+    assert "Fallback targets" in page and f"<td><code>{backup}</code></td><td>1</td><td>0</td><td>0</td>" in page
+    profile_form = admin_client.get("/admin/chatproxy/timeoutprofile/add/").content.decode()
+    assert 'name="fallbacks"' in profile_form
+
+
+@pytest.mark.django_db
+def test_no_fallback_no_table(admin_client):
+    StreamRecord.objects.bulk_create([record("default:gpt-4o-mini")])
+    assert records.target_stats("24h") == []
+    assert "Fallback targets" not in admin_client.get("/admin/chatproxy/streamrecord/stats/").content.decode()
