@@ -32,7 +32,7 @@ from chatproxy.codes import ErrorCode
 from chatproxy.conf import Policy, get_config
 from chatproxy.core import Event, Subscription
 from chatproxy.responses import openai_error, openai_stream_error
-from chatproxy.service import open_stream
+from chatproxy.service import StreamNotStarted, open_stream
 from chatproxy.validation import InvalidRequest, parse_openai_request
 from chatproxy.views import SSE_HEADERS, read_json_body
 
@@ -65,6 +65,8 @@ async def chat_completions(request: HttpRequest) -> HttpResponse:
         reader = await open_stream(chat_request, user=request.user, allow_reset=False, who=limits.identity_of(request))
     except limits.LimitExceeded as exc:
         return openai_error(exc.code, exc.message, headers={"Retry-After": str(exc.retry_after)})
+    except StreamNotStarted as exc:
+        return openai_error(exc.code)
     wire = _Wire(reader, include_usage)
     if streaming:
         return StreamingHttpResponse(wire.chunks(), content_type="text/event-stream", headers=SSE_HEADERS)

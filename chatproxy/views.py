@@ -22,7 +22,7 @@ from chatproxy.auth import AuthFailure, authorize
 from chatproxy.codes import ErrorCode
 from chatproxy.core import Event, Subscription
 from chatproxy.responses import native_error
-from chatproxy.service import open_stream
+from chatproxy.service import StreamNotStarted, open_stream
 from chatproxy.validation import InvalidRequest, max_body_bytes, parse_native_request
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -82,6 +82,8 @@ async def stream_view(request: HttpRequest) -> HttpResponse:
         reader = await open_stream(chat_request, user=request.user, resumable=True, who=limits.identity_of(request))
     except limits.LimitExceeded as exc:
         return native_error(exc.code, exc.message, headers={"Retry-After": str(exc.retry_after)})
+    except StreamNotStarted as exc:
+        return native_error(exc.code)
     return sse_response(_live_events(reader))
 
 
