@@ -31,7 +31,7 @@ KEEPALIVE_FRAME = '{"type":"keepalive"}'
 logger = logging.getLogger("chatproxy.consumers")
 
 
-class ChatConsumer(AsyncWebsocketConsumer):
+class ChatConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]  # channels ships no type information
     """``ws/chat/``: ``chat`` / ``cancel`` frames in, stream events out."""
 
     #: request_id -> (the stream, or None for a resumed remote one; the relay task)

@@ -23,7 +23,8 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
-from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
+from django.http import HttpRequest, JsonResponse, StreamingHttpResponse
+from django.http.response import HttpResponseBase
 from django.views.decorators.csrf import csrf_exempt
 
 from chatproxy import limits, sse
@@ -49,7 +50,7 @@ def commit_after(policy: Policy) -> float:
 
 
 @csrf_exempt  # bearer keys carry no cookie; authorize() enforces CSRF for session users
-async def chat_completions(request: HttpRequest) -> HttpResponse:
+async def chat_completions(request: HttpRequest) -> HttpResponseBase:
     if request.method != "POST":
         return openai_error(ErrorCode.METHOD_NOT_ALLOWED, "Use POST.", headers={"Allow": "POST"})
     try:
@@ -73,7 +74,7 @@ async def chat_completions(request: HttpRequest) -> HttpResponse:
     return await wire.completion()
 
 
-async def models(request: HttpRequest) -> HttpResponse:
+async def models(request: HttpRequest) -> HttpResponseBase:
     """``GET /chat/v1/models``: the allowed models (``UPSTREAM.MODELS``, or the default model)."""
     try:
         await authorize(request, allow_bearer=True)
@@ -143,7 +144,7 @@ class _Wire:
         finally:
             self.reader.close()  # not resumable: the stream stops and closes its upstream now
 
-    async def completion(self) -> HttpResponse:
+    async def completion(self) -> HttpResponseBase:
         """Collect the answer: a plain response (its real status) if it ends before the commit
         point (:func:`commit_after`), else a 200 kept warm with whitespace until it is ready."""
         collector = asyncio.get_running_loop().create_task(self._collect())

@@ -9,12 +9,13 @@ closes the stream and its upstream connection).
 from __future__ import annotations
 
 import functools
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
 
 import orjson
 from django.core.exceptions import RequestDataTooBig
-from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
+from django.http import HttpRequest, JsonResponse, StreamingHttpResponse
+from django.http.response import HttpResponseBase
 from django.views.decorators.csrf import csrf_exempt
 
 from chatproxy import limits, resume, sse
@@ -28,7 +29,7 @@ from chatproxy.validation import InvalidRequest, max_body_bytes, parse_native_re
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
-View = Callable[..., Awaitable[HttpResponse]]
+View = Callable[..., Coroutine[Any, Any, HttpResponseBase]]
 
 
 def endpoint(method: str, usage: str) -> Callable[[View], View]:
@@ -39,7 +40,7 @@ def endpoint(method: str, usage: str) -> Callable[[View], View]:
     def wrap(view: View) -> View:
         @csrf_exempt
         @functools.wraps(view)
-        async def checked(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
+        async def checked(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponseBase:
             if request.method != method:
                 return native_error(ErrorCode.BAD_REQUEST, usage, status=405, headers={"Allow": method})
             try:
@@ -71,7 +72,7 @@ def read_json_body(request: HttpRequest) -> Any:
 
 
 @endpoint("POST", "Use POST with a JSON body.")
-async def stream_view(request: HttpRequest) -> HttpResponse:
+async def stream_view(request: HttpRequest) -> HttpResponseBase:
     """``POST /chat/stream/``: validate, then stream SSE events of a resilient answer."""
     try:
         chat_request = parse_native_request(read_json_body(request))
@@ -114,7 +115,7 @@ def _last_event_id(request: HttpRequest) -> int | None:
 
 
 @endpoint("GET", "Use GET, with a Last-Event-ID header.")
-async def resume_view(request: HttpRequest, stream_id: str) -> HttpResponse:
+async def resume_view(request: HttpRequest, stream_id: str) -> HttpResponseBase:
     """``GET /chat/stream/<id>/``: the events after ``Last-Event-ID``, then live ones."""
     after = _last_event_id(request)
     if after is None:
@@ -127,7 +128,7 @@ async def resume_view(request: HttpRequest, stream_id: str) -> HttpResponse:
 
 
 @endpoint("POST", "Use POST.")
-async def cancel_view(request: HttpRequest, stream_id: str) -> HttpResponse:
+async def cancel_view(request: HttpRequest, stream_id: str) -> HttpResponseBase:
     """``POST /chat/stream/<id>/cancel/``: stop generating (the stream ends with ``cancelled``)."""
     try:
         await resume.cancel(stream_id, request.user)
