@@ -292,6 +292,12 @@ def _open_table(out: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _admission_table(out: dict[str, Any]) -> list[str]:
+    from bench.admission import table
+
+    return table(out["admission"])
+
+
 def markdown(out: dict[str, Any], png_name: str) -> str:
     m = out["machine"]
     o = out["options"]
@@ -337,6 +343,8 @@ def markdown(out: dict[str, Any], png_name: str) -> str:
         ("profile", "## 4. Profile (py-spy, server under load)", _profile_tables),
         ("memprofile", "## 5. What an idle stream holds (tracemalloc, Python heap)", _memprofile_tables),
         ("open", "## 6. Opening a stream (one-chunk streams, closed loop; threads: idle streams held)", _open_table),
+        ("admission", "## 7. Admission (one thread, per new stream; O(1) cache calls whatever the limit)",
+         _admission_table),
     ]
     for part, title, tables in sections:
         if out.get(part):

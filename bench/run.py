@@ -9,6 +9,8 @@ Parts (``--parts``, default all):
 * ``adapters`` -- CPU per chunk of each upstream path (bench/adapters.py);
 * ``profile``  -- py-spy on chatproxy under the 200-stream load, and the GC's share (bench/profile.py);
 * ``memprofile`` -- what an idle stream holds, by library (tracemalloc; bench/memprofile.py);
+* ``admission`` -- time to take and give back a per-user lease at limits 4 and 100000, LocMem and
+                  Redis (bench/admission.py);
 * ``open``     -- what opening a stream costs: CPU per new stream and OS threads per open stream,
                   DirectStreams versus Django's handler (bench/relay.py; not in the default parts).
 
@@ -24,6 +26,7 @@ import datetime
 import json
 import os
 import platform
+import subprocess
 import sys
 import time
 import traceback
@@ -46,8 +49,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a ~2 minute smoke run")
-    parser.add_argument("--parts", help="comma-separated (default relay,idle,stall,adapters,profile,memprofile; "
-                                        "quick: the first four)")
+    parser.add_argument("--parts", help="comma-separated (default relay,idle,stall,adapters,admission,"
+                                        "profile,memprofile; quick: the first five)")
     parser.add_argument("--levels", help="concurrent streams, comma-separated (default 100,200,400; quick: 100)")
     parser.add_argument("--configs", type=lambda text: [c.strip() for c in text.split(";")],
                         help="relay configurations, ';'-separated, e.g. 'floor;uvicorn;uvicorn, gc.freeze' "
@@ -92,7 +95,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.setup_chunks = 0
     args.idle_streams = args.idle_streams or (100 if quick else 400)
     args.stall_runs = args.stall_runs or (3 if quick else 12)
-    default_parts = "relay,idle,stall,adapters" + ("" if quick else ",profile,memprofile")
+    default_parts = "relay,idle,stall,adapters,admission" + ("" if quick else ",profile,memprofile")
     args.parts = [x.strip() for x in (args.parts or default_parts).split(",")]
     args.gap = 1.0 / args.rate
     args.spread = 2.0
@@ -215,6 +218,15 @@ def part_open(args: argparse.Namespace, pacer: procs.Pacer, dbs: procs.Databases
             log(f"  {row['ms_per_stream'] or 0:.2f} ms CPU per new stream ({row['streams_per_s']:.0f} streams/s), "
                 f"{row['threads_per_open_stream']:.2f} threads per open stream, other load "
                 f"{row['other_load_cores']:.2f} cores" + (f", errors {row['errors']}" if row["errors"] else ""))
+
+
+def part_admission(args: argparse.Namespace, out: dict[str, Any]) -> None:
+    """In a process of its own: it configures Django for itself."""
+    rounds = 300 if args.quick else 2000
+    log(f"admission: {rounds} admissions per case")
+    done = subprocess.run([sys.executable, "-m", "bench.admission", "--json", "--rounds", str(rounds)],
+                          cwd=procs.ROOT, capture_output=True, text=True, timeout=300, check=True)
+    out["admission"] = json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def part_stall(args: argparse.Namespace, dbs: procs.Databases, out: dict[str, Any]) -> None:
@@ -385,6 +397,8 @@ def main(argv: list[str] | None = None) -> None:
                     part_profile(args, pacer, dbs, out)
                 elif part == "memprofile":
                     part_memprofile(args, pacer, dbs, out)
+                elif part == "admission":
+                    part_admission(args, out)
                 elif part == "open":
                     part_open(args, pacer, dbs, out)
                 else:
