@@ -11,6 +11,8 @@ Parts (``--parts``, default all):
 * ``memprofile`` -- what an idle stream holds, by library (tracemalloc; bench/memprofile.py);
 * ``admission`` -- time to take and give back a per-user lease at limits 4 and 100000, LocMem and
                   Redis (bench/admission.py);
+* ``workers``  -- nginx + 2 workers + Redis, paced streams: delivery, added latency, and the Redis
+                  commands per stream-second (bench/workers.py; not in the default parts);
 * ``open``     -- what opening a stream costs: CPU per new stream and OS threads per open stream,
                   DirectStreams versus Django's handler (bench/relay.py; not in the default parts).
 
@@ -71,6 +73,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--open-idle-streams", type=int, default=50,
                         help="idle streams held to count threads per open stream in the open part (default 50)")
     parser.add_argument("--open-repeats", type=int, default=2, help="runs of each configuration in the open part")
+    parser.add_argument("--workers-streams", default="600",
+                        help="concurrent streams of the workers part, comma-separated (default 600)")
+    parser.add_argument("--workers-kinds", default="daphne,uvicorn", help="server kinds of the workers part")
     parser.add_argument("--profile-streams", type=int, default=200)
     parser.add_argument("--memprofile-streams", type=int, default=50)
     parser.add_argument("--legacy-python", default=_default_legacy_python(),
@@ -227,6 +232,21 @@ def part_admission(args: argparse.Namespace, out: dict[str, Any]) -> None:
     done = subprocess.run([sys.executable, "-m", "bench.admission", "--json", "--rounds", str(rounds)],
                           cwd=procs.ROOT, capture_output=True, text=True, timeout=300, check=True)
     out["admission"] = json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def part_workers(args: argparse.Namespace, pacer: procs.Pacer, dbs: procs.Databases, out: dict[str, Any]) -> None:
+    from bench import workers
+
+    rows = out.setdefault("workers", [])
+    for kind in args.workers_kinds.split(","):
+        for users in (int(x) for x in args.workers_streams.split(",")):
+            _quiet(args, [pacer.pid])
+            log(f"workers: nginx + 2 {kind} workers + Redis, {users} streams")
+            row = workers.run(kind, 2, users, pacer, dbs, args)
+            rows.append(row)
+            log(f"  delivered {row['delivered'] or 0:.1%}, added p99 {row['added_p99_ms'] or 0:.1f} ms, "
+                f"{row['redis_calls_per_stream_s']:.2f} Redis calls per stream-second"
+                + (f", errors {row['errors']}" if row["errors"] else ""))
 
 
 def part_stall(args: argparse.Namespace, dbs: procs.Databases, out: dict[str, Any]) -> None:
@@ -397,6 +417,8 @@ def main(argv: list[str] | None = None) -> None:
                     part_profile(args, pacer, dbs, out)
                 elif part == "memprofile":
                     part_memprofile(args, pacer, dbs, out)
+                elif part == "workers":
+                    part_workers(args, pacer, dbs, out)
                 elif part == "admission":
                     part_admission(args, out)
                 elif part == "open":
