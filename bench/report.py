@@ -300,11 +300,12 @@ def _admission_table(out: dict[str, Any]) -> list[str]:
 
 def _workers_tables(out: dict[str, Any]) -> list[str]:
     lines = ["| configuration | streams | delivered | added p50 / p99 ms | workers' CPU us per chunk | "
-             "Redis calls per stream-second | Redis CPU us per stream-second |", "|---|--:|--:|--:|--:|--:|--:|"]
+             "Redis calls per stream-second | Redis CPU us per stream-second | errors |",
+             "|---|--:|--:|--:|--:|--:|--:|--:|"]
     for r in out["workers"]:
         lines.append(f"| {r['config']} | {r['users']} | {(r['delivered'] or 0):.1%} | {_f(r['added_p50_ms'], 1)} / "
                      f"{_f(r['added_p99_ms'], 1)} | {_f(r['us_per_chunk'])} | {_f(r['redis_calls_per_stream_s'], 2)} | "
-                     f"{_f(r['redis_cpu_us_per_stream_s'])} |")
+                     f"{_f(r['redis_cpu_us_per_stream_s'])} | {sum(r['errors'].values())} |")
     lines += ["", "Redis calls per stream-second, by command:", "",
               "| configuration | streams | commands |", "|---|--:|---|"]
     for r in out["workers"]:

@@ -4,8 +4,8 @@ share one Redis (journal, limits, profiles stamp, channel layer), relaying paced
 One run: a ``redis-server`` of its own, ``workers`` chatproxy servers (``kind``: Daphne or uvicorn)
 started as in :mod:`bench.relay` but with ``REDIS_URL`` set (the sample project then puts the cache
 and the channel layer on Redis), nginx round robin over them (``tests/e2e/stack.py``'s config:
-HTTP/1.1 to the workers, buffering off), and the load generator's closed-loop streams sent to
-nginx. Over the measured window it reads:
+HTTP/1.1 to the workers, buffering off; here with nginx's default 60 s read timeout and
+``max_fails=0``), and the load generator's closed-loop streams sent to nginx. Over the measured window it reads:
 
 * the workers' CPU, the chunks delivered and the added latency (through nginx and a worker, minus
   the direct probes), as :func:`bench.relay.relay_run` does for one server;
@@ -63,7 +63,9 @@ def run(kind: str, workers: int, users: int, pacer: procs.Pacer, databases: proc
                 servers.append(server)
                 server.warm_up()
             nginx_port = free_port()
-            conf = write_nginx_conf(tmp, {kind: (nginx_port, [s.port for s in servers])})
+            # nginx's default read timeout, and no worker taken out of rotation after one slow answer.
+            conf = write_nginx_conf(tmp, {kind: (nginx_port, [s.port for s in servers])},
+                                    worker_connections=4 * users + 256, read_timeout=60, server_params="max_fails=0")
             nginx = start_nginx(tmp, conf)
             url = f"http://127.0.0.1:{nginx_port}"
             wait_until(lambda: procs.http("GET", url + "/", timeout=2)[0] == 200, "nginx", [nginx], timeout=10)
