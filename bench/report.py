@@ -314,6 +314,22 @@ def _workers_tables(out: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _soak_tables(out: dict[str, Any]) -> list[str]:
+    lines = ["| configuration | streams | minutes | delivered | errors | when | RSS MiB | fds | threads | "
+             "asyncio tasks |", "|---|--:|--:|--:|--:|---|--:|--:|--:|--:|"]
+    for r in out["soak"]:
+        head = (f"| {r['config']} | {r['streams']} | {r['minutes']:g} | {(r['delivered'] or 0):.1%} | "
+                f"{sum(r['errors'].values())} |")
+        for when, key in (("idle, before", "idle_before"), ("loaded, first tenth", "loaded_first"),
+                          ("loaded, last tenth", "loaded_last"), ("idle, after", "idle_after")):
+            s = r[key]
+            lines.append(f"{head} {when} | {s['rss_mib']:.1f} | {s['fds']:.0f} | {s['threads']:.0f} | "
+                         f"{s['tasks']:.0f} |")
+            head = "| | | | | |"
+        lines.append(f"| | | | | | RSS growth under load | {r['rss_mib_per_hour']:+.1f} MiB/h | | | |")
+    return lines
+
+
 def markdown(out: dict[str, Any], png_name: str) -> str:
     m = out["machine"]
     o = out["options"]
@@ -360,6 +376,7 @@ def markdown(out: dict[str, Any], png_name: str) -> str:
         ("memprofile", "## 5. What an idle stream holds (tracemalloc, Python heap)", _memprofile_tables),
         ("open", "## 6. Opening a stream (one-chunk streams, closed loop; threads: idle streams held)", _open_table),
         ("workers", "## 8. Across workers (nginx, 2 workers, one Redis; paced streams)", _workers_tables),
+        ("soak", "## 9. Soak (one worker, paced streams; idle = no stream open)", _soak_tables),
         ("admission", "## 7. Admission (one thread, per new stream; O(1) cache calls whatever the limit)",
          _admission_table),
     ]

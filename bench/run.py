@@ -13,6 +13,9 @@ Parts (``--parts``, default all):
                   Redis (bench/admission.py);
 * ``workers``  -- nginx + 2 workers + Redis, paced streams: delivery, added latency, and the Redis
                   commands per stream-second (bench/workers.py; not in the default parts);
+* ``soak``     -- one worker, paced streams for ``--soak-minutes`` (default 30): RSS, open fds,
+                  threads and asyncio tasks over time and idle before/after (bench/soak.py; not in the
+                  default parts);
 * ``open``     -- what opening a stream costs: CPU per new stream and OS threads per open stream,
                   DirectStreams versus Django's handler (bench/relay.py; not in the default parts).
 
@@ -76,6 +79,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--workers-streams", default="600",
                         help="concurrent streams of the workers part, comma-separated (default 600)")
     parser.add_argument("--workers-kinds", default="daphne,uvicorn", help="server kinds of the workers part")
+    parser.add_argument("--soak-minutes", type=float, default=30.0)
+    parser.add_argument("--soak-streams", type=int, default=200)
+    parser.add_argument("--soak-config", default="daphne", help="server configuration of the soak (default daphne)")
+    parser.add_argument("--soak-grace", type=float, default=30.0,
+                        help="the servers' RESUME.GRACE: how long cut streams may still run after the load")
     parser.add_argument("--profile-streams", type=int, default=200)
     parser.add_argument("--memprofile-streams", type=int, default=50)
     parser.add_argument("--legacy-python", default=_default_legacy_python(),
@@ -249,6 +257,15 @@ def part_workers(args: argparse.Namespace, pacer: procs.Pacer, dbs: procs.Databa
                 + (f", errors {row['errors']}" if row["errors"] else ""))
 
 
+def part_soak(args: argparse.Namespace, pacer: procs.Pacer, dbs: procs.Databases, out: dict[str, Any]) -> None:
+    from bench import soak
+
+    log(f"soak: {args.soak_config}, {args.soak_streams} streams for {args.soak_minutes:g} min")
+    row = soak.run(args.soak_config, args.soak_streams, args.soak_minutes, pacer, dbs, args, log=log)
+    out.setdefault("soak", []).append(row)
+    log(f"  idle before {row['idle_before']}, after {row['idle_after']}; RSS {row['rss_mib_per_hour']:+.1f} MiB/h")
+
+
 def part_stall(args: argparse.Namespace, dbs: procs.Databases, out: dict[str, Any]) -> None:
     from bench import stall
 
@@ -419,6 +436,8 @@ def main(argv: list[str] | None = None) -> None:
                     part_memprofile(args, pacer, dbs, out)
                 elif part == "workers":
                     part_workers(args, pacer, dbs, out)
+                elif part == "soak":
+                    part_soak(args, pacer, dbs, out)
                 elif part == "admission":
                     part_admission(args, out)
                 elif part == "open":
