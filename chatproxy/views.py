@@ -85,13 +85,19 @@ async def stream_view(request: HttpRequest) -> HttpResponseBase:
         return native_error(exc.code, exc.message, headers={"Retry-After": str(exc.retry_after)})
     except StreamNotStarted as exc:
         return native_error(exc.code)
-    return sse_response(_live_events(reader))
+    return StreamingHttpResponse(_live_body(reader), content_type="text/event-stream", headers=SSE_HEADERS)
 
 
-async def _live_events(reader: Subscription) -> AsyncIterator[Event]:
+async def _live_body(reader: Subscription) -> AsyncIterator[bytes]:
+    """The SSE body of a live stream. Events that are ready together leave as one write: when the
+    worker is busy, several wait by the time the reader runs, and each write costs the server
+    (Daphne: two epoll changes) and the network (a packet) whatever its size."""
+    encode = sse.encode
     try:
+        yield sse.OPEN
         async for event in reader:
-            yield event
+            more = reader.pending()
+            yield encode(event) if not more else b"".join([encode(event), *map(encode, more)])
     finally:
         # Normal end, client gone (Django cancels us), or server shutdown. A resumable stream
         # keeps generating for RESUME.GRACE seconds waiting for a resume, then stops.
