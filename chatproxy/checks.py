@@ -35,7 +35,7 @@ from __future__ import annotations
 import importlib.util
 import math
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, TypeGuard
 
 from django.conf import settings
 from django.core.checks import Error, Warning, register
@@ -201,7 +201,7 @@ def _whole(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _number(value: Any) -> bool:
+def _number(value: Any) -> TypeGuard[int | float]:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
@@ -347,7 +347,7 @@ def _channels_configured() -> bool:
 
 def _check_fallbacks(config: Mapping[str, Any]) -> list[Any]:
     """``UPSTREAMS`` (E013), ``FALLBACKS`` (E014, W006) and ``CIRCUIT`` (E015)."""
-    problems = []
+    problems: list[Any] = []
     names = {"default"}
     for name, entry in (config["UPSTREAMS"] or {}).items():
         where = f"CHATPROXY['UPSTREAMS'][{name!r}]"

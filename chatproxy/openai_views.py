@@ -24,7 +24,8 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
-from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
+from django.http import HttpRequest, JsonResponse, StreamingHttpResponse
+from django.http.response import HttpResponseBase
 from django.views.decorators.csrf import csrf_exempt
 
 from chatproxy import limits, sse
@@ -34,7 +35,7 @@ from chatproxy.conf import Policy, get_config
 from chatproxy.core import Event, Subscription
 from chatproxy.fallbacks import model_of
 from chatproxy.responses import openai_error, openai_stream_error
-from chatproxy.service import open_stream
+from chatproxy.service import StreamNotStarted, open_stream
 from chatproxy.validation import InvalidRequest, parse_openai_request
 from chatproxy.views import SSE_HEADERS, read_json_body
 
@@ -51,7 +52,7 @@ def commit_after(policy: Policy) -> float:
 
 
 @csrf_exempt  # bearer keys carry no cookie; authorize() enforces CSRF for session users
-async def chat_completions(request: HttpRequest) -> HttpResponse:
+async def chat_completions(request: HttpRequest) -> HttpResponseBase:
     if request.method != "POST":
         return openai_error(ErrorCode.METHOD_NOT_ALLOWED, "Use POST.", headers={"Allow": "POST"})
     try:
@@ -67,13 +68,15 @@ async def chat_completions(request: HttpRequest) -> HttpResponse:
         reader = await open_stream(chat_request, user=request.user, allow_reset=False, who=limits.identity_of(request))
     except limits.LimitExceeded as exc:
         return openai_error(exc.code, exc.message, headers={"Retry-After": str(exc.retry_after)})
+    except StreamNotStarted as exc:
+        return openai_error(exc.code)
     wire = _Wire(reader, include_usage)
     if streaming:
         return StreamingHttpResponse(wire.chunks(), content_type="text/event-stream", headers=SSE_HEADERS)
     return await wire.completion()
 
 
-async def models(request: HttpRequest) -> HttpResponse:
+async def models(request: HttpRequest) -> HttpResponseBase:
     """``GET /chat/v1/models``: the allowed models (``UPSTREAM.MODELS``, or the default model)."""
     try:
         await authorize(request, allow_bearer=True)
@@ -151,7 +154,7 @@ class _Wire:
         finally:
             self.reader.close()  # not resumable: the stream stops and closes its upstream now
 
-    async def completion(self) -> HttpResponse:
+    async def completion(self) -> HttpResponseBase:
         """Collect the answer: a plain response (its real status) if it ends before the commit
         point (:func:`commit_after`), else a 200 kept warm with whitespace until it is ready."""
         collector = asyncio.get_running_loop().create_task(self._collect())

@@ -229,7 +229,7 @@ async def _meta_for(stream_id: str, user: Any) -> dict[str, Any]:
     if not (stream_id.isascii() and stream_id.isalnum()) or len(stream_id) > 64:
         raise StreamNotFound(stream_id)
     cache = _cache()
-    meta = await cachecalls.run(cache, cache.get, meta_key(stream_id))
+    meta: dict[str, Any] | None = await cachecalls.run(cache, cache.get, meta_key(stream_id))
     if meta is None or meta.get("owner") != owner_of(user):
         raise StreamNotFound(stream_id)
     return meta
