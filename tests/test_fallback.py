@@ -183,6 +183,15 @@ async def ask_legacy(stream: bool, server: AppServer, api_key: str, messages: li
         return Answer("", error=str((body.get("error") or {}).get("code") or type(exc).__name__), raw=str(body))
 
 
+async def answered(way: str, server: AppServer, api_key: str, reference: SimulatorProcess) -> Answer:
+    """A new question asked on ``way``: its answer must be complete and exactly what a healthy model
+    gives (asked of ``reference`` afterwards, as the model ``healthy-reference``)."""
+    content = question()
+    answer = await ask(way, server, api_key, content)
+    assert answer.error is None and answer.text == await healthy_text(reference, content)
+    return answer
+
+
 def models_asked(sim: SimulatorProcess) -> list[str]:
     return [r["model"] for r in sim.requests()]
 
@@ -199,9 +208,7 @@ def assert_no_key(*texts: str) -> None:
 async def test_primary_down_the_same_upstream_fallback_answers_exactly(way, server, api_key, primary, backup,
                                                                         fresh):
     primary.set_fault("gpt-4o-mini", "status=503")
-    content = question()
-    answer = await ask(way, server, api_key, content)
-    assert answer.error is None and answer.text == await healthy_text(primary, content)
+    answer = await answered(way, server, api_key, primary)
     assert answer.model == "gpt-4o"
     assert models_asked(primary) == ["gpt-4o-mini"] * 3 + ["gpt-4o", "healthy-reference"]
     assert models_asked(backup) == []
@@ -213,9 +220,7 @@ async def test_primary_down_the_same_upstream_fallback_answers_exactly(way, serv
 @pytest.mark.parametrize("way", WAYS)
 async def test_both_models_down_the_second_provider_answers(way, server, api_key, primary, backup, fresh):
     primary.set_fault("*", "status=503")
-    content = question()
-    answer = await ask(way, server, api_key, content)
-    assert answer.error is None and answer.text == await healthy_text(backup, content)
+    answer = await answered(way, server, api_key, backup)
     assert answer.model == "gpt-4.1-mini"
     assert models_asked(primary) == ["gpt-4o-mini"] * 3 + ["gpt-4o"] * 3
     assert models_asked(backup)[0] == "gpt-4.1-mini"
@@ -236,11 +241,10 @@ async def test_a_request_error_never_falls_back(way, server, api_key, primary, b
 async def test_every_attempt_hangs_the_fallback_answers_within_the_deadline(way, server, api_key, primary, backup,
                                                                               fresh):
     primary.set_fault("*", "stall_first=30")
-    content = question()
     started = time.monotonic()
-    answer = await ask(way, server, api_key, content)
-    elapsed = time.monotonic() - started
-    assert answer.text == await healthy_text(backup, content) and answer.model == "gpt-4.1-mini"
+    answer = await answered(way, server, api_key, backup)
+    elapsed = time.monotonic() - started  # the reference question included: a few milliseconds
+    assert answer.model == "gpt-4.1-mini"
     # Each hanging target is left at its first-token deadline, at once: nothing was lost.
     assert models_asked(primary) == ["gpt-4o-mini", "gpt-4o"]
     assert 2 * TIMEOUTS["FIRST_TOKEN"] <= elapsed < 2 * TIMEOUTS["FIRST_TOKEN"] + 2.0 < TIMEOUTS["DEADLINE"]
@@ -249,9 +253,7 @@ async def test_every_attempt_hangs_the_fallback_answers_within_the_deadline(way,
 @pytest.mark.parametrize("way", WAYS)
 async def test_a_stream_cut_mid_answer_completes_on_the_fallback(way, server, api_key, primary, backup, fresh):
     primary.set_fault("gpt-4o-mini", "reset_after=5")
-    content = question()
-    answer = await ask(way, server, api_key, content)
-    assert answer.error is None and answer.text == await healthy_text(primary, content)
+    answer = await answered(way, server, api_key, primary)
     assert answer.model == "gpt-4o" and answer.resets == 0  # the fallback repeated the start: seamless
 
 
@@ -259,9 +261,7 @@ async def test_a_stream_cut_mid_answer_completes_on_the_fallback(way, server, ap
 async def test_stalls_mid_answer_everywhere_the_last_provider_completes(way, server, api_key, primary, backup,
                                                                          fresh):
     primary.set_fault("*", "stall_after=4 stall=30")
-    content = question()
-    answer = await ask(way, server, api_key, content)
-    assert answer.error is None and answer.text == await healthy_text(backup, content)
+    answer = await answered(way, server, api_key, backup)
     # One more try after the first stall on each target (a seamless restart), then the next target,
     # although MAX_ATTEMPTS would allow a third.
     assert models_asked(primary) == ["gpt-4o-mini", "gpt-4o-mini", "gpt-4o", "gpt-4o"]
@@ -300,3 +300,25 @@ async def test_nothing_leaks(server, api_key, primary, backup, fresh):
     log = server.log()
     assert "circuit of default:gpt-4o-mini opened" in log  # the INFO log is captured, and says what happened
     assert_no_key(log)
+
+
+@pytest.fixture
+def fallback_continues(server):
+    """The fallback model's own profile says ON_PARTIAL "continue" (the request's model restarts)."""
+    code = ("from chatproxy.models import TimeoutProfile as P; P.objects.create(name='continue', "
+            "model_pattern='gpt-4o', on_partial='continue', **{k: v for k, v in P.objects.get(name='default')"
+            ".__dict__.items() if k.endswith(('_timeout', '_interval', '_max', '_initial', 'deadline', 'attempts'))})")
+    server.manage("shell", "-c", code)
+    yield
+    server.manage("shell", "-c", "from chatproxy.models import TimeoutProfile as P; P.objects.filter(name='continue')"
+                                 ".delete()")
+
+
+@pytest.mark.parametrize("way", ["sse", "openai-stream"])
+async def test_a_cut_answer_is_continued_on_a_fallback_that_takes_a_prefill(way, server, api_key, primary, backup,
+                                                                           fallback_continues, fresh):
+    primary.set_fault("gpt-4o-mini", "reset_after=5")
+    answer = await answered(way, server, api_key, primary)
+    assert answer.model == "gpt-4o" and answer.resets == 0
+    asked = [r for r in primary.requests() if r["model"] == "gpt-4o"]
+    assert [r["continuation"] for r in asked] == [True]  # the fallback was asked to continue, not restart
