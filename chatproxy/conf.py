@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from functools import cache
 from typing import Any
 
+from chatproxy.errors import ConfigurationError
 from chatproxy.policy import TIMEOUTS_DEFAULTS, from_timeouts, is_duration
 from chatproxy.policy import Policy as Policy  # re-exported: the stream core and records import it from here
 
@@ -124,12 +125,15 @@ def upstream_settings(name: str) -> dict[str, Any]:
     ``UPSTREAMS`` entry over :data:`NAMED_UPSTREAM_DEFAULTS` (KeyError if there is none).
 
     ``API_KEY`` is resolved: the default upstream falls back to ``OPENAI_API_KEY``; a named one
-    never does (that key is for another provider).
+    never does (that key is for another provider). Raises ConfigurationError for an entry that is
+    not a dict (``chatproxy.E013``).
     """
     if name == "default":
         return {**get_config()["UPSTREAM"], "API_KEY": upstream_api_key()}
     entry = get_config()["UPSTREAMS"][name]
-    return {**NAMED_UPSTREAM_DEFAULTS, **(entry or {})}
+    if not isinstance(entry, Mapping):
+        raise ConfigurationError(f"UPSTREAMS[{name!r}] is not a dict")
+    return {**NAMED_UPSTREAM_DEFAULTS, **entry}
 
 
 def circuit_settings() -> tuple[int, float]:

@@ -58,20 +58,27 @@ def forget_upstreams(**kwargs: Any) -> None:
     """Drop cached adapters (``setting_changed`` receiver). Their pools close with their loop."""
     if kwargs.get("setting") in (None, "CHATPROXY"):
         _upstreams.clear()
+        _left_out.clear()
+
+
+#: Fallback targets already reported as left out (their upstream cannot be built).
+_left_out: set[str] = set()
 
 
 def fallback_targets(request: ChatRequest, policy: Policy, options: dict[str, Any] | None) -> list[Target]:
     """The fallback targets of ``request`` (:func:`chatproxy.fallbacks.chain`), each with the
-    policy of its own model's profile. One whose upstream cannot be built is left out (and logged;
-    system check ``chatproxy.E013`` says why first)."""
+    policy of its own model's profile. One whose upstream cannot be built is left out (and logged
+    once; system check ``chatproxy.E013`` says why first)."""
     targets = []
     for name in fallbacks.chain(request.model, policy):
         try:
             upstream = get_upstream(name.upstream)
             extra_body = request.extra_body if name.upstream == DEFAULT_UPSTREAM else (
                 upstream_settings(name.upstream)["EXTRA_BODY"] or {})
-        except (KeyError, ConfigurationError) as exc:
-            logger.error("fallback target %s is left out: %s", name.label, exc)
+        except ConfigurationError as exc:
+            if name.label not in _left_out:  # once per process: the system checks say it at start-up too
+                _left_out.add(name.label)
+                logger.error("fallback target %s is left out: %s", name.label, exc)
             continue
         targets.append(Target(upstream, replace(request, model=name.model, extra_body=extra_body),
                               profiles.resolve_policy(name.model, options), name.upstream, name.label))

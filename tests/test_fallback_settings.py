@@ -186,3 +186,19 @@ def test_no_fallback_no_table(admin_client):
     StreamRecord.objects.bulk_create([record("default:gpt-4o-mini")])
     assert records.target_stats("24h") == []
     assert "Fallback targets" not in admin_client.get("/admin/chatproxy/streamrecord/stats/").content.decode()
+
+
+async def test_a_fallback_whose_upstream_cannot_be_built_is_left_out(caplog):
+    from chatproxy import service
+    from chatproxy.core import ChatRequest
+
+    settings = {"UPSTREAM": UPSTREAM, "UPSTREAMS": {"nourl": {"API_KEY": "sk-nourl-secret"}, "odd": "x"},
+                "FALLBACKS": {"m": ["nourl:a", "odd:b", "c"]}}
+    with override_settings(CHATPROXY=settings):
+        request = ChatRequest(model="m", messages=[{"role": "user", "content": "hi"}])
+        for _ in range(2):
+            targets = service.fallback_targets(request, Policy(), None)
+            assert [(t.upstream_name, t.label) for t in targets] == [("default", "c")]
+    errors = [r.getMessage() for r in caplog.records if r.name == "chatproxy.service"]
+    assert len(errors) == 2 and "nourl:a" in errors[0] and "odd:b" in errors[1]  # once each
+    assert not any("sk-nourl-secret" in e for e in errors)
