@@ -65,17 +65,22 @@ def cache_dir() -> Iterator[Path]:
     shutil.rmtree(path, ignore_errors=True)
 
 
-@pytest.fixture(scope="module")
-def server(primary, backup, cache_dir) -> Iterator[AppServer]:
+def server_env(primary: SimulatorProcess, backup: SimulatorProcess, cache_dir: Path) -> dict[str, str]:
     env = simulator_env(
         primary.base_url, log_level="INFO", timeouts=TIMEOUTS, limits=LIVE_LIMITS,
         upstreams={"backup": {"BASE_URL": backup.base_url, "API_KEY": BACKUP_KEY}},
         fallbacks={"gpt-4o-mini": ["gpt-4o", "backup:gpt-4.1-mini"]},
         circuit={"FAILURES": FAILURES, "COOLDOWN": COOLDOWN},
     )
-    # A file cache the test can wipe between tests (every circuit closed again); the installed SDK.
+    # A file cache the test can wipe between tests (every circuit closed again), shared by the
+    # processes of this machine as Redis is by workers; the installed SDK.
     env.update({"DJANGO_CACHE_DIR": str(cache_dir), "REDIS_URL": "", "CHATPROXY_SDK": "auto"})
-    app = AppServer(env, capture_stderr=True).start()
+    return env
+
+
+@pytest.fixture(scope="module")
+def server(primary, backup, cache_dir) -> Iterator[AppServer]:
+    app = AppServer(server_env(primary, backup, cache_dir), capture_stderr=True).start()
     yield app
     app.stop()
 
@@ -287,6 +292,21 @@ async def test_the_circuit_opens_then_a_probe_closes_it(server, api_key, primary
     assert (await ask("sse", server, api_key, question())).model == "gpt-4o-mini"
     assert (await ask("openai", server, api_key, question())).model == "gpt-4o-mini"
     assert models_asked(primary).count("gpt-4o-mini") == 3 * FAILURES + 2
+
+
+async def test_circuits_are_shared_by_the_workers(server, api_key, primary, backup, cache_dir, fresh):
+    other = AppServer(server_env(primary, backup, cache_dir)).start()  # a second worker process
+    try:
+        primary.set_fault("gpt-4o-mini", "status=503")
+        for _ in range(FAILURES):
+            assert (await ask("sse", server, api_key, question())).model == "gpt-4o"
+        before = models_asked(primary).count("gpt-4o-mini")
+        # The other worker never saw the primary fail, yet skips it: the circuit is in the shared cache.
+        answer = await ask("sse", other, api_key, question())
+        assert answer.model == "gpt-4o" and answer.fallbacks == []
+        assert models_asked(primary).count("gpt-4o-mini") == before
+    finally:
+        other.stop()
 
 
 async def test_nothing_leaks(server, api_key, primary, backup, fresh):
