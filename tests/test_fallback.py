@@ -342,3 +342,15 @@ async def test_a_cut_answer_is_continued_on_a_fallback_that_takes_a_prefill(way,
     assert answer.model == "gpt-4o" and answer.resets == 0
     asked = [r for r in primary.requests() if r["model"] == "gpt-4o"]
     assert [r["continuation"] for r in asked] == [True]  # the fallback was asked to continue, not restart
+
+
+@pytest.mark.parametrize("way", ["sse", "openai-stream"])
+async def test_a_fallback_refusing_the_prefill_is_restarted(way, server, api_key, primary, backup,
+                                                            fallback_continues, fresh):
+    primary.set_fault("gpt-4o-mini", "reset_after=5")
+    primary.set_fault("gpt-4o", "no_prefill")
+    answer = await answered(way, server, api_key, primary)
+    assert answer.model == "gpt-4o" and answer.resets == 0  # the restart repeated the start: seamless
+    asked = [(r["continuation"], r["status"]) for r in primary.requests() if r["model"] == "gpt-4o"]
+    assert asked == [(True, 400), (False, 200)]  # refused the prefill, then answered from scratch
+    assert models_asked(backup) == []  # the refusal did not count as the target failing
