@@ -144,7 +144,10 @@ async def messages_handler(request: web.Request) -> web.StreamResponse:
 def _prefilled(body: Any) -> bool:
     """Whether a Chat Completions body ends with an assistant message (a partial answer to continue)."""
     messages = body.get("messages") if isinstance(body, dict) else None
-    return bool(messages) and isinstance(messages[-1], dict) and messages[-1].get("role") == "assistant"
+    if not isinstance(messages, list) or not messages:
+        return False
+    last = messages[-1]
+    return isinstance(last, dict) and last.get("role") == "assistant"
 
 
 async def _handle(request: web.Request, api: str) -> web.StreamResponse:
