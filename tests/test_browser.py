@@ -67,6 +67,7 @@ UI_TIMEOUT_MS = 10_000
 STALL_MID_ANSWER = "Stall mid-answer"
 DIVERGENT_RESTART = "Divergent restart"
 LONG_ANSWER = "Long answer"
+PRIMARY_DOWN = "Primary down (a fallback model answers)"
 
 _unique = itertools.count(1)
 _run = secrets.token_hex(3)
@@ -84,7 +85,9 @@ def unique_message(topic: str) -> str:
 @pytest.fixture(scope="module")
 def app_server(simulator):
     """Daphne with this module's timeouts (STALL 1 s: a clear stall, yet no false alarm on a busy CI)."""
-    server = AppServer(simulator_env(simulator.base_url, timeouts=TIMEOUTS)).start()
+    # With the demo's fallback (as the sample project ships it with the simulator).
+    server = AppServer(simulator_env(simulator.base_url, timeouts=TIMEOUTS,
+                                     fallbacks={"gpt-4o-mini": ["gpt-4o"]})).start()
     yield server
     server.stop()
 
@@ -283,6 +286,22 @@ async def test_stall_mid_answer_recovers_seamlessly(page, sim, transport):
     assert TIMEOUTS["STALL"] * 1000 * 0.5 <= timing["gap_ms"] <= timing["first_text_to_resumed_ms"] < 6000
     upstream = [r for r in sim.requests() if r["faults"].get("stall_after")]
     assert [r["attempt"] for r in upstream] == [1, 2], upstream
+
+
+@pytest.mark.parametrize("transport", ["sse", "websocket"])
+async def test_primary_down_a_fallback_model_answers(page, sim, transport):
+    text = unique_message("deltas")
+    await choose(page, transport=transport, fault=PRIMARY_DOWN)
+    await send(page, text)
+    seen = await finished(page)
+    state, answer = await answer_state(page)
+    assert state == "done", seen["log"][-3:]
+    assert any(e["note"] == "Switching to gpt-4o…" for e in seen["log"]), seen["log"]
+    assert answer == await clean_answer(page, text)  # the fallback's answer, exactly
+    await page.wait_for_function(
+        "document.getElementById('status').textContent.endsWith('answered by gpt-4o).')")
+    tried = [r["model"] for r in sim.requests() if "only" in r["faults"]]
+    assert tried == ["gpt-4o-mini"] * 3 + ["gpt-4o"], tried
 
 
 async def test_divergent_restart_replaces_the_partial_answer(page):
