@@ -1,7 +1,8 @@
 """What to do after a failed attempt: try again after a delay, move on to the next target, or give up.
 
-The plan for one target is section 7 of the reference (retryable failures, attempts, backoff,
-Retry-After, the deadline). While a fallback target is left, a target is abandoned sooner:
+The plan for one target: retryable failures are tried again, with backoff or after the upstream's
+Retry-After, until the target's attempts are used up or the deadline would pass. While a fallback
+target is left, a target is abandoned sooner:
 
 * its attempts are used up, or it asks to wait (Retry-After) longer than ``retry_after_max``, or the
   backoff would not end before the deadline: the next target is tried at once;
