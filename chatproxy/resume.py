@@ -8,7 +8,7 @@ the Django cache ``RESUME.CACHE`` in a single ``set_many`` (one thread hop and, 
 round trip for all streams; no hop for an in-process cache), with ``TTL``. A batch is stored as
 one JSON byte string, which costs the cache next to nothing to pickle. Keys, for stream ``S``::
 
-    chatproxy:s:S          meta: owner, model, keepalive, deadline (epoch); rewritten every TTL/4
+    chatproxy:s:S          meta: owner, model, keepalive, created and deadline (epoch); rewritten every TTL/4
     chatproxy:s:S:N        batch N (0, 1, 2, ...): JSON [[seq, name, data], ...]
     chatproxy:s:S:listen   set by a resuming worker: publish S's batches on the channel layer
     chatproxy:s:S:cancel   set by a cancelling worker: stop S
@@ -127,12 +127,18 @@ class Journal:
             "owner": owner,
             "model": stream.request.model,
             "keepalive": stream.policy.keepalive,
+            "created": time.time(),
             "deadline": time.time() + stream.policy.deadline + 5.0,
         }
         reader = stream.subscribe(client=False)
         self.tracked[stream.stream_id] = _Tracked(stream, reader, meta, meta_written=time.monotonic())
         if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(self._run(), name="chatproxy-journal")
+
+    def local_meta(self, stream_id: str) -> dict[str, Any] | None:
+        """The meta of a stream this process tracks (what :func:`stream_meta` reads from the store)."""
+        tracked = self.tracked.get(stream_id)
+        return tracked.meta if tracked is not None else None
 
     def local(self, stream_id: str) -> ChatStream | None:
         tracked = self.tracked.get(stream_id)
@@ -225,11 +231,16 @@ async def track(stream: ChatStream, user: Any) -> None:
     await cachecalls.run(cache, cache.set, meta_key(stream.stream_id), j.tracked[stream.stream_id].meta, _ttl())
 
 
+async def stream_meta(stream_id: str, user: Any) -> dict[str, Any]:
+    """The meta of ``user``'s stream (``model``, ``created`` ...). Raises StreamNotFound."""
+    return await _meta_for(stream_id, user)
+
+
 async def _meta_for(stream_id: str, user: Any) -> dict[str, Any]:
     if not (stream_id.isascii() and stream_id.isalnum()) or len(stream_id) > 64:
         raise StreamNotFound(stream_id)
     cache = _cache()
-    meta = await cachecalls.run(cache, cache.get, meta_key(stream_id))
+    meta: dict[str, Any] | None = await cachecalls.run(cache, cache.get, meta_key(stream_id))
     if meta is None or meta.get("owner") != owner_of(user):
         raise StreamNotFound(stream_id)
     return meta
@@ -262,6 +273,23 @@ async def _stored_events(stream_id: str, after: int, first_batch: int = 0) -> tu
             events += [e for e in _decode(batch) if e.seq > after]
             index += 1
         step = min(step * 4, 512)
+
+
+async def events_so_far(stream_id: str, user: Any) -> list[Event]:
+    """The events ``user``'s stream has emitted by now, without waiting. Raises StreamNotFound.
+
+    A stream running in this process is read from memory (what memory dropped is in the store); one
+    elsewhere from the store, which lags its live events by at most ``QUIET_FLUSH_INTERVAL``.
+    """
+    await _meta_for(stream_id, user)
+    local = journal().local(stream_id)
+    memory = local.events_after(0) if local is not None else []
+    if memory and memory[0].seq == 1:
+        return memory
+    stored, _ = await _stored_events(stream_id, 0)
+    if memory:
+        stored = [e for e in stored if e.seq < memory[0].seq] + memory
+    return stored
 
 
 async def open_replay(stream_id: str, user: Any, after: int) -> AsyncIterator[Event]:

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import functools
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import orjson
 from django.core.exceptions import RequestDataTooBig
 from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
-from django.views.decorators.csrf import csrf_exempt
+from django.views.decorators import csrf
 
 from chatproxy import limits, resume, sse
 from chatproxy.auth import AuthFailure, authorize
@@ -29,6 +29,12 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 View = Callable[..., Awaitable[HttpResponse]]
+ViewT = TypeVar("ViewT", bound=Callable[..., Any])
+
+
+def csrf_exempt(view: ViewT) -> ViewT:
+    """Django's ``csrf_exempt``, keeping the view's type (Django has no type hints)."""
+    return cast(ViewT, csrf.csrf_exempt(view))
 
 
 def endpoint(method: str, usage: str) -> Callable[[View], View]:
@@ -82,10 +88,11 @@ async def stream_view(request: HttpRequest) -> HttpResponse:
         reader = await open_stream(chat_request, user=request.user, resumable=True, who=limits.identity_of(request))
     except limits.LimitExceeded as exc:
         return native_error(exc.code, exc.message, headers={"Retry-After": str(exc.retry_after)})
-    return sse_response(_live_events(reader))
+    return sse_response(live_events(reader))
 
 
-async def _live_events(reader: Subscription) -> AsyncIterator[Event]:
+async def live_events(reader: Subscription) -> AsyncIterator[Event]:
+    """The events of a stream's first reader, closing it however the iteration ends."""
     try:
         async for event in reader:
             yield event
