@@ -4,7 +4,7 @@
   (e.g. ``KEEPALIVE >= GATEWAY``, ``STALL >= DEADLINE``)
 * ``chatproxy.E002`` ``UPSTREAM.SDK`` / ``UPSTREAM.HTTP_CLIENT`` is not a known choice
 * ``chatproxy.E003`` the openai SDK generation asked for explicitly is not installed (or another one is),
-  or ``SDK`` "none" (also what "auto" picks without openai) and aiohttp does not import
+  or ``SDK`` "none" (also what "auto" picks without openai) or "anthropic" and aiohttp does not import
 * ``chatproxy.E004`` ``PERMISSION`` cannot be imported
 * ``chatproxy.E005`` ``CHATPROXY`` (or one of its sections) is not a dict
 * ``chatproxy.E006`` a ``LIMITS`` value is not a positive whole number (the per-user limits may be None: off)
@@ -29,10 +29,11 @@ from __future__ import annotations
 import importlib.util
 import math
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, TypeGuard
 
 from django.conf import settings
-from django.core.checks import Error, Warning, register
+from django.core.checks import Error, Warning
+from django.core.checks import register as django_register
 from django.utils.module_loading import import_string
 
 from chatproxy import conf, policy, profiles
@@ -45,6 +46,18 @@ from chatproxy.upstream import (
     detect_sdk,
     resolve_sdk,
 )
+
+Check = Callable[..., list[Any]]
+
+
+def register(tag: str) -> Callable[[Check], Check]:
+    """Django's ``checks.register(tag)``, keeping the check's type (Django has no type hints)."""
+    def add(check: Check) -> Check:
+        django_register(tag)(check)
+        return check
+
+    return add
+
 
 SECTIONS = {key: conf.DEFAULTS[key] for key in conf.SECTIONS}
 PER_PROCESS_CACHES = (
@@ -79,7 +92,8 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[Any]:
         problems.append(Error(f"CHATPROXY['PERMISSION'] cannot be imported: {exc}", id="chatproxy.E004",
                               hint="Use a dotted path such as 'chatproxy.permissions.authenticated'."))
     if not conf.upstream_api_key():
-        problems.append(Warning("No upstream API key: set OPENAI_API_KEY or CHATPROXY['UPSTREAM']['API_KEY'].",
+        variable = "ANTHROPIC_API_KEY" if upstream["SDK"] == "anthropic" else "OPENAI_API_KEY"
+        problems.append(Warning(f"No upstream API key: set {variable} or CHATPROXY['UPSTREAM']['API_KEY'].",
                                 id="chatproxy.W001",
                                 hint="The official API refuses every request without a key; a server of your own "
                                      "at UPSTREAM.BASE_URL may not need one."))
@@ -170,7 +184,7 @@ def _check_timeouts() -> list[Any]:
 
 
 def _check_sdk(wanted: str) -> list[Any]:
-    if resolve_sdk(wanted) == "none":  # "auto" without openai too: the SDK-less adapter
+    if resolve_sdk(wanted) in ("none", "anthropic"):  # the SDK-less adapters ("auto" without openai too)
         if importlib.util.find_spec("aiohttp") is not None:
             return []
         return [Error(f"CHATPROXY['UPSTREAM']['SDK'] is {wanted!r} (no SDK) but aiohttp is not installed.",
@@ -191,7 +205,7 @@ def _whole(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _number(value: Any) -> bool:
+def _number(value: Any) -> TypeGuard[int | float]:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
