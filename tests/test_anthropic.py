@@ -144,6 +144,16 @@ def test_a_missing_key_is_a_configuration_error(monkeypatch: pytest.MonkeyPatch)
         build_upstream(sdk="anthropic", base_url=None, api_key=None)
 
 
+def test_checks_accept_it_and_name_its_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    from tests.test_checks import UPSTREAM, found
+
+    assert found({"UPSTREAM": {**UPSTREAM, "SDK": "anthropic"}}) == {}
+    monkeypatch.delenv("ANTHROPIC_API_KEY", raising=False)
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-openai-must-not-travel")
+    (warning,) = found({"UPSTREAM": {"BASE_URL": UPSTREAM["BASE_URL"], "SDK": "anthropic"}})["chatproxy.W001"]
+    assert "ANTHROPIC_API_KEY" in warning.msg
+
+
 # --- the stream core over it ----------------------------------------------------------------------
 
 
@@ -209,8 +219,9 @@ def claude_server(module_simulator: Any) -> Iterator[AppServer]:
 
 
 async def test_every_way_in_answers_exactly_from_a_messages_upstream(claude_server: AppServer, sim: Any) -> None:
-    import openai
-
+    openai = pytest.importorskip("openai")
+    if not hasattr(openai, "AsyncOpenAI"):  # the legacy virtualenv's 0.27 client
+        pytest.skip("needs the current openai client")
     from tests.fixtures_servers import csrf_session
 
     messages = question()

@@ -249,3 +249,51 @@ async def test_bad_requests_are_clear_400s(oai: Any, sim: Any, fields: dict[str,
         await oai.post("/responses", body=body, cast_to=object)
     assert caught.value.body["param"] == param and caught.value.body["type"] == "invalid_request_error"
     assert sim.stats()["total_requests"] == 0
+
+
+async def test_retrieval_from_the_store_after_the_stream_ended(oai: Any, sim: Any) -> None:
+    question, expected = ask()
+    events = await collect(await oai.responses.create(model="gpt-4o-mini", input=question, stream=True))
+    await asyncio.sleep(0.3)  # the journal wrote the last batch and forgot the stream: the store answers
+    replay = await collect(await oai.responses.retrieve(events[0].response.id, stream=True, starting_after=3))
+    assert [(e.type, e.sequence_number) for e in replay] == [(e.type, e.sequence_number) for e in events[3:]]
+    assert (await oai.responses.retrieve(events[0].response.id)).output_text == expected
+
+
+@pytest.fixture(scope="module")
+def two_workers(simulator: Any, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """Two Daphne processes sharing one database and one (file) cache, and a key valid on both."""
+    from tests.fixtures_servers import LIVE_LIMITS, LIVE_TIMEOUTS
+    from tests.servers import AppServer, simulator_env
+
+    shared = tmp_path_factory.mktemp("responses-two-workers")
+    env = {**simulator_env(simulator.base_url, timeouts=LIVE_TIMEOUTS, resume=LIVE_RESUME, limits=LIVE_LIMITS),
+           "DJANGO_DB_PATH": str(shared / "db.sqlite3"), "DJANGO_CACHE_DIR": str(shared / "cache")}
+    first = AppServer(env).start()
+    second = AppServer(env).start()
+    first.manage("createsuperuser", "--noinput", "--username", "wendy", "--email", "w@example.com",
+                 env={"DJANGO_SUPERUSER_PASSWORD": "wendy-pass-123"})
+    key = first.manage("chatproxy_key", "create", "wendy").strip()
+    yield first, second, key
+    second.stop()
+    first.stop()
+
+
+async def test_resume_on_another_worker_continues_live(two_workers: Any, sim: Any) -> None:
+    first, second, key = two_workers
+    question, expected = ask("gap=0.03", chunks=60)
+    one = openai.AsyncOpenAI(base_url=f"{first.url}/chat/v1", api_key=key, max_retries=0, timeout=15)
+    two = openai.AsyncOpenAI(base_url=f"{second.url}/chat/v1", api_key=key, max_retries=0, timeout=15)
+    try:
+        # (background: the first worker counts no client of its own once this one left, and a plain
+        # stream would stop there after RESUME.GRACE even though another worker relays it)
+        head = await collect(await one.responses.create(model="gpt-4o-mini", input=question, stream=True,
+                                                        background=True), stop_after=6)
+        rest = await collect(await two.responses.retrieve(head[0].response.id, stream=True, starting_after=6))
+    finally:
+        await one.close()
+        await two.close()
+    assert_numbered(head + rest)
+    assert rest[-1].type == "response.completed" and text_of(head + rest) == expected
+    (record,) = [r for r in sim.stats()["requests"] if r["status"] is not None]
+    assert record["outcome"] == "complete"  # one generation, carried on while the client moved
