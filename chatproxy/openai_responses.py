@@ -41,10 +41,10 @@ from chatproxy import resume, sse
 from chatproxy.codes import ErrorCode
 from chatproxy.core import Event, Subscription
 from chatproxy.messages import friendly_message
-from chatproxy.openai_views import JsonAnswer, admit, final_code, invalid, start
+from chatproxy.openai_views import JsonAnswer, admit, admit_json, final_code, start
 from chatproxy.responses import openai_error
-from chatproxy.validation import InvalidRequest, parse_responses_request
-from chatproxy.views import SSE_HEADERS, csrf_exempt, live_events, read_json_body
+from chatproxy.validation import parse_responses_request
+from chatproxy.views import SSE_HEADERS, csrf_exempt, live_events
 
 #: A response id is this prefix and the stream id.
 ID_PREFIX = "resp_"
@@ -95,8 +95,9 @@ class ResponseEvents:
             if self.seq <= self._after:
                 return opened
             # The hot path: one JSON string encoded, no dict built.
-            return opened + b'%s%d,%s%d,"content_index":0,"delta":%s,"logprobs":[]}\n\n' % (
+            chunk = b'%s%d,%s%d,"content_index":0,"delta":%s,"logprobs":[]}\n\n' % (
                 self._delta_prefix, self.seq, self._delta_head, index, orjson.dumps(text))
+            return opened + chunk if opened else chunk
         if name in ("keepalive", "retry"):
             # A retry is invisible, but it restarted the stream's keepalive clock: keep the client warm.
             return sse.KEEPALIVE
@@ -243,13 +244,9 @@ def _unknown(response_id: str) -> JsonResponse:
 @csrf_exempt  # bearer keys carry no cookie; authorize() enforces CSRF for session users
 async def create(request: HttpRequest) -> HttpResponse:
     """``POST /chat/v1/responses``."""
-    refused = await admit(request, "POST")
-    if refused is not None:
-        return refused
-    try:
-        asked = parse_responses_request(read_json_body(request))
-    except InvalidRequest as exc:
-        return invalid(exc)
+    asked = await admit_json(request, parse_responses_request)
+    if isinstance(asked, HttpResponse):
+        return asked
     reader = await start(request, asked.chat, resumable=asked.store, background=asked.background)
     if isinstance(reader, HttpResponse):
         return reader

@@ -13,14 +13,18 @@ resilient core serves it; only the wire differs:
   whitespace is sent every ``KEEPALIVE`` seconds until it is, so no gateway times out; a failure
   after that point is a 200 whose body is the error object (the official client returns that
   object instead of raising).
+
+The Responses API way in (:mod:`chatproxy.openai_responses`) shares what is not wire: admission
+(:func:`admit`, :func:`admit_json`, :func:`start`) and the commit logic of a JSON answer
+(:class:`JsonAnswer`). Anything else under the prefix is OpenAI's JSON 404 (:func:`not_found`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeVar
 
 import orjson
 from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
@@ -34,6 +38,8 @@ from chatproxy.responses import openai_error, openai_stream_error
 from chatproxy.service import open_stream
 from chatproxy.validation import InvalidRequest, parse_openai_request
 from chatproxy.views import SSE_HEADERS, csrf_exempt, read_json_body
+
+T = TypeVar("T")
 
 #: Seconds the commit point stays ahead of ``GATEWAY`` at most (a fifth of it when that is less):
 #: room for a busy event loop and the network between the worker and the gateway.
@@ -49,13 +55,10 @@ def commit_after(policy: Policy) -> float:
 
 @csrf_exempt  # bearer keys carry no cookie; authorize() enforces CSRF for session users
 async def chat_completions(request: HttpRequest) -> HttpResponse:
-    refused = await admit(request, "POST")
-    if refused is not None:
-        return refused
-    try:
-        chat_request, streaming, include_usage = parse_openai_request(read_json_body(request))
-    except InvalidRequest as exc:
-        return invalid(exc)
+    parsed = await admit_json(request, parse_openai_request)
+    if isinstance(parsed, HttpResponse):
+        return parsed
+    chat_request, streaming, include_usage = parsed
     reader = await start(request, chat_request)
     if isinstance(reader, HttpResponse):
         return reader
@@ -104,9 +107,15 @@ async def admit(request: HttpRequest, method: str | None = None) -> HttpResponse
     return None
 
 
-def invalid(exc: InvalidRequest) -> JsonResponse:
-    """A request that failed validation, in OpenAI's shape."""
-    return openai_error(exc.code, exc.message, status=exc.status, param=exc.param)
+async def admit_json(request: HttpRequest, parse: Callable[[Any], T]) -> T | HttpResponse:
+    """A POST, authorized, its JSON body validated by ``parse``; else the refusal in OpenAI's shape."""
+    refused = await admit(request, "POST")
+    if refused is not None:
+        return refused
+    try:
+        return parse(read_json_body(request))
+    except InvalidRequest as exc:
+        return openai_error(exc.code, exc.message, status=exc.status, param=exc.param)
 
 
 async def start(

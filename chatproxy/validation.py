@@ -300,11 +300,9 @@ def parse_responses_request(body: Any) -> ResponsesRequest:
         if not isinstance(text, dict) or (form is not None and form != {"type": "text"}):
             raise InvalidRequest("Only plain text output is supported: 'text' may only be "
                                  "{'format': {'type': 'text'}}.", param="text")
-    params: dict[str, Any] = {}
+    params = validate_params({"temperature": body.get("temperature")})
     if body.get("max_output_tokens") is not None:
         params["max_tokens"] = _number(body, "max_output_tokens", 1, 1_000_000, integer=True)
-    if body.get("temperature") is not None:
-        params["temperature"] = _number(body, "temperature", 0, 2, integer=False)
     if body.get("top_p") is not None:
         params["top_p"] = _number(body, "top_p", 0, 1, integer=False)
     background = _flag(body, "background", False)

@@ -25,6 +25,7 @@ from chatproxy.upstream.base import Upstream, UpstreamRequest
 from tests.servers import AppServer, simulator_env
 from tests.sseclient import read_sse
 from tests.streamrun import Run, assert_well_formed
+from tests.test_adapters import run as read_all
 
 pytestmark = pytest.mark.upstream
 
@@ -61,21 +62,6 @@ def expected(messages: list[dict[str, Any]], chunks: int = 20) -> str:
 def make_request(messages: list[dict[str, Any]], **params: Any) -> UpstreamRequest:
     return UpstreamRequest(model="claude-sim", messages=messages, params=params, connect_timeout=2.0,
                            read_timeout=5.0, total_timeout=10.0)
-
-
-async def read_all(upstream: Upstream, request: UpstreamRequest) -> tuple[list[str], Any, BaseException | None]:
-    texts: list[str] = []
-    stream = None
-    try:
-        stream = await upstream.open(request)
-        async for text in stream:
-            texts.append(text)
-    except errors.UpstreamError as exc:
-        return texts, stream, exc
-    finally:
-        if stream is not None:
-            await stream.aclose()
-    return texts, stream, None
 
 
 # --- the adapter ----------------------------------------------------------------------------------
