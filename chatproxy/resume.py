@@ -15,7 +15,9 @@ one JSON byte string, which costs the cache next to nothing to pickle. Keys, for
 
 Every ``CONTROL_INTERVAL`` the journal reads the listen/cancel flags of all its streams in one
 ``get_many``. Batches of streams someone listens to are also sent to the Channels group
-``chatproxy.s.S`` so a client resumed on another worker gets them live.
+``chatproxy.s.S`` so a client resumed on another worker gets them live; while the flag is set, the
+stream counts that client as its own (no grace period runs), and the resuming worker deletes the
+flag when its client leaves.
 
 Reading. :func:`replay` yields the events after a given seq, then live ones until the end:
 from the stream itself when it runs in this process (no latency), else from the store plus the
@@ -110,6 +112,9 @@ class _Tracked:
     meta: dict[str, Any]
     batches: int = 0
     listened: bool = False
+    # While another worker relays the stream to a client, this client reader stands for that one
+    # here, so the grace period does not stop the stream under it (advanced by every flush).
+    relayed: Subscription | None = None
     meta_written: float = 0.0  # monotonic time of the last meta write
     flushed_at: float = 0.0  # monotonic time of the last batch write
 
@@ -171,6 +176,8 @@ class Journal:
             if not (tracked.listened or finished or tracked.flushed_at <= quiet_before):
                 continue
             events = tracked.reader.pending()
+            if tracked.relayed is not None:
+                tracked.relayed.pending()  # keeps nothing in memory for it
             if events:
                 tracked.flushed_at = now
                 batch = _encode(events)
@@ -194,6 +201,8 @@ class Journal:
                 await layer.group_send(group_name(tracked.stream.stream_id), message)
         for tracked in ended:
             tracked.reader.close()
+            if tracked.relayed is not None:
+                tracked.relayed.close()
             del self.tracked[tracked.stream.stream_id]
 
     async def _read_flags(self) -> None:
@@ -207,7 +216,12 @@ class Journal:
             return
         flags = await cachecalls.run(cache, cache.get_many, keys)
         for stream_id, tracked in self.tracked.items():
-            tracked.listened = flag_key(stream_id, "listen") in flags
+            tracked.listened = listened = flag_key(stream_id, "listen") in flags
+            if listened and tracked.relayed is None and not tracked.stream.finished:
+                tracked.relayed = tracked.stream.subscribe(tracked.stream.last_seq)
+            elif not listened and tracked.relayed is not None:
+                tracked.relayed.close()  # the relaying client left: the grace period starts
+                tracked.relayed = None
             if flag_key(stream_id, "cancel") in flags:
                 tracked.stream.cancel()
 
@@ -377,3 +391,6 @@ async def _replay_remote(stream_id: str, after: int, meta: dict[str, Any]) -> As
         if channel is not None:
             with contextlib.suppress(Exception):
                 await layer.group_discard(group, channel)
+            with contextlib.suppress(Exception):
+                # The origin stops counting this client (another relaying worker sets it again).
+                await cachecalls.run(cache, cache.delete, flag_key(stream_id, "listen"))

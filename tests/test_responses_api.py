@@ -285,10 +285,10 @@ async def test_resume_on_another_worker_continues_live(two_workers: Any, sim: An
     one = openai.AsyncOpenAI(base_url=f"{first.url}/chat/v1", api_key=key, max_retries=0, timeout=15)
     two = openai.AsyncOpenAI(base_url=f"{second.url}/chat/v1", api_key=key, max_retries=0, timeout=15)
     try:
-        # (background: the first worker counts no client of its own once this one left, and a plain
-        # stream would stop there after RESUME.GRACE even though another worker relays it)
-        head = await collect(await one.responses.create(model="gpt-4o-mini", input=question, stream=True,
-                                                        background=True), stop_after=6)
+        # A plain stream: it runs longer than RESUME.GRACE after its client left the first worker,
+        # which counts the client the second worker relays it to as its own.
+        head = await collect(await one.responses.create(model="gpt-4o-mini", input=question, stream=True),
+                             stop_after=6)
         rest = await collect(await two.responses.retrieve(head[0].response.id, stream=True, starting_after=6))
     finally:
         await one.close()
@@ -297,3 +297,22 @@ async def test_resume_on_another_worker_continues_live(two_workers: Any, sim: An
     assert rest[-1].type == "response.completed" and text_of(head + rest) == expected
     (record,) = [r for r in sim.stats()["requests"] if r["status"] is not None]
     assert record["outcome"] == "complete"  # one generation, carried on while the client moved
+
+
+async def test_a_stream_relayed_elsewhere_stops_after_its_relayed_client_leaves(two_workers: Any, sim: Any) -> None:
+    first, second, key = two_workers
+    one = openai.AsyncOpenAI(base_url=f"{first.url}/chat/v1", api_key=key, max_retries=0, timeout=15)
+    two = openai.AsyncOpenAI(base_url=f"{second.url}/chat/v1", api_key=key, max_retries=0, timeout=15)
+    try:
+        head = await collect(await one.responses.create(model="gpt-4o-mini", input=ask("gap=0.05", chunks=400)[0],
+                                                        stream=True), stop_after=4)
+        rest = await collect(await two.responses.retrieve(head[0].response.id, stream=True, starting_after=4),
+                             stop_after=12)
+        assert_numbered(head + rest)
+    finally:
+        await one.close()
+        await two.close()
+    # Within a flag read (0.5 s) and RESUME.GRACE the first worker stops generating.
+    await sim.await_until(lambda s: s["active_requests"] == 0, timeout=LIVE_RESUME["GRACE"] + 2.0)
+    (record,) = [r for r in sim.stats()["requests"] if r["status"] is not None]
+    assert record["outcome"] == "client_disconnected"
