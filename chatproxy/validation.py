@@ -269,6 +269,8 @@ def _input_messages(body: Mapping[str, Any]) -> list[dict[str, Any]]:
         if not isinstance(item, dict):
             raise InvalidRequest(f"{where} must be a message item ({{'role', 'content'}}).", param=where)
         kind = item.get("type", "message")
+        if kind == "reasoning":
+            continue  # a reasoning item sent back: meant for the model that wrote it, not for a chat upstream
         if kind != "message":
             raise InvalidRequest(f"{where}: items of type {str(kind)[:40]!r} are not supported here; "
                                  "send messages ({'role', 'content'}).", param=where)

@@ -102,6 +102,13 @@ async def test_non_streamed_response_and_retrieval(oai: Any, sim: Any) -> None:
                                           input=[{"role": "user", "content": [{"type": "input_text",
                                                                                 "text": question}]}])
     instructed = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": question}]
+    # Output items sent back as input (a reasoning item is skipped) continue the conversation.
+    follow_up = await oai.responses.create(model="gpt-4o-mini", input=[
+        {"role": "user", "content": question}, {"type": "reasoning", "id": "rs_1", "summary": []},
+        *[item.model_dump() for item in response.output], {"role": "user", "content": "And then?"}])
+    assert follow_up.output_text == "".join(answer_tokens(
+        [{"role": "user", "content": question}, {"role": "assistant", "content": response.output_text},
+         {"role": "user", "content": "And then?"}], None, 0, 20))
     assert response.output_text == "".join(answer_tokens(instructed, None, 0, 12))
     assert response.status == "completed" and response.object == "response"
     assert response.usage.input_tokens > 0
