@@ -9,6 +9,7 @@ Chat Completions and Responses ways in.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -175,6 +176,14 @@ async def test_pings_during_a_mid_stream_silence_are_a_stall(upstream: Upstream)
     result = await run(upstream, messages)
     assert result.last.name == "done" and result.text == expected(messages) and not result.named("reset")
     assert [e.data["reason"] for e in result.named("retry")] == ["stall"]
+
+
+async def test_continue_after_partial_output_prefills_the_assistant_turn(upstream: Upstream, sim: Any) -> None:
+    messages = question("stall_after=6 stall=30 times=1")
+    result = await run(upstream, messages, dataclasses.replace(POLICY, on_partial="continue"))
+    assert result.last.name == "done" and result.text == expected(messages) and not result.named("reset")
+    retried = [r for r in sim.stats()["requests"] if r["attempt"] == 2]
+    assert len(retried) == 1 and retried[0]["continuation"] is True  # it continued the partial text
 
 
 async def test_an_in_band_overloaded_error_is_retried(upstream: Upstream) -> None:
