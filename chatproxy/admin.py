@@ -9,7 +9,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from django.contrib import admin, messages
 from django.contrib.admin.actions import delete_selected
@@ -21,12 +21,22 @@ from django.utils.translation import gettext_lazy as _
 
 from chatproxy import records
 from chatproxy.conf import settings_policy
-from chatproxy.models import DEFAULT_PROFILE, DEFAULT_UNDELETABLE, AccessKey, StreamRecord, TimeoutProfile
+from chatproxy.models import DEFAULT_UNDELETABLE, AccessKey, StreamRecord, TimeoutProfile
 from chatproxy.policy import PROFILE_FIELDS, from_profile
+from chatproxy.profiles import DEFAULT_NAME as DEFAULT_PROFILE
+
+if TYPE_CHECKING:  # ModelAdmin is generic for the type checker only (not subscriptable at run time)
+    from django_stubs_ext import StrOrPromise
+
+    AccessKeyAdminBase = admin.ModelAdmin[AccessKey]
+    TimeoutProfileAdminBase = admin.ModelAdmin[TimeoutProfile]
+    StreamRecordAdminBase = admin.ModelAdmin[StreamRecord]
+else:
+    AccessKeyAdminBase = TimeoutProfileAdminBase = StreamRecordAdminBase = admin.ModelAdmin
 
 
 @admin.register(AccessKey)
-class AccessKeyAdmin(admin.ModelAdmin):
+class AccessKeyAdmin(AccessKeyAdminBase):
     list_display = ("__str__", "owner", "created", "last_used", "revoked")
     list_filter = ("revoked",)
     search_fields = ("name", "prefix", "owner__username")
@@ -54,7 +64,7 @@ class AccessKeyAdmin(admin.ModelAdmin):
 
 
 @admin.register(TimeoutProfile)
-class TimeoutProfileAdmin(admin.ModelAdmin):
+class TimeoutProfileAdmin(TimeoutProfileAdminBase):
     """Profiles are validated by the model; ``default`` can be tuned but not renamed, disabled or deleted."""
 
     list_display = ("name", "model_pattern", "first_token_timeout", "stall_timeout", "deadline", "max_attempts",
@@ -139,7 +149,7 @@ class RetryReasonFilter(admin.SimpleListFilter):
     parameter_name = "retry_reason"
     REASONS = ("connect", "first_token", "stall", "upstream_error", "rate_limited", "disconnected")
 
-    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
+    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, StrOrPromise]]:
         return [("none", _("no retry")), *((reason, reason) for reason in self.REASONS)]
 
     def queryset(self, request: HttpRequest, queryset: Any) -> Any:
@@ -153,7 +163,7 @@ class RetryReasonFilter(admin.SimpleListFilter):
 
 
 @admin.register(StreamRecord)
-class StreamRecordAdmin(admin.ModelAdmin):
+class StreamRecordAdmin(StreamRecordAdminBase):
     """Read-only: records are written by chatproxy. The statistics page is at ``stats/``."""
 
     list_display = ("started", "who_display", "model", "profile", "outcome", "attempts", "retry_reasons",

@@ -32,8 +32,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, TypeGuard
 
 from django.conf import settings
-from django.core.checks import Error, Warning
-from django.core.checks import register as django_register
+from django.core.checks import Error, Warning, register
 from django.utils.module_loading import import_string
 
 from chatproxy import conf, policy, profiles
@@ -46,18 +45,6 @@ from chatproxy.upstream import (
     detect_sdk,
     resolve_sdk,
 )
-
-Check = Callable[..., list[Any]]
-
-
-def register(tag: str) -> Callable[[Check], Check]:
-    """Django's ``checks.register(tag)``, keeping the check's type (Django has no type hints)."""
-    def add(check: Check) -> Check:
-        django_register(tag)(check)
-        return check
-
-    return add
-
 
 SECTIONS = {key: conf.DEFAULTS[key] for key in conf.SECTIONS}
 PER_PROCESS_CACHES = (

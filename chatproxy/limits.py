@@ -124,7 +124,7 @@ def _window_key(who: str, klass: int, window: int) -> str:
 
 def _live_keys(who: str, now: float) -> list[str]:
     """The counters that may hold a lease still running at ``now``: two windows per class."""
-    keys = []
+    keys: list[str] = []
     for klass in range(MIN_CLASS, MAX_CLASS + 1):
         window = int(now // (1 << klass))
         keys += (_window_key(who, klass, window - 1), _window_key(who, klass, window))

@@ -35,7 +35,9 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
-from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
+from django.http import HttpRequest, JsonResponse, StreamingHttpResponse
+from django.http.response import HttpResponseBase
+from django.views.decorators.csrf import csrf_exempt
 
 from chatproxy import resume, sse
 from chatproxy.codes import ErrorCode
@@ -44,7 +46,7 @@ from chatproxy.messages import friendly_message
 from chatproxy.openai_views import JsonAnswer, admit, admit_json, final_code, start
 from chatproxy.responses import openai_error
 from chatproxy.validation import parse_responses_request
-from chatproxy.views import SSE_HEADERS, csrf_exempt, live_events
+from chatproxy.views import SSE_HEADERS
 
 #: A response id is this prefix and the stream id.
 ID_PREFIX = "resp_"
@@ -202,7 +204,26 @@ def _usage(usage: Any) -> dict[str, Any] | None:
     }
 
 
-async def _sse_body(events: AsyncIterator[Event], wire: ResponseEvents) -> AsyncIterator[bytes]:
+async def _live_body(reader: Subscription, wire: ResponseEvents) -> AsyncIterator[bytes]:
+    """The SSE body of a live stream: events ready together leave in one write."""
+    encode = wire.encode
+    try:
+        yield sse.OPEN_COMMENT
+        async for event in reader:
+            chunk = encode(event)
+            more = reader.pending()
+            if more:
+                chunk = b"".join([chunk, *map(encode, more)])
+            if chunk:
+                yield chunk
+    finally:
+        # Client gone, end, or shutdown: a stored stream waits RESUME.GRACE for a resume (a
+        # background one goes on to its end); any other stops now.
+        reader.close()
+
+
+async def _replay_body(events: AsyncIterator[Event], wire: ResponseEvents) -> AsyncIterator[bytes]:
+    """The SSE body of a resumed stream (``events`` from the journal, then live)."""
     yield sse.OPEN_COMMENT
     async with contextlib.aclosing(events) as iterator:  # type: ignore[type-var]
         async for event in iterator:
@@ -242,13 +263,13 @@ def _unknown(response_id: str) -> JsonResponse:
 
 
 @csrf_exempt  # bearer keys carry no cookie; authorize() enforces CSRF for session users
-async def create(request: HttpRequest) -> HttpResponse:
+async def create(request: HttpRequest) -> HttpResponseBase:
     """``POST /chat/v1/responses``."""
     asked = await admit_json(request, parse_responses_request)
-    if isinstance(asked, HttpResponse):
+    if isinstance(asked, HttpResponseBase):
         return asked
     reader = await start(request, asked.chat, resumable=asked.store, background=asked.background)
-    if isinstance(reader, HttpResponse):
+    if isinstance(reader, HttpResponseBase):
         return reader
     stream = reader.stream
     meta = resume.journal().local_meta(stream.stream_id) if asked.store else None
@@ -256,8 +277,7 @@ async def create(request: HttpRequest) -> HttpResponse:
     response_id = ID_PREFIX + stream.stream_id
     if asked.stream:
         wire = ResponseEvents(response_id, model=stream.request.model, created_at=created)
-        return StreamingHttpResponse(_sse_body(live_events(reader), wire), content_type="text/event-stream",
-                                     headers=SSE_HEADERS)
+        return StreamingHttpResponse(_live_body(reader, wire), content_type="text/event-stream", headers=SSE_HEADERS)
     quiet = ResponseEvents(response_id, model=stream.request.model, created_at=created, starting_after=_QUIET)
     if asked.background:
         reader.close()  # nobody reads it now: it goes on alone, and GET reads it
@@ -265,7 +285,7 @@ async def create(request: HttpRequest) -> HttpResponse:
     return await _Collected(reader, quiet).completion()
 
 
-async def retrieve(request: HttpRequest, response_id: str) -> HttpResponse:
+async def retrieve(request: HttpRequest, response_id: str) -> HttpResponseBase:
     """``GET /chat/v1/responses/<id>``: the response object; with ``stream=true`` its events after
     ``starting_after``, then live ones."""
     refused = await admit(request, "GET")
@@ -292,12 +312,12 @@ async def retrieve(request: HttpRequest, response_id: str) -> HttpResponse:
     if streaming == "true":
         wire = ResponseEvents(response_id, model=meta["model"], created_at=float(meta.get("created") or 0),
                               starting_after=int(raw))
-        return StreamingHttpResponse(_sse_body(events, wire), content_type="text/event-stream", headers=SSE_HEADERS)
+        return StreamingHttpResponse(_replay_body(events, wire), content_type="text/event-stream", headers=SSE_HEADERS)
     return _snapshot(response_id, meta, snapshot)
 
 
 @csrf_exempt
-async def cancel(request: HttpRequest, response_id: str) -> HttpResponse:
+async def cancel(request: HttpRequest, response_id: str) -> HttpResponseBase:
     """``POST /chat/v1/responses/<id>/cancel``: stop generating (it ends ``failed``, ``cancelled``);
     answers the response object as it stands."""
     refused = await admit(request, "POST")

@@ -27,7 +27,9 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
 import orjson
-from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
+from django.http import HttpRequest, JsonResponse, StreamingHttpResponse
+from django.http.response import HttpResponseBase
+from django.views.decorators.csrf import csrf_exempt
 
 from chatproxy import limits, sse
 from chatproxy.auth import AuthFailure, authorize
@@ -35,9 +37,9 @@ from chatproxy.codes import ErrorCode
 from chatproxy.conf import Policy, get_config
 from chatproxy.core import ChatRequest, Event, Subscription
 from chatproxy.responses import openai_error, openai_stream_error
-from chatproxy.service import open_stream
+from chatproxy.service import StreamNotStarted, open_stream
 from chatproxy.validation import InvalidRequest, parse_openai_request
-from chatproxy.views import SSE_HEADERS, csrf_exempt, read_json_body
+from chatproxy.views import SSE_HEADERS, read_json_body
 
 T = TypeVar("T")
 
@@ -54,13 +56,13 @@ def commit_after(policy: Policy) -> float:
 
 
 @csrf_exempt  # bearer keys carry no cookie; authorize() enforces CSRF for session users
-async def chat_completions(request: HttpRequest) -> HttpResponse:
+async def chat_completions(request: HttpRequest) -> HttpResponseBase:
     parsed = await admit_json(request, parse_openai_request)
-    if isinstance(parsed, HttpResponse):
+    if isinstance(parsed, HttpResponseBase):
         return parsed
     chat_request, streaming, include_usage = parsed
     reader = await start(request, chat_request)
-    if isinstance(reader, HttpResponse):
+    if isinstance(reader, HttpResponseBase):
         return reader
     wire = _Wire(reader, include_usage)
     if streaming:
@@ -68,7 +70,7 @@ async def chat_completions(request: HttpRequest) -> HttpResponse:
     return await wire.completion()
 
 
-async def models(request: HttpRequest) -> HttpResponse:
+async def models(request: HttpRequest) -> HttpResponseBase:
     """``GET /chat/v1/models``: the allowed models (``UPSTREAM.MODELS``, or the default model)."""
     refused = await admit(request)
     if refused is not None:
@@ -80,7 +82,7 @@ async def models(request: HttpRequest) -> HttpResponse:
 
 
 @csrf_exempt  # any method: a session user's POST must get this JSON, not Django's CSRF page
-async def not_found(request: HttpRequest) -> HttpResponse:
+async def not_found(request: HttpRequest) -> HttpResponseBase:
     """Anything else under the OpenAI-compatible prefix: OpenAI's 404 JSON, never an HTML page."""
     where = f"{request.method} {request.path}"
     if len(where) > 200:
@@ -95,7 +97,7 @@ async def not_found(request: HttpRequest) -> HttpResponse:
 # --- shared by the OpenAI-compatible ways in ------------------------------------------------------
 
 
-async def admit(request: HttpRequest, method: str | None = None) -> HttpResponse | None:
+async def admit(request: HttpRequest, method: str | None = None) -> HttpResponseBase | None:
     """Check the method (when given) and authorize (bearer key or session): None to go on, else the
     refusal in OpenAI's shape."""
     if method is not None and request.method != method:
@@ -107,7 +109,7 @@ async def admit(request: HttpRequest, method: str | None = None) -> HttpResponse
     return None
 
 
-async def admit_json(request: HttpRequest, parse: Callable[[Any], T]) -> T | HttpResponse:
+async def admit_json(request: HttpRequest, parse: Callable[[Any], T]) -> T | HttpResponseBase:
     """A POST, authorized, its JSON body validated by ``parse``; else the refusal in OpenAI's shape."""
     refused = await admit(request, "POST")
     if refused is not None:
@@ -120,7 +122,7 @@ async def admit_json(request: HttpRequest, parse: Callable[[Any], T]) -> T | Htt
 
 async def start(
     request: HttpRequest, chat_request: ChatRequest, *, resumable: bool = False, background: bool = False
-) -> Subscription | HttpResponse:
+) -> Subscription | HttpResponseBase:
     """Open the stream for an admitted request (no ``reset``: these wires cannot express one); its
     first reader, or the 429 refusal when a per-user limit is reached."""
     try:
@@ -128,6 +130,8 @@ async def start(
                                  background=background, who=limits.identity_of(request))
     except limits.LimitExceeded as exc:
         return openai_error(exc.code, exc.message, headers={"Retry-After": str(exc.retry_after)})
+    except StreamNotStarted as exc:
+        return openai_error(exc.code)
 
 
 def _refused(request: HttpRequest, exc: AuthFailure) -> JsonResponse:
@@ -162,7 +166,7 @@ class JsonAnswer:
         ``committed``: a 200 was already sent, so the status given here is not seen."""
         raise NotImplementedError
 
-    async def completion(self) -> HttpResponse:
+    async def completion(self) -> HttpResponseBase:
         """Collect the answer: a plain response (its real status) if it ends before the commit
         point (:func:`commit_after`), else a 200 kept warm with whitespace until it is ready."""
         collector = asyncio.get_running_loop().create_task(self._collect())

@@ -9,14 +9,27 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import weakref
 from typing import Any
 
 from chatproxy import limits, profiles, records, signals
+from chatproxy.codes import ErrorCode
 from chatproxy.conf import get_config, upstream_api_key
 from chatproxy.core import ChatRequest, ChatStream, Subscription
+from chatproxy.errors import ConfigurationError
 from chatproxy.upstream import build_upstream
 from chatproxy.upstream.base import Upstream
+
+logger = logging.getLogger("chatproxy.service")
+
+class StreamNotStarted(Exception):
+    """The stream could not start for a reason on chatproxy's side (the upstream cannot be built
+    from the settings). Logged with the cause where it is raised; the client gets ``code`` and its
+    friendly message only."""
+
+    code = ErrorCode.INTERNAL
+
 
 _upstreams: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Upstream] = weakref.WeakKeyDictionary()
 
@@ -67,6 +80,7 @@ async def open_stream(
     ``who`` is the identity string the stream counts against (:func:`chatproxy.limits.identity_of`;
     default: ``user``'s identity). Raises :class:`chatproxy.limits.LimitExceeded` (answer 429) before
     anything starts when a limit is reached; the lease taken is given back when the stream ends.
+    Raises :class:`StreamNotStarted` when the settings name an upstream that cannot be built.
     """
     await profiles.arefresh()  # at most one cache read; a query only after a profile changed
     policy = profiles.resolve_policy(request.model, options)
@@ -75,8 +89,13 @@ async def open_stream(
         grace = max(grace, policy.deadline)  # the deadline ends the stream before the grace would
     slot = await limits.aadmit(who or limits.identity(user, None), policy.deadline + grace + limits.SLOT_MARGIN)
     try:
+        try:
+            upstream = get_upstream()
+        except ConfigurationError as exc:
+            logger.error("chatproxy cannot build its upstream: %s", exc)
+            raise StreamNotStarted from exc
         stream = ChatStream(
-            get_upstream(), request, policy, allow_reset=allow_reset, grace=grace, persistent=resumable,
+            upstream, request, policy, allow_reset=allow_reset, grace=grace, persistent=resumable,
             on_finish=functools.partial(_finished, user, slot), on_retry=_retried,
         )
     except BaseException:

@@ -202,6 +202,27 @@ async def test_authorization_refusals_keep_their_bytes(closed_settings):
              b'"param": null, "code": "invalid_api_key"}}')
 
 
+async def test_an_upstream_that_cannot_be_built_is_one_friendly_json_error(open_settings, caplog):
+    """A bad configuration (an SDK that is not installed): the HTTP ways in answer the friendly
+    ``internal`` error in their JSON shape (not Django's HTML 500 page), and the cause is logged."""
+    from chatproxy.upstream import detect_sdk
+
+    missing = "current" if detect_sdk() == "legacy" else "legacy"
+    open_settings.CHATPROXY = {**open_settings.CHATPROXY,
+                               "UPSTREAM": {"SDK": missing, "BASE_URL": "http://127.0.0.1:9/v1", "API_KEY": "sk-x"}}
+    body = b'{"messages": [{"role": "user", "content": "hi"}]}'
+    reply = await call(application, "POST", "/chat/stream/", body)
+    assert (reply.status, reply.body) == (
+        500, b'{"error": {"code": "internal", "message": "Something went wrong on our side. Please try again."}}')
+    reply = await call(application, "POST", "/chat/v1/chat/completions", b'{"model": "m", ' + body[1:])
+    assert (reply.status, reply.body) == (
+        500, b'{"error": {"message": "Something went wrong on our side. Please try again.", "type": "api_error", '
+             b'"param": null, "code": "internal"}}')
+    causes = [r for r in caplog.records if r.name == "chatproxy.service"]
+    assert len(causes) == 2 and all(f'UPSTREAM.SDK is "{missing}"' in r.getMessage() for r in causes)
+    assert all("sk-x" not in r.getMessage() for r in caplog.records)
+
+
 # --------------------------------------------------------------------------- WebSocket error frames
 
 

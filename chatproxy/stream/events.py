@@ -210,7 +210,9 @@ class Reader:
         """Take every event available now without waiting (for batching readers)."""
         log = self.log
         events = log.events[self.next_seq - log.base - 1 :]
-        self.next_seq += len(events)
+        if events:
+            self.next_seq += len(events)
+            self.keepalive = False  # as in iteration: a real event makes a pending keepalive moot
         return events
 
     def close(self) -> None:
