@@ -154,9 +154,9 @@ async def _refuse(send: Send, status: int, message: str, openai_shape: bool, cod
     await asgi_refusal(send, ErrorCode.of(code), message, status=status, openai_shape=openai_shape)
 
 
-#: The url_names :class:`DirectStreams` serves with :class:`DirectHandler`: the two POST endpoints
+#: The url_names :class:`DirectStreams` serves with :class:`DirectHandler`: the POST endpoints
 #: that open streams.
-DIRECT_ROUTES = frozenset({"stream", "openai-chat-completions"})
+DIRECT_ROUTES = frozenset({"stream", "openai-chat-completions", "openai-responses"})
 
 #: When one hook of a middleware in :data:`LOOP_SAFE` must still run in a thread: never (False),
 #: on every call (True), or when the predicate, given the hook's arguments, says the call will do

@@ -4,7 +4,7 @@
   (e.g. ``KEEPALIVE >= GATEWAY``, ``STALL >= DEADLINE``)
 * ``chatproxy.E002`` ``UPSTREAM.SDK`` / ``UPSTREAM.HTTP_CLIENT`` is not a known choice
 * ``chatproxy.E003`` the openai SDK generation asked for explicitly is not installed (or another one is),
-  or ``SDK`` "none" (also what "auto" picks without openai) and aiohttp does not import
+  or ``SDK`` "none" (also what "auto" picks without openai) or "anthropic" and aiohttp does not import
 * ``chatproxy.E004`` ``PERMISSION`` cannot be imported
 * ``chatproxy.E005`` ``CHATPROXY`` (or one of its sections) is not a dict
 * ``chatproxy.E006`` a ``LIMITS`` value is not a positive whole number (the per-user limits may be None: off)
@@ -86,7 +86,8 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[Any]:
         problems.append(Error(f"CHATPROXY['PERMISSION'] cannot be imported: {exc}", id="chatproxy.E004",
                               hint="Use a dotted path such as 'chatproxy.permissions.authenticated'."))
     if not conf.upstream_api_key():
-        problems.append(Warning("No upstream API key: set OPENAI_API_KEY or CHATPROXY['UPSTREAM']['API_KEY'].",
+        variable = "ANTHROPIC_API_KEY" if upstream["SDK"] == "anthropic" else "OPENAI_API_KEY"
+        problems.append(Warning(f"No upstream API key: set {variable} or CHATPROXY['UPSTREAM']['API_KEY'].",
                                 id="chatproxy.W001",
                                 hint="The official API refuses every request without a key; a server of your own "
                                      "at UPSTREAM.BASE_URL may not need one."))
@@ -180,7 +181,7 @@ def _check_timeouts() -> list[Any]:
 
 
 def _check_sdk(wanted: str) -> list[Any]:
-    if resolve_sdk(wanted) == "none":  # "auto" without openai too: the SDK-less adapter
+    if resolve_sdk(wanted) in ("none", "anthropic"):  # the SDK-less adapters ("auto" without openai too)
         if importlib.util.find_spec("aiohttp") is not None:
             return []
         return [Error(f"CHATPROXY['UPSTREAM']['SDK'] is {wanted!r} (no SDK) but aiohttp is not installed.",

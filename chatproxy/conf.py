@@ -26,7 +26,7 @@ DEFAULTS: dict[str, Any] = {
         "API_KEY": None,  # None: os.environ["OPENAI_API_KEY"]
         "MODEL": "gpt-4o-mini",  # used when a request names no model
         "MODELS": None,  # allowed model names; None: any
-        "SDK": "auto",  # "auto" | "current" | "legacy" | "none" (no SDK: the API over aiohttp)
+        "SDK": "auto",  # "auto" | "current" | "legacy" | "none" (no SDK: the API over aiohttp) | "anthropic"
         "HTTP_CLIENT": "httpx",  # "httpx" | "aiohttp": the current SDK's transport
         "EXTRA_BODY": {},  # merged into every upstream request body
     },
@@ -98,9 +98,13 @@ def clear_cache(**kwargs: Any) -> None:
 
 
 def upstream_api_key() -> str | None:
-    """The upstream API key: ``UPSTREAM.API_KEY`` or the ``OPENAI_API_KEY`` environment variable."""
-    key = get_config()["UPSTREAM"]["API_KEY"]
-    return key if key else os.environ.get("OPENAI_API_KEY")
+    """The upstream API key: ``UPSTREAM.API_KEY`` or the environment's key for that API
+    (``ANTHROPIC_API_KEY`` with ``SDK`` "anthropic", else ``OPENAI_API_KEY``: an OpenAI key is
+    never sent to another provider)."""
+    upstream = get_config()["UPSTREAM"]
+    if upstream["API_KEY"]:
+        return str(upstream["API_KEY"])
+    return os.environ.get("ANTHROPIC_API_KEY" if upstream["SDK"] == "anthropic" else "OPENAI_API_KEY")
 
 
 @cache

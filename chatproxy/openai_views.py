@@ -14,14 +14,18 @@ resilient core serves it; only the wire differs:
   whitespace is sent every ``KEEPALIVE`` seconds until it is, so no gateway times out; a failure
   after that point is a 200 whose body is the error object (the official client returns that
   object instead of raising).
+
+The Responses API way in (:mod:`chatproxy.openai_responses`) shares what is not wire: admission
+(:func:`admit`, :func:`admit_json`, :func:`start`) and the commit logic of a JSON answer
+(:class:`JsonAnswer`). Anything else under the prefix is OpenAI's JSON 404 (:func:`not_found`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeVar
 
 import orjson
 from django.http import HttpRequest, JsonResponse, StreamingHttpResponse
@@ -32,12 +36,14 @@ from chatproxy import limits, sse
 from chatproxy.auth import AuthFailure, authorize
 from chatproxy.codes import ErrorCode
 from chatproxy.conf import Policy, get_config
-from chatproxy.core import Event, Subscription
+from chatproxy.core import ChatRequest, Event, Subscription
 from chatproxy.fallbacks import model_of
 from chatproxy.responses import openai_error, openai_stream_error
 from chatproxy.service import StreamNotStarted, open_stream
 from chatproxy.validation import InvalidRequest, parse_openai_request
 from chatproxy.views import SSE_HEADERS, read_json_body
+
+T = TypeVar("T")
 
 #: Seconds the commit point stays ahead of ``GATEWAY`` at most (a fifth of it when that is less):
 #: room for a busy event loop and the network between the worker and the gateway.
@@ -53,23 +59,13 @@ def commit_after(policy: Policy) -> float:
 
 @csrf_exempt  # bearer keys carry no cookie; authorize() enforces CSRF for session users
 async def chat_completions(request: HttpRequest) -> HttpResponseBase:
-    if request.method != "POST":
-        return openai_error(ErrorCode.METHOD_NOT_ALLOWED, "Use POST.", headers={"Allow": "POST"})
-    try:
-        await authorize(request, allow_bearer=True)
-    except AuthFailure as exc:
-        return _refused(request, exc)
-    try:
-        chat_request, streaming, include_usage = parse_openai_request(read_json_body(request))
-    except InvalidRequest as exc:
-        return openai_error(exc.code, exc.message, status=exc.status, param=exc.param)
-
-    try:
-        reader = await open_stream(chat_request, user=request.user, allow_reset=False, who=limits.identity_of(request))
-    except limits.LimitExceeded as exc:
-        return openai_error(exc.code, exc.message, headers={"Retry-After": str(exc.retry_after)})
-    except StreamNotStarted as exc:
-        return openai_error(exc.code)
+    parsed = await admit_json(request, parse_openai_request)
+    if isinstance(parsed, HttpResponseBase):
+        return parsed
+    chat_request, streaming, include_usage = parsed
+    reader = await start(request, chat_request)
+    if isinstance(reader, HttpResponseBase):
+        return reader
     wire = _Wire(reader, include_usage)
     if streaming:
         return StreamingHttpResponse(wire.chunks(), content_type="text/event-stream", headers=SSE_HEADERS)
@@ -78,14 +74,66 @@ async def chat_completions(request: HttpRequest) -> HttpResponseBase:
 
 async def models(request: HttpRequest) -> HttpResponseBase:
     """``GET /chat/v1/models``: the allowed models (``UPSTREAM.MODELS``, or the default model)."""
-    try:
-        await authorize(request, allow_bearer=True)
-    except AuthFailure as exc:
-        return _refused(request, exc)
+    refused = await admit(request)
+    if refused is not None:
+        return refused
     upstream = get_config()["UPSTREAM"]
     names = upstream["MODELS"] or [upstream["MODEL"]]
     data = [{"id": name, "object": "model", "created": 0, "owned_by": "chatproxy"} for name in names]
     return JsonResponse({"object": "list", "data": data})
+
+
+@csrf_exempt  # any method: a session user's POST must get this JSON, not Django's CSRF page
+async def not_found(request: HttpRequest) -> HttpResponseBase:
+    """Anything else under the OpenAI-compatible prefix: OpenAI's 404 JSON, never an HTML page."""
+    where = f"{request.method} {request.path}"
+    if len(where) > 200:
+        where = where[:200] + "..."
+    return openai_error(
+        ErrorCode.NOT_FOUND,
+        f"Invalid URL ({where}). This server offers POST chat/completions, POST responses, "
+        "GET responses/<id> and GET models under its OpenAI-compatible base URL.",
+    )
+
+
+# --- shared by the OpenAI-compatible ways in ------------------------------------------------------
+
+
+async def admit(request: HttpRequest, method: str | None = None) -> HttpResponseBase | None:
+    """Check the method (when given) and authorize (bearer key or session): None to go on, else the
+    refusal in OpenAI's shape."""
+    if method is not None and request.method != method:
+        return openai_error(ErrorCode.METHOD_NOT_ALLOWED, f"Use {method}.", headers={"Allow": method})
+    try:
+        await authorize(request, allow_bearer=True)
+    except AuthFailure as exc:
+        return _refused(request, exc)
+    return None
+
+
+async def admit_json(request: HttpRequest, parse: Callable[[Any], T]) -> T | HttpResponseBase:
+    """A POST, authorized, its JSON body validated by ``parse``; else the refusal in OpenAI's shape."""
+    refused = await admit(request, "POST")
+    if refused is not None:
+        return refused
+    try:
+        return parse(read_json_body(request))
+    except InvalidRequest as exc:
+        return openai_error(exc.code, exc.message, status=exc.status, param=exc.param)
+
+
+async def start(
+    request: HttpRequest, chat_request: ChatRequest, *, resumable: bool = False, background: bool = False
+) -> Subscription | HttpResponseBase:
+    """Open the stream for an admitted request (no ``reset``: these wires cannot express one); its
+    first reader, or the 429 refusal when a per-user limit is reached."""
+    try:
+        return await open_stream(chat_request, user=request.user, allow_reset=False, resumable=resumable,
+                                 background=background, who=limits.identity_of(request))
+    except limits.LimitExceeded as exc:
+        return openai_error(exc.code, exc.message, headers={"Retry-After": str(exc.retry_after)})
+    except StreamNotStarted as exc:
+        return openai_error(exc.code)
 
 
 def _refused(request: HttpRequest, exc: AuthFailure) -> JsonResponse:
@@ -95,21 +143,80 @@ def _refused(request: HttpRequest, exc: AuthFailure) -> JsonResponse:
     return openai_error(exc.code, exc.message)
 
 
-class _Wire:
-    """One stream's events in OpenAI's shapes."""
+class JsonAnswer:
+    """A stream's answer as one JSON object (``stream: false``), in time for the gateway.
+
+    :meth:`completion` answers with the object's real status if the stream ends before the commit
+    point (:func:`commit_after`), else commits to 200 then and sends JSON-insignificant whitespace
+    every ``KEEPALIVE`` seconds until the object is ready. Subclasses say what each event adds
+    (:meth:`_take`) and what the object is (:meth:`_final_response`).
+    """
+
+    def __init__(self, reader: Subscription) -> None:
+        self.reader = reader
+        # The stream sends a keepalive after this much silence, but it counts every event as
+        # output; events a wire does not show (retries, and deltas held for a JSON answer)
+        # must not leave the client silent for longer, or a gateway times out (504).
+        self._keepalive = reader.stream.policy.keepalive
+
+    def _take(self, event: Event) -> None:
+        """Fold one event (not the final one) into the answer."""
+        raise NotImplementedError
+
+    def _final_response(self, final: Event | None, committed: bool) -> JsonResponse:
+        """The answer for the final event (``done`` / ``error``; None if the stream stopped);
+        ``committed``: a 200 was already sent, so the status given here is not seen."""
+        raise NotImplementedError
+
+    async def completion(self) -> HttpResponseBase:
+        """Collect the answer: a plain response (its real status) if it ends before the commit
+        point (:func:`commit_after`), else a 200 kept warm with whitespace until it is ready."""
+        collector = asyncio.get_running_loop().create_task(self._collect())
+        try:
+            done, _ = await asyncio.wait((collector,), timeout=commit_after(self.reader.stream.policy))
+        except BaseException:  # the client went away (or shutdown) before the commit point
+            collector.cancel()
+            self.reader.close()
+            raise
+        if done:
+            self.reader.close()
+            return self._final_response(collector.result(), False)
+        # Slow answer: commit to 200 now, before the gateway's idle deadline, and send whitespace.
+        return StreamingHttpResponse(self._warm_body(collector), content_type="application/json")
+
+    async def _collect(self) -> Event | None:
+        """Fold the events in; the final one (``done`` / ``error``; None if the stream stopped)."""
+        async for event in self.reader:
+            if event.name in ("done", "error"):
+                return event
+            self._take(event)
+        return None
+
+    async def _warm_body(self, collector: asyncio.Task[Event | None]) -> AsyncIterator[bytes]:
+        try:
+            yield b" "
+            while not collector.done():
+                await asyncio.wait((collector,), timeout=self._keepalive)
+                if not collector.done():
+                    yield b" "
+            yield self._final_response(collector.result(), True).content
+        finally:
+            collector.cancel()
+            self.reader.close()
+
+
+class _Wire(JsonAnswer):
+    """One stream's events in OpenAI's chat-completion shapes."""
 
     def __init__(self, reader: Subscription, include_usage: bool) -> None:
-        self.reader = reader
+        super().__init__(reader)
         stream = reader.stream
         self.include_usage = include_usage
         self.id = f"chatcmpl-{stream.stream_id}"
         self.created = int(time.time())
         self._delta_suffix = b'},"logprobs":null,"finish_reason":null}]}\n\n'
         self._use_model(stream.request.model)
-        # The stream sends a keepalive after this much silence, but it counts every event as
-        # output; events this wire does not show (retries, and deltas held for a JSON answer)
-        # must not leave the client silent for longer, or a gateway times out (504).
-        self._keepalive = stream.policy.keepalive
+        self._parts: list[str] = []  # the text, for a non-streamed answer
 
     def _use_model(self, model: str) -> None:
         """Name ``model`` in the chunks from here on (the first target tried, then each fallback's)."""
@@ -144,7 +251,7 @@ class _Wire:
                         yield self._chunk([], usage=data.get("usage"))
                     yield b"data: [DONE]\n\n"
                 elif name == "error":
-                    yield openai_stream_error(_code(event))
+                    yield openai_stream_error(final_code(event))
                 elif name == "retry":
                     # Invisible here, but it restarted the stream's keepalive clock: a comment
                     # keeps the client's connection warm instead. (reset cannot happen here.)
@@ -154,47 +261,13 @@ class _Wire:
         finally:
             self.reader.close()  # not resumable: the stream stops and closes its upstream now
 
-    async def completion(self) -> HttpResponseBase:
-        """Collect the answer: a plain response (its real status) if it ends before the commit
-        point (:func:`commit_after`), else a 200 kept warm with whitespace until it is ready."""
-        collector = asyncio.get_running_loop().create_task(self._collect())
-        try:
-            done, _ = await asyncio.wait((collector,), timeout=commit_after(self.reader.stream.policy))
-        except BaseException:  # the client went away (or shutdown) before the commit point
-            collector.cancel()
-            self.reader.close()
-            raise
-        if done:
-            self.reader.close()
-            return self._final_response(*collector.result())
-        # Slow answer: commit to 200 now, before the gateway's idle deadline, and send whitespace.
-        return StreamingHttpResponse(self._warm_body(collector), content_type="application/json")
+    def _take(self, event: Event) -> None:
+        if event.name == "delta":
+            self._parts.append(event.data["text"])  # type: ignore[index]
 
-    async def _collect(self) -> tuple[Event | None, list[str]]:
-        """The answer's text and its final event (``done`` / ``error``; None if the stream stopped)."""
-        parts: list[str] = []
-        async for event in self.reader:
-            if event.name == "delta":
-                parts.append(event.data["text"])  # type: ignore[index]
-            elif event.name in ("done", "error"):
-                return event, parts
-        return None, parts
-
-    async def _warm_body(self, collector: asyncio.Task[tuple[Event | None, list[str]]]) -> AsyncIterator[bytes]:
-        try:
-            yield b" "
-            while not collector.done():
-                await asyncio.wait((collector,), timeout=self._keepalive)
-                if not collector.done():
-                    yield b" "
-            yield self._final_response(*collector.result()).content
-        finally:
-            collector.cancel()
-            self.reader.close()
-
-    def _final_response(self, final: Event | None, parts: list[str]) -> JsonResponse:
+    def _final_response(self, final: Event | None, committed: bool) -> JsonResponse:
         if final is None or final.name == "error":
-            return openai_error(_code(final))
+            return openai_error(final_code(final))
         data = final.data or {}
         body = {
             "id": self.id,
@@ -204,7 +277,7 @@ class _Wire:
             "choices": [
                 {
                     "index": 0,
-                    "message": {"role": "assistant", "content": "".join(parts), "refusal": None},
+                    "message": {"role": "assistant", "content": "".join(self._parts), "refusal": None},
                     "logprobs": None,
                     "finish_reason": data.get("finish_reason") or "stop",
                 }
@@ -214,6 +287,6 @@ class _Wire:
         return JsonResponse(body)
 
 
-def _code(event: Event | None) -> ErrorCode:
+def final_code(event: Event | None) -> ErrorCode:
     """The code an ``error`` event ends with (``internal`` when there is no such event)."""
     return ErrorCode.of((event.data or {}).get("code") if event is not None else None)

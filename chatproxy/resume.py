@@ -8,14 +8,16 @@ the Django cache ``RESUME.CACHE`` in a single ``set_many`` (one thread hop and, 
 round trip for all streams; no hop for an in-process cache), with ``TTL``. A batch is stored as
 one JSON byte string, which costs the cache next to nothing to pickle. Keys, for stream ``S``::
 
-    chatproxy:s:S          meta: owner, model, keepalive, deadline (epoch); rewritten every TTL/4
+    chatproxy:s:S          meta: owner, model, keepalive, created and deadline (epoch); rewritten every TTL/4
     chatproxy:s:S:N        batch N (0, 1, 2, ...): JSON [[seq, name, data], ...]
     chatproxy:s:S:listen   set by a resuming worker: publish S's batches on the channel layer
     chatproxy:s:S:cancel   set by a cancelling worker: stop S
 
 Every ``CONTROL_INTERVAL`` the journal reads the listen/cancel flags of all its streams in one
 ``get_many``. Batches of streams someone listens to are also sent to the Channels group
-``chatproxy.s.S`` so a client resumed on another worker gets them live.
+``chatproxy.s.S`` so a client resumed on another worker gets them live; while the flag is set, the
+stream counts that client as its own (no grace period runs), and the resuming worker deletes the
+flag when its client leaves.
 
 Reading. :func:`replay` yields the events after a given seq, then live ones until the end:
 from the stream itself when it runs in this process (no latency), else from the store plus the
@@ -110,6 +112,9 @@ class _Tracked:
     meta: dict[str, Any]
     batches: int = 0
     listened: bool = False
+    # While another worker relays the stream to a client, this client reader stands for that one
+    # here, so the grace period does not stop the stream under it (advanced by every flush).
+    relayed: Subscription | None = None
     meta_written: float = 0.0  # monotonic time of the last meta write
     flushed_at: float = 0.0  # monotonic time of the last batch write
 
@@ -127,12 +132,18 @@ class Journal:
             "owner": owner,
             "model": stream.request.model,
             "keepalive": stream.policy.keepalive,
+            "created": time.time(),
             "deadline": time.time() + stream.policy.deadline + 5.0,
         }
         reader = stream.subscribe(client=False)
         self.tracked[stream.stream_id] = _Tracked(stream, reader, meta, meta_written=time.monotonic())
         if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(self._run(), name="chatproxy-journal")
+
+    def local_meta(self, stream_id: str) -> dict[str, Any] | None:
+        """The meta of a stream this process tracks (what :func:`stream_meta` reads from the store)."""
+        tracked = self.tracked.get(stream_id)
+        return tracked.meta if tracked is not None else None
 
     def local(self, stream_id: str) -> ChatStream | None:
         tracked = self.tracked.get(stream_id)
@@ -165,6 +176,8 @@ class Journal:
             if not (tracked.listened or finished or tracked.flushed_at <= quiet_before):
                 continue
             events = tracked.reader.pending()
+            if tracked.relayed is not None:
+                tracked.relayed.pending()  # keeps nothing in memory for it
             if events:
                 tracked.flushed_at = now
                 batch = _encode(events)
@@ -188,6 +201,8 @@ class Journal:
                 await layer.group_send(group_name(tracked.stream.stream_id), message)
         for tracked in ended:
             tracked.reader.close()
+            if tracked.relayed is not None:
+                tracked.relayed.close()
             del self.tracked[tracked.stream.stream_id]
 
     async def _read_flags(self) -> None:
@@ -201,7 +216,12 @@ class Journal:
             return
         flags = await cachecalls.run(cache, cache.get_many, keys)
         for stream_id, tracked in self.tracked.items():
-            tracked.listened = flag_key(stream_id, "listen") in flags
+            tracked.listened = listened = flag_key(stream_id, "listen") in flags
+            if listened and tracked.relayed is None and not tracked.stream.finished:
+                tracked.relayed = tracked.stream.subscribe(tracked.stream.last_seq)
+            elif not listened and tracked.relayed is not None:
+                tracked.relayed.close()  # the relaying client left: the grace period starts
+                tracked.relayed = None
             if flag_key(stream_id, "cancel") in flags:
                 tracked.stream.cancel()
 
@@ -223,6 +243,11 @@ async def track(stream: ChatStream, user: Any) -> None:
     j.track(stream, owner_of(user))
     cache = _cache()
     await cachecalls.run(cache, cache.set, meta_key(stream.stream_id), j.tracked[stream.stream_id].meta, _ttl())
+
+
+async def stream_meta(stream_id: str, user: Any) -> dict[str, Any]:
+    """The meta of ``user``'s stream (``model``, ``created`` ...). Raises StreamNotFound."""
+    return await _meta_for(stream_id, user)
 
 
 async def _meta_for(stream_id: str, user: Any) -> dict[str, Any]:
@@ -262,6 +287,23 @@ async def _stored_events(stream_id: str, after: int, first_batch: int = 0) -> tu
             events += [e for e in _decode(batch) if e.seq > after]
             index += 1
         step = min(step * 4, 512)
+
+
+async def events_so_far(stream_id: str, user: Any) -> list[Event]:
+    """The events ``user``'s stream has emitted by now, without waiting. Raises StreamNotFound.
+
+    A stream running in this process is read from memory (what memory dropped is in the store); one
+    elsewhere from the store, which lags its live events by at most ``QUIET_FLUSH_INTERVAL``.
+    """
+    await _meta_for(stream_id, user)
+    local = journal().local(stream_id)
+    memory = local.events_after(0) if local is not None else []
+    if memory and memory[0].seq == 1:
+        return memory
+    stored, _ = await _stored_events(stream_id, 0)
+    if memory:
+        stored = [e for e in stored if e.seq < memory[0].seq] + memory
+    return stored
 
 
 async def open_replay(stream_id: str, user: Any, after: int) -> AsyncIterator[Event]:
@@ -349,3 +391,6 @@ async def _replay_remote(stream_id: str, after: int, meta: dict[str, Any]) -> As
         if channel is not None:
             with contextlib.suppress(Exception):
                 await layer.group_discard(group, channel)
+            with contextlib.suppress(Exception):
+                # The origin stops counting this client (another relaying worker sets it again).
+                await cachecalls.run(cache, cache.delete, flag_key(stream_id, "listen"))

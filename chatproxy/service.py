@@ -91,6 +91,7 @@ async def open_stream(
     user: Any = None,
     allow_reset: bool = True,
     resumable: bool = False,
+    background: bool = False,
     options: dict[str, Any] | None = None,
     who: str | None = None,
 ) -> Subscription:
@@ -102,6 +103,8 @@ async def open_stream(
     ``resumable``: its events are journaled (``RESUME.CACHE``) so the owner can replay them from
     any worker, and when its last client leaves it keeps generating for ``RESUME.GRACE`` seconds
     waiting for a resume. Otherwise the stream stops as soon as its client leaves.
+    ``background`` (with ``resumable``): it keeps generating to its end whether or not a client
+    reads it (its ``DEADLINE`` still bounds it).
 
     ``who`` is the identity string the stream counts against (:func:`chatproxy.limits.identity_of`;
     default: ``user``'s identity). Raises :class:`chatproxy.limits.LimitExceeded` (answer 429) before
@@ -111,6 +114,8 @@ async def open_stream(
     await profiles.arefresh()  # at most one cache read; a query only after a profile changed
     policy = profiles.resolve_policy(request.model, options)
     grace = float(get_config()["RESUME"]["GRACE"]) if resumable else 0.0
+    if background and resumable:
+        grace = max(grace, policy.deadline)  # the deadline ends the stream before the grace would
     slot = await limits.aadmit(who or limits.identity(user, None), policy.deadline + grace + limits.SLOT_MARGIN)
     try:
         try:

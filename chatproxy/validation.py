@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from chatproxy.codes import ErrorCode
@@ -193,3 +194,128 @@ def parse_openai_request(body: Any) -> tuple[ChatRequest, bool, bool]:
         extra_body=get_config()["UPSTREAM"]["EXTRA_BODY"] or {},
     )
     return request, stream, bool(options.get("include_usage"))
+
+
+# --- the Responses API (``POST /chat/v1/responses``) ---------------------------------------------
+
+#: Accepted and not sent on: they change neither the answer nor its shape here.
+RESPONSES_IGNORED = frozenset({
+    "metadata", "user", "safety_identifier", "prompt_cache_key", "prompt_cache_retention", "service_tier",
+    "parallel_tool_calls", "truncation", "include", "stream_options", "reasoning", "max_tool_calls",
+})
+#: Known parameters this endpoint cannot honour yet: a 400 naming them.
+RESPONSES_REFUSED = frozenset({"previous_response_id", "conversation", "prompt", "top_logprobs"})
+RESPONSES_FIELDS = frozenset({
+    "model", "input", "instructions", "max_output_tokens", "temperature", "top_p", "stream", "background",
+    "store", "text", "tools", "tool_choice",
+}) | RESPONSES_IGNORED | RESPONSES_REFUSED
+#: Content part types that carry plain text, in input messages.
+_TEXT_PARTS = frozenset({"input_text", "output_text", "text"})
+
+
+@dataclass(frozen=True, slots=True)
+class ResponsesRequest:
+    """A validated Responses API request: the chat request it becomes, and how to answer it."""
+
+    chat: ChatRequest
+    stream: bool
+    background: bool
+    store: bool
+
+
+def _flag(body: Mapping[str, Any], name: str, default: bool) -> bool:
+    value = body.get(name)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise InvalidRequest(f"'{name}' must be true or false.", param=name)
+    return value
+
+
+def _item_text(content: Any, where: str) -> str:
+    """An input message's content (a string, or a list of text parts) as one string."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise InvalidRequest(f"{where}.content must be a string or a list of content parts.", param=where)
+    texts = []
+    for index, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind not in _TEXT_PARTS or not isinstance(part.get("text"), str):
+            raise InvalidRequest(
+                f"{where}.content[{index}] must be a text part ({{'type': 'input_text', 'text': str}}); "
+                "other part types are not supported here.",
+                param=where,
+            )
+        texts.append(part["text"])
+    return "".join(texts)
+
+
+def _input_messages(body: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """``instructions`` and ``input`` as chat messages (roles and caps are checked afterwards)."""
+    messages: list[dict[str, Any]] = []
+    instructions = body.get("instructions")
+    if instructions is not None:
+        if not isinstance(instructions, str):
+            raise InvalidRequest("'instructions' must be a string.", param="instructions")
+        messages.append({"role": "system", "content": instructions})
+    items = body.get("input")
+    if isinstance(items, str):
+        return [*messages, {"role": "user", "content": items}]
+    if not isinstance(items, list) or not items:
+        raise InvalidRequest("'input' must be a string or a non-empty list of message items.", param="input")
+    for index, item in enumerate(items):
+        where = f"input[{index}]"
+        if not isinstance(item, dict):
+            raise InvalidRequest(f"{where} must be a message item ({{'role', 'content'}}).", param=where)
+        kind = item.get("type", "message")
+        if kind == "reasoning":
+            continue  # a reasoning item sent back: meant for the model that wrote it, not for a chat upstream
+        if kind != "message":
+            raise InvalidRequest(f"{where}: items of type {str(kind)[:40]!r} are not supported here; "
+                                 "send messages ({'role', 'content'}).", param=where)
+        role = item.get("role")
+        if role not in ("user", "system", "developer", "assistant"):
+            raise InvalidRequest(f"{where}.role must be one of: user, system, developer, assistant.", param=where)
+        messages.append({"role": role, "content": _item_text(item.get("content"), where)})
+    return messages
+
+
+def parse_responses_request(body: Any) -> ResponsesRequest:
+    """A :class:`ResponsesRequest` from a Responses API body. Unknown parameters are a 400, as on
+    OpenAI's own API; :data:`RESPONSES_REFUSED` ones too; :data:`RESPONSES_IGNORED` ones are accepted."""
+    if not isinstance(body, dict):
+        raise InvalidRequest("The request body must be a JSON object.")
+    unknown = sorted(str(name) for name in set(body) - RESPONSES_FIELDS)
+    if unknown:
+        raise InvalidRequest(f"Unknown parameter: '{unknown[0][:60]}'.", param=unknown[0][:60])
+    for name in sorted(RESPONSES_REFUSED):
+        if body.get(name) is not None:
+            raise InvalidRequest(f"'{name}' is not supported by this endpoint.", param=name)
+    if body.get("tools"):
+        raise InvalidRequest("'tools' is not supported by this endpoint yet.", param="tools")
+    if body.get("tool_choice") not in (None, "auto", "none"):
+        raise InvalidRequest("'tool_choice' must be 'auto' or 'none' without tools.", param="tool_choice")
+    text = body.get("text")
+    if text is not None:
+        form = text.get("format") if isinstance(text, dict) else None
+        if not isinstance(text, dict) or (form is not None and form != {"type": "text"}):
+            raise InvalidRequest("Only plain text output is supported: 'text' may only be "
+                                 "{'format': {'type': 'text'}}.", param="text")
+    params = validate_params({"temperature": body.get("temperature")})
+    if body.get("max_output_tokens") is not None:
+        params["max_tokens"] = _number(body, "max_output_tokens", 1, 1_000_000, integer=True)
+    if body.get("top_p") is not None:
+        params["top_p"] = _number(body, "top_p", 0, 1, integer=False)
+    background = _flag(body, "background", False)
+    store = _flag(body, "store", True)
+    if background and not store:
+        raise InvalidRequest("'background' needs 'store' (a background response is kept to be read later).",
+                             param="background")
+    chat = ChatRequest(
+        model=validate_model(body.get("model")),
+        messages=validate_messages(_input_messages(body), openai_shape=True),
+        params=params,
+        extra_body=get_config()["UPSTREAM"]["EXTRA_BODY"] or {},
+    )
+    return ResponsesRequest(chat=chat, stream=_flag(body, "stream", False), background=background, store=store)

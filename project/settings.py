@@ -18,7 +18,8 @@ Environment variables (all optional):
 ``CHATPROXY_MODEL``               model used with the real API, default "gpt-4o-mini"
 ``CHATPROXY_SIMULATOR_URL``       the simulator's base URL, default "http://127.0.0.1:8001/v1"
 ``CHATPROXY_SDK``                 UPSTREAM.SDK: "none" (default here: no SDK, the API over aiohttp),
-                                  "auto", "current" or "legacy" (an openai SDK)
+                                  "auto", "current" or "legacy" (an openai SDK), "anthropic" (the
+                                  Messages API, which the simulator speaks too)
 ``CHATPROXY_HTTP_CLIENT``         the current SDK's transport, "aiohttp" (default here) or "httpx"
 ``CHATPROXY_RESUME``              a JSON object merged into CHATPROXY["RESUME"], e.g. '{"GRACE": 0.5}'
 ``CHATPROXY_TIMEOUTS``            a JSON object merged into CHATPROXY["TIMEOUTS"], e.g.

@@ -35,7 +35,7 @@ __all__ = [
     "resolve_sdk",
 ]
 
-SDK_CHOICES = ("auto", "current", "legacy", "none")
+SDK_CHOICES = ("auto", "current", "legacy", "none", "anthropic")
 HTTP_CLIENT_CHOICES = ("httpx", "aiohttp")
 
 INSTALL_CURRENT = 'pip install -U openai (or "openai[aiohttp]" for HTTP_CLIENT "aiohttp")'
@@ -87,7 +87,8 @@ def build_upstream(
     api_key: str | None,
 ) -> Upstream:
     """The adapter for ``sdk`` (``"none"``: no SDK, the API over aiohttp directly, see
-    :mod:`chatproxy.upstream.raw`; ``"auto"``: the installed openai generation, else ``"none"``, so
+    :mod:`chatproxy.upstream.raw`; ``"anthropic"``: Anthropic's Messages API over aiohttp, see
+    :mod:`chatproxy.upstream.anthropic`; ``"auto"``: the installed openai generation, else ``"none"``, so
     a plain ``pip install chatproxy`` works with aiohttp alone).
 
     ``http_client`` picks the current SDK's transport (``"httpx"``: the SDK default,
@@ -105,6 +106,13 @@ def build_upstream(
     installed = _generation(version) if version else None
     if sdk == "auto":
         sdk = installed or "none"
+    if sdk == "anthropic":  # Anthropic's Messages API over aiohttp (no SDK)
+        try:
+            from chatproxy.upstream.anthropic import AnthropicUpstream
+        except ImportError as exc:
+            raise ConfigurationError(f'UPSTREAM.SDK "anthropic" needs aiohttp ({type(exc).__name__}): '
+                                     f"{INSTALL_AIOHTTP}") from exc
+        return AnthropicUpstream(base_url=base_url, api_key=api_key)
     if sdk == "none":
         try:
             from chatproxy.upstream.raw import RawUpstream
@@ -159,7 +167,7 @@ def preload() -> None:
     from chatproxy.conf import get_config
 
     sdk = resolve_sdk(get_config()["UPSTREAM"]["SDK"])
-    module = {"current": "current", "legacy": "legacy", "none": "raw"}.get(sdk)
+    module = {"current": "current", "legacy": "legacy", "none": "raw", "anthropic": "anthropic"}.get(sdk)
     if module is not None:
         try:
             importlib.import_module(f"chatproxy.upstream.{module}")
