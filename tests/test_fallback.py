@@ -42,7 +42,7 @@ PRIMARY_KEY = "sk-simulator"  # the sample project's key for the simulator
 TIMEOUTS = {**LIVE_TIMEOUTS, "MAX_ATTEMPTS": 3}
 COOLDOWN = 1.5
 FAILURES = 2
-WAYS = ["sse", "openai-stream", "openai", "websocket"]
+WAYS = ["sse", "openai-stream", "openai", "responses", "websocket"]
 _unique = itertools.count()
 
 
@@ -152,6 +152,18 @@ async def ask(way: str, server: AppServer, api_key: str, content: str) -> Answer
         return Answer(text, end.get("model"), end.get("code"),
                       [f["fallback"] for f in frames if f["type"] == "retry" and "fallback" in f],
                       sum(f["type"] == "reset" for f in frames), json.dumps(frames))
+    if way == "responses":  # the Responses API, over plain HTTP (the legacy SDK has no client for it)
+        headers = {"Authorization": f"Bearer {api_key}"}
+        async with aiohttp.ClientSession(server.url) as session, session.post(
+            "/chat/v1/responses", json={"model": "gpt-4o-mini", "input": content}, headers=headers
+        ) as response:
+            raw = await response.text()
+        body = json.loads(raw)
+        if response.status != 200 or body.get("status") == "failed":
+            error = body.get("error") or {}
+            return Answer("", error=str(error.get("code") or error.get("type")), raw=raw)
+        text = "".join(part["text"] for item in body["output"] for part in item.get("content") or ())
+        return Answer(text, body["model"], raw=raw)
     return await (ask_current if CURRENT_SDK else ask_legacy)(way == "openai-stream", server, api_key, messages)
 
 
