@@ -68,8 +68,10 @@ def cache_dir() -> Iterator[Path]:
 def server_env(primary: SimulatorProcess, backup: SimulatorProcess, cache_dir: Path) -> dict[str, str]:
     env = simulator_env(
         primary.base_url, log_level="INFO", timeouts=TIMEOUTS, limits=LIVE_LIMITS,
-        upstreams={"backup": {"BASE_URL": backup.base_url, "API_KEY": BACKUP_KEY}},
-        fallbacks={"gpt-4o-mini": ["gpt-4o", "backup:gpt-4.1-mini"]},
+        upstreams={"backup": {"BASE_URL": backup.base_url, "API_KEY": BACKUP_KEY},
+                   # the same provider's Messages API: an Anthropic-style upstream (its BASE_URL has no /v1)
+                   "claude": {"BASE_URL": backup.url, "API_KEY": BACKUP_KEY, "SDK": "anthropic"}},
+        fallbacks={"gpt-4o-mini": ["gpt-4o", "backup:gpt-4.1-mini", "claude:claude-sim"]},
         circuit={"FAILURES": FAILURES, "COOLDOWN": COOLDOWN},
     )
     # A file cache the test can wipe between tests (every circuit closed again), shared by the
@@ -243,6 +245,19 @@ async def test_both_models_down_the_second_provider_answers(way, server, api_key
     assert models_asked(backup)[0] == "gpt-4.1-mini"
     if way in ("sse", "websocket"):
         assert answer.fallbacks == ["gpt-4o", "backup:gpt-4.1-mini"]
+    assert_no_key(answer.raw)
+
+
+@pytest.mark.parametrize("way", WAYS)
+async def test_every_openai_model_down_an_anthropic_upstream_answers(way, server, api_key, primary, backup, fresh):
+    primary.set_fault("*", "status=503")
+    backup.set_fault("gpt-4.1-mini", "status=503")
+    answer = await answered(way, server, api_key, backup)
+    assert answer.model == "claude-sim"
+    assert [(r["model"], r["api"]) for r in backup.requests()][-2:] == [
+        ("claude-sim", "messages"), ("healthy-reference", "chat.completions")]
+    if way in ("sse", "websocket"):
+        assert answer.fallbacks == ["gpt-4o", "backup:gpt-4.1-mini", "claude:claude-sim"]
     assert_no_key(answer.raw)
 
 
