@@ -208,6 +208,18 @@ async def clean_answer(page, conversation: str | list[dict[str, str]]) -> str:
     return "".join(data["text"] for name, data in events if name == "delta")
 
 
+async def answered_with(page, topic: str, *, transport: str, fault: str) -> tuple[str, dict[str, list[dict]], str]:
+    """Ask a new question about ``topic`` with ``fault`` on ``transport``; once the answer is done:
+    the question, the watcher's {log, texts} and the answer shown."""
+    text = unique_message(topic)
+    await choose(page, transport=transport, fault=fault)
+    await send(page, text)
+    seen = await finished(page)
+    state, answer = await answer_state(page)
+    assert state == "done", seen["log"][-3:]
+    return text, seen, answer
+
+
 async def answer_state(page) -> tuple[str, str]:
     answer = page.locator(".msg.assistant").last
     return await answer.get_attribute("data-state"), await answer.text_content()
@@ -260,14 +272,8 @@ async def test_enter_streams_the_full_answer(page, transport):
 
 @pytest.mark.parametrize("transport", ["sse", "websocket"])
 async def test_stall_mid_answer_recovers_seamlessly(page, sim, transport):
-    text = unique_message("rivers")
-    await choose(page, transport=transport, fault=STALL_MID_ANSWER)
-    await send(page, text)
-    seen = await finished(page)
+    text, seen, answer = await answered_with(page, "rivers", transport=transport, fault=STALL_MID_ANSWER)
     log = seen["log"]
-
-    state, answer = await answer_state(page)
-    assert state == "done", log[-3:]
     assert any(e["state"] == "reconnecting" for e in log), "the reconnecting state was never shown"
     assert any(e["note"] == "Reconnecting…" for e in log)
     assert_no_reset(seen["texts"])
@@ -290,12 +296,7 @@ async def test_stall_mid_answer_recovers_seamlessly(page, sim, transport):
 
 @pytest.mark.parametrize("transport", ["sse", "websocket"])
 async def test_primary_down_a_fallback_model_answers(page, sim, transport):
-    text = unique_message("deltas")
-    await choose(page, transport=transport, fault=PRIMARY_DOWN)
-    await send(page, text)
-    seen = await finished(page)
-    state, answer = await answer_state(page)
-    assert state == "done", seen["log"][-3:]
+    text, seen, answer = await answered_with(page, "deltas", transport=transport, fault=PRIMARY_DOWN)
     assert any(e["note"] == "Switching to gpt-4o…" for e in seen["log"]), seen["log"]
     assert answer == await clean_answer(page, text)  # the fallback's answer, exactly
     await page.wait_for_function(
