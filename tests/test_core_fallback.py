@@ -311,3 +311,12 @@ async def test_a_success_resets_the_count(failures: int) -> None:
     for _ in range(failures):
         run = await play([unavailable()] * 3, [say("ok")], breaker=circuits)
         assert run.stream.stats.circuits_opened == []
+
+
+@on_virtual_clock
+async def test_a_diverging_fallback_on_a_transport_without_reset_is_no_failure_of_the_fallback() -> None:
+    circuits = breaker(failures=1)
+    cut = [say(*WORDS[:3], error=UpstreamDisconnected())] * 3
+    run = await play(cut, [say("Another", " answer")], breaker=circuits, allow_reset=False)
+    assert run.last.data == {"code": "upstream_unavailable"}
+    assert run.stream.stats.circuits_opened == ["default:gpt-4o-mini"]  # the primary's only

@@ -51,7 +51,7 @@ class AttemptRunner:
     """
 
     __slots__ = ("_allow_reset", "_answer", "_log", "_loop", "_on_retry", "_rng", "_stats", "_watchdog", "attempts",
-                 "last_reason")
+                 "diverged", "last_reason")
 
     def __init__(
         self,
@@ -75,12 +75,14 @@ class AttemptRunner:
         self._on_retry = on_retry
         self.attempts = 0
         self.last_reason = ""
+        self.diverged = False  # the last run ended because a restart diverged where no reset can be sent
 
     async def run(self, target: Target, *, fallback_left: bool = False) -> Done | MoveOn | GiveUp:
         """Attempt ``target`` until it answers (:class:`Done`), or the plan says :class:`MoveOn`
         (only while ``fallback_left``: another target may be tried) or :class:`GiveUp`.
 
-        ``last_reason`` is then the reason of the failure that ended the target.
+        ``last_reason`` is then the reason of the failure that ended the target; ``diverged`` says
+        whether it was a restart that diverged from the text sent (on a transport without ``reset``).
 
         A ``continue`` target that refuses the prefilled request (a request error answering a
         continuation) is restarted instead, at once, without using up one of its attempts; the
@@ -96,6 +98,7 @@ class AttemptRunner:
             try:
                 finish_reason, usage = await self._attempt(target)
             except Diverged:
+                self.diverged = True
                 return GiveUp(ErrorCode.UPSTREAM_UNAVAILABLE)
             except UpstreamError as exc:
                 self.last_reason = exc.reason

@@ -87,7 +87,9 @@ async def answer(
             if breaker is not None:
                 await breaker.report(target.key, admission, True)
             return outcome
-        unhealthy = outcome.unhealthy if isinstance(outcome, MoveOn) else outcome.code in UNHEALTHY
+        # A restart that answered differently is no failure of the target (only the transport cannot show it).
+        unhealthy = outcome.unhealthy if isinstance(outcome, MoveOn) else (
+            outcome.code in UNHEALTHY and not runner.diverged)
         if breaker is not None and unhealthy and await breaker.report(target.key, admission, False):
             stats.circuits_opened.append(target.key)
         if isinstance(outcome, GiveUp):
