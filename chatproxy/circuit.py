@@ -14,9 +14,10 @@ nowhere else to go, a stream always tries its target.
 State. One cache entry per target, ``(failures, open_until)`` (``open_until`` a wall-clock time,
 comparable across workers), in the ``RESUME.CACHE`` cache (the one chatproxy already requires to be
 shared: Redis in production); and, while a probe runs, a second entry taken with ``cache.add`` so
-that only one worker probes, held at most ``probe_lease`` seconds (the stream's deadline) in case
-the probing worker dies. An entry no failure touched for :data:`FORGET_AFTER` seconds lapses: old
-failures are not "in a row" any more.
+that only one worker probes. That entry lapses after ``probe_lease`` seconds (``COOLDOWN``) even
+if the probe never reports (its client left, its worker died): then the next request probes, so
+a lost probe keeps a target skipped for one more cooldown at most. An entry no failure touched
+for :data:`FORGET_AFTER` seconds lapses: old failures are not "in a row" any more.
 
 Cost. Choosing a target reads its entry (one cache call; a second, the ``add``, only when a cooldown
 has just ended); the end of its answer writes it only when there is something to change: a failure,
@@ -127,7 +128,7 @@ def get_breaker() -> CacheBreaker:
 
     failures, cooldown = circuit_settings()
     return CacheBreaker(caches[get_config()["RESUME"]["CACHE"]], failures=failures, cooldown=cooldown,
-                        probe_lease=float(get_config()["TIMEOUTS"].get("DEADLINE") or 300.0))
+                        probe_lease=cooldown)
 
 
 def forget(**kwargs: Any) -> None:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from datetime import timedelta
 
 import pytest
@@ -202,3 +203,16 @@ async def test_a_fallback_whose_upstream_cannot_be_built_is_left_out(caplog):
     errors = [r.getMessage() for r in caplog.records if r.name == "chatproxy.service"]
     assert len(errors) == 2 and "nourl:a" in errors[0] and "odd:b" in errors[1]  # once each
     assert not any("sk-nourl-secret" in e for e in errors)
+
+
+async def test_a_probe_that_never_reports_lapses():
+    clock = Clock()
+    breaker = CacheBreaker(LocMemCache("breaker-lost-probe", {}), failures=1, cooldown=30.0, probe_lease=0.05,
+                           clock=clock)
+    key = "default:m"
+    assert await breaker.report(key, await breaker.admit(key), False)
+    clock.now += 30.0
+    assert (await breaker.admit(key)).probe  # its client leaves: it never reports
+    assert not (await breaker.admit(key)).allowed
+    await asyncio.sleep(0.1)  # the lease (LocMemCache's own expiry, in real time) has lapsed
+    assert (await breaker.admit(key)).probe
