@@ -174,11 +174,11 @@ class ChatStream:
     def finished(self) -> bool:
         return self._log.finished
 
-    async def answered_or_finished(self, timeout: float) -> None:
-        """Wait (at most ``timeout`` seconds) until an upstream answered with its response headers
+    async def answered_or_finished(self, within: float) -> None:
+        """Wait (at most ``within`` seconds) until an upstream answered with its response headers
         or the stream ended: a transport that must choose its HTTP status holds it until then."""
         self.start()
-        await self._log.answered_or_finished(timeout)
+        await self._log.answered_or_finished(within)
 
     def cancel(self) -> None:
         """Stop generating: the stream ends with ``error`` code ``cancelled``."""

@@ -115,14 +115,14 @@ class EventLog:
             self.answered = True
             self._wake_answered()
 
-    async def answered_or_finished(self, timeout: float) -> None:
-        """Wait until an upstream answered its headers or the stream ended, at most ``timeout`` s."""
+    async def answered_or_finished(self, within: float) -> None:
+        """Wait until an upstream answered its headers or the stream ended, at most ``within`` s."""
         if self.answered or self.finished:
             return
         if self._answered_waiter is None:
             self._answered_waiter = self.loop.create_future()
         try:
-            await asyncio.wait_for(asyncio.shield(self._answered_waiter), timeout)
+            await asyncio.wait_for(asyncio.shield(self._answered_waiter), within)
         except TimeoutError:
             pass
 

@@ -32,7 +32,7 @@ class Diverged(Exception):
 class Joiner:
     """Feeds one retry attempt's chunks onto ``answer``; ``mode`` is ``"restart"`` or ``"continue"``."""
 
-    __slots__ = ("_allow_reset", "_answer", "held", "joined", "matched", "mode", "prefix", "segments", "segment")
+    __slots__ = ("_allow_reset", "_answer", "held", "joined", "matched", "mode", "prefix", "segment", "segments")
 
     # A continuation's overlap is looked for in the first this-many characters.
     OVERLAP_WINDOW = 64

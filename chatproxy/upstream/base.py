@@ -132,7 +132,9 @@ class BodyStream:
                     return None
                 text = delta.get("content")
                 # The hot path: a lone content delta ({"content": ...}, maybe with null fields).
-                if not choice.get("logprobs") and (len(delta) == 1 or not any(map(delta.get, _PART_FIELDS))):
+                if not choice.get("logprobs") and (
+                    (text is not None and len(delta) == 1) or not any(map(delta.get, _PART_FIELDS))
+                ):
                     return text if text and type(text) is str else None
                 return choices
         for choice in choices:

@@ -198,7 +198,7 @@ class LegacyUpstream:
         if not isinstance(status, int) or status < 400:
             # An error object inside a 200 body, or no status at all.
             return UpstreamStatusError(0, describe(exc, None, code), retry_after=retry_after)
-        return status_error(status, describe(exc, status, code), retry_after=retry_after)
+        return status_error(status, describe(exc, status, code), retry_after=retry_after, code=code)
 
     async def aclose(self) -> None:
         """Close this loop's session. Sessions of other loops cannot be awaited from here."""
