@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from chatproxy.codes import ErrorCode
@@ -17,6 +17,9 @@ from chatproxy.core import ChatRequest
 
 ROLES = frozenset({"system", "user", "assistant"})
 NATIVE_FIELDS = frozenset({"messages", "model", "temperature", "max_tokens", "seed"})
+#: Fields of the native request that shape the answer beyond text, passed on as the OpenAI way in
+#: passes them (the answer's tool calls arrive as ``tool_call`` events).
+NATIVE_PASSED = ("tools", "tool_choice", "parallel_tool_calls", "response_format")
 
 
 class InvalidRequest(Exception):
@@ -233,16 +236,19 @@ def parse_native_request(body: Any) -> ChatRequest:
     """A :class:`ChatRequest` from the JSON body of ``POST /chat/stream/`` (or a WebSocket frame)."""
     if not isinstance(body, dict):
         raise InvalidRequest("The request body must be a JSON object.")
-    unknown = sorted(set(body) - NATIVE_FIELDS)
+    unknown = sorted(set(body) - NATIVE_FIELDS - set(NATIVE_PASSED))
     if unknown:
+        allowed = sorted(NATIVE_FIELDS | set(NATIVE_PASSED))
         raise InvalidRequest(
-            f"Unknown field(s): {', '.join(map(str, unknown))}. Allowed: {', '.join(sorted(NATIVE_FIELDS))}.",
+            f"Unknown field(s): {', '.join(map(str, unknown))}. Allowed: {', '.join(allowed)}.",
             param=str(unknown[0]),
         )
+    params = validate_params(body)
+    params.update(_passed(body, NATIVE_PASSED))
     return ChatRequest(
         model=validate_model(body.get("model")),
         messages=validate_messages(body.get("messages")),
-        params=validate_params(body),
+        params=params,
         extra_body=get_config()["UPSTREAM"]["EXTRA_BODY"] or {},
     )
 
@@ -361,6 +367,15 @@ OPENAI_PASSED: dict[str, Callable[[Any], Any]] = {
 OPENAI_OWN = frozenset({"model", "messages", "stream", "stream_options", "temperature", "max_tokens", "seed", "stop"})
 
 
+def _passed(body: Mapping[str, Any], names: Iterable[str]) -> dict[str, Any]:
+    """The fields of ``names`` present (not null) in ``body``, each checked (:data:`OPENAI_PASSED`)."""
+    params = {name: OPENAI_PASSED[name](body[name]) for name in names if body.get(name) is not None}
+    if ("tool_choice" in params or "parallel_tool_calls" in params) and "tools" not in params:
+        name = "tool_choice" if "tool_choice" in params else "parallel_tool_calls"
+        raise InvalidRequest(f"'{name}' needs 'tools'.", param=name)
+    return params
+
+
 def parse_openai_request(body: Any) -> tuple[ChatRequest, bool, bool]:
     """``(request, stream, include_usage)`` from an OpenAI chat-completions body."""
     if not isinstance(body, dict):
@@ -381,14 +396,9 @@ def parse_openai_request(body: Any) -> tuple[ChatRequest, bool, bool]:
     if "model" not in body:
         raise InvalidRequest("'model' is required.", param="model")
     params = validate_params(body)
-    for name, check in OPENAI_PASSED.items():
-        if body.get(name) is not None:
-            params[name] = check(body[name])
+    params.update(_passed(body, OPENAI_PASSED))
     if "top_logprobs" in params and not params.get("logprobs"):
         raise InvalidRequest("'top_logprobs' needs 'logprobs': true.", param="top_logprobs")
-    if ("tool_choice" in params or "parallel_tool_calls" in params) and "tools" not in params:
-        name = "tool_choice" if "tool_choice" in params else "parallel_tool_calls"
-        raise InvalidRequest(f"'{name}' needs 'tools'.", param=name)
     stop = body.get("stop")
     if stop is not None:
         if isinstance(stop, str):
