@@ -253,3 +253,26 @@ async def test_request_errors_reach_the_client_as_what_they_are(
     assert (error.http_status if LEGACY else error.status_code) == status
     assert body["code"] == code and body["type"] == "invalid_request_error"
     assert "check your message" not in body["message"]
+
+
+async def test_the_200_waits_for_the_upstream_headers_at_most_keepalive(daphne: Any, api_key: str) -> None:
+    """A slow upstream (headers after 0.8 s, KEEPALIVE 0.3 s): the 200 is committed after about
+    KEEPALIVE, not before the upstream could refuse, and not after a gateway would give up."""
+    import time
+
+    import aiohttp
+
+    from tests.fixtures_servers import LIVE_TIMEOUTS
+
+    messages, _ = question("headers_delay=0.8")
+    body = {"model": "gpt-4o-mini", "messages": messages, "stream": True}
+    async with aiohttp.ClientSession() as session:
+        started = time.monotonic()
+        async with session.post(f"{daphne.url}/chat/v1/chat/completions", json=body,
+                                headers={"Authorization": f"Bearer {api_key}"}) as response:
+            waited = time.monotonic() - started
+            text = await response.text()
+    keepalive = LIVE_TIMEOUTS["KEEPALIVE"]
+    assert response.status == 200
+    assert keepalive * 0.9 <= waited < 0.75, waited  # the upstream answers its headers at 0.8 s
+    assert text.rstrip().endswith("data: [DONE]")
