@@ -268,8 +268,8 @@ OPENAI_REFUSED = {
 
 
 def _tools(value: Any) -> list[Any]:
-    if not isinstance(value, list) or len(value) > _MAX_TOOLS:
-        raise InvalidRequest(f"'tools' must be a list of at most {_MAX_TOOLS} tools.", param="tools")
+    if not isinstance(value, list) or not 1 <= len(value) <= _MAX_TOOLS:
+        raise InvalidRequest(f"'tools' must be a list of 1 to {_MAX_TOOLS} tools.", param="tools")
     for number, tool in enumerate(value):
         function = tool.get("function") if isinstance(tool, dict) else None
         if not isinstance(tool, dict) or tool.get("type") != "function" or not isinstance(function, dict):

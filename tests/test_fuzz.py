@@ -688,7 +688,9 @@ NASTY_FRAMES: list[tuple[str, str | bytes]] = [
     ("request_id 10,000 characters", json.dumps({"type": "chat", "request_id": "r" * 10_000,
                                                   "messages": [{"role": "user", "content": "x"}]})),
     ("unknown field", '{"type": "chat", "request_id": "u", "messages": [{"role": "user", "content": "x"}], '
-                      '"tools": []}'),
+                      '"stream": true}'),
+    ("empty tools", '{"type": "chat", "request_id": "t", "messages": [{"role": "user", "content": "x"}], '
+                    '"tools": []}'),
     ("empty messages", '{"type": "chat", "request_id": "e", "messages": []}'),
     ("null messages", '{"type": "chat", "request_id": "e", "messages": null}'),
     ("cancel unknown", '{"type": "cancel", "request_id": "nope"}'),
