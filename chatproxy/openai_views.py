@@ -58,7 +58,7 @@ def commit_after(policy: Policy) -> float:
 
 
 
-@csrf_exempt  # bearer keys carry no cookie; authorize() enforces CSRF for session users
+@csrf_exempt  # type: ignore[untyped-decorator]  # bearer keys carry no cookie; authorize() enforces CSRF
 async def chat_completions(request: HttpRequest) -> HttpResponse:
     if request.method != "POST":
         return openai_error(ErrorCode.METHOD_NOT_ALLOWED, "Use POST.", headers={"Allow": "POST"})
