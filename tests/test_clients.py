@@ -21,15 +21,14 @@ from typing import Any
 
 import pytest
 
+from tests.fixtures_servers import new_api_key
+
 CLIENTS = Path(__file__).resolve().parent / "clients"
 
 
 @pytest.fixture(scope="module")
 def api_key(daphne: Any) -> str:
-    daphne.manage("createsuperuser", "--noinput", "--username", "clients", "--email", "c@example.com",
-                  env={"DJANGO_SUPERUSER_PASSWORD": "clients-pass-123"})
-    key: str = daphne.manage("chatproxy_key", "create", "clients", "--name", "client-tests").strip()
-    return key
+    return new_api_key(daphne, "clients")
 
 
 SCENARIOS = [

@@ -6,11 +6,14 @@ adapter yields, a ``str`` for a choice-0 text delta and the chunk's ``choices`` 
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncGenerator
 from typing import Any
 
+from chatproxy.core import ChatStream
 from chatproxy.errors import StallTimeout, UpstreamDisconnected
-from tests.scripted import Attempt, say
-from tests.test_core_unit import P, at, play
+from tests.scripted import Attempt, Opened, ScriptedStream, ScriptedUpstream, say
+from tests.test_core_unit import REQUEST, P, at, play
 from tests.vclock import on_virtual_clock
 
 
@@ -131,3 +134,33 @@ async def test_refusal_logprobs_and_other_choices_keep_their_fields() -> None:
 async def test_a_partial_tool_call_is_partial_output_for_on_partial_fail() -> None:
     run = await play([Attempt(chunks=[(0.1, CALL[0])], error=StallTimeout())], P.with_options(on_partial="fail"))
     assert run.names == ["start", "tool_call", "error"]
+
+
+class FinishedThenSilent(ScriptedStream):
+    """Sends its chunks and its finish chunk, then never the usage chunk nor the end of the body."""
+
+    async def _iterate(self) -> AsyncGenerator[Any, None]:
+        for delay, item in self.attempt.chunks:
+            await asyncio.sleep(delay)
+            yield item
+        self.finish_reason = "tool_calls"
+        await self.loop.create_future()
+
+
+@on_virtual_clock
+async def test_a_stall_after_the_finish_chunk_ends_the_answer_instead_of_retrying() -> None:
+    upstream = ScriptedUpstream([say(*CALL, gap=0.1)])
+    loop = asyncio.get_running_loop()
+
+    async def open_silent(request: Any) -> ScriptedStream:
+        upstream.opened.append(Opened(request, loop.time()))
+        stream = upstream.opened[-1].stream = FinishedThenSilent(upstream.script[0], loop)
+        return stream
+
+    upstream.open = open_silent  # type: ignore[method-assign]
+    stream = ChatStream(upstream, REQUEST, P).start()  # type: ignore[arg-type]
+    events = [event async for event in stream]
+    await stream.aclose()
+    assert [e.name for e in events] == ["start", *["tool_call"] * 4, "done"]
+    assert events[-1].data == {"finish_reason": "tool_calls", "attempts": 1, "usage": None}
+    assert upstream.unclosed() == []

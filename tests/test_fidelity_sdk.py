@@ -16,6 +16,8 @@ from typing import Any
 
 import pytest
 
+from tests.fixtures_servers import new_api_key
+
 openai = pytest.importorskip("openai")
 LEGACY = not hasattr(openai, "AsyncOpenAI")
 
@@ -58,10 +60,7 @@ def question(directive: str = "") -> tuple[list[dict[str, Any]], list[dict[str, 
 
 @pytest.fixture(scope="module")
 def api_key(daphne: Any) -> str:
-    daphne.manage("createsuperuser", "--noinput", "--username", "fidelity", "--email", "f@example.com",
-                  env={"DJANGO_SUPERUSER_PASSWORD": "fidelity-pass-123"})
-    key: str = daphne.manage("chatproxy_key", "create", "fidelity", "--name", "sdk-tests").strip()
-    return key
+    return new_api_key(daphne, "fidelity")
 
 
 class Client:

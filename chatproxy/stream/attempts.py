@@ -9,8 +9,10 @@ Every item an adapter yields is progress for the first-token and stall deadlines
 a model streaming a tool call's arguments, its reasoning or a refusal is as alive as one
 streaming text. Chunks that carry nothing (the role chunk, the usage chunk after the finish) never
 reach the loop, so they neither count as a first token nor end anything early: the attempt ends
-when the body does. After partial output that is more than text, ``ON_PARTIAL = "continue"``
-falls back to a restart (a half-sent tool call cannot be continued, only made again).
+when the body does, with the usage read. If the body stalls after its finish chunk (the usage
+chunk or ``[DONE]`` never comes), the answer is complete all the same and ends as ``done``.
+After partial output that is more than text, ``ON_PARTIAL = "continue"`` falls back to a restart
+(a half-sent tool call cannot be continued, only made again).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from chatproxy.codes import ErrorCode
-from chatproxy.errors import UpstreamError
+from chatproxy.errors import StallTimeout, UpstreamError
 from chatproxy.stream.answer import Answer
 from chatproxy.stream.events import EventLog
 from chatproxy.stream.joiner import Diverged, Joiner
@@ -173,6 +175,12 @@ class AttemptRunner:
             failure = watchdog.failure()
             if failure is None:
                 raise
+            if isinstance(failure, StallTimeout) and stream is not None and stream.finish_reason is not None:
+                # The answer had ended (its finish chunk came); only the usage chunk or the end of
+                # the body is late. The answer is complete: it is not failed, nor made again.
+                if joiner is not None:
+                    joiner.end()
+                return stream.finish_reason, stream.usage
             raise failure from None
         finally:
             watchdog.unwatch()
