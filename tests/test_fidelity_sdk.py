@@ -275,3 +275,23 @@ async def test_the_200_waits_for_the_upstream_headers_at_most_keepalive(daphne: 
     assert response.status == 200
     assert keepalive * 0.9 <= waited < 0.75, waited  # the upstream answers its headers at 0.8 s
     assert text.rstrip().endswith("data: [DONE]")
+
+
+@pytest.mark.parametrize(("delay", "usage_arrives"), [(0.3, True), (1.5, False)], ids=["late", "never-in-time"])
+async def test_a_late_usage_chunk_never_fails_a_finished_answer(
+    proxy: Client, direct: Client, sim: Any, delay: float, usage_arrives: bool
+) -> None:
+    """The usage chunk comes ``delay`` s after the finish chunk (STALL is 0.5 s): in time it is passed
+    on; too late, the finished answer still ends as it is, with no retry and no error."""
+    messages, clean = question(f"usage_delay={delay}")
+    ask = {"model": "gpt-4o-mini", "stream_options": {"include_usage": True}}
+    got = await proxy.chunks(messages=messages, **ask)
+    expected = await direct.chunks(messages=clean, **ask)
+    assert text(got) == text(expected) and finish_reasons(got) == ["stop"]
+    assert got[-1]["choices"] == []
+    usage = got[-1].get("usage")
+    if usage_arrives:  # (the directive counts as prompt tokens)
+        assert usage["completion_tokens"] == expected[-1]["usage"]["completion_tokens"]
+    else:
+        assert usage is None
+    assert [r["attempt"] for r in sim.requests() if r["faults"]] == [1]
