@@ -17,12 +17,11 @@ resilient core serves it; only the wire differs:
   (``tool_calls``, ``length``, ``content_filter`` ...) and the usage chunk its ``usage``.
 * ``stream: false``: one ``chat.completion`` object (the parts put together: ``content``,
   ``tool_calls``, ``refusal``, ``reasoning_content``, ``logprobs``, one choice per index), or a
-  failure with its own status code and
-  OpenAI's error shape. An answer not ready by the commit point (:func:`commit_after`: just under
-  ``GATEWAY``, the front proxy's idle deadline) is committed as 200 then, and JSON-insignificant
-  whitespace is sent every ``KEEPALIVE`` seconds until it is, so no gateway times out; a failure
-  after that point is a 200 whose body is the error object (the official client returns that
-  object instead of raising).
+  failure with its own status code and OpenAI's error shape. An answer not ready by the commit
+  point (:func:`commit_after`: just under ``GATEWAY``, the front proxy's idle deadline) is
+  committed as 200 then, and JSON-insignificant whitespace is sent every ``KEEPALIVE`` seconds
+  until it is, so no gateway times out; a failure after that point is a 200 whose body is the
+  error object (the official client returns that object instead of raising).
 """
 
 from __future__ import annotations
