@@ -108,7 +108,7 @@ _OPENAI_MESSAGE_FIELDS = {
     "developer": frozenset({"content", "name"}),
     "user": frozenset({"content", "name"}),
     "assistant": frozenset({"content", "name", "tool_calls", "refusal", "audio", "reasoning_content"}),
-    "tool": frozenset({"content", "tool_call_id"}),
+    "tool": frozenset({"content", "tool_call_id", "name"}),
 }
 _PART_TYPES = {
     "user": frozenset({"text", "image_url", "input_audio", "file"}),
