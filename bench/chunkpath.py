@@ -92,7 +92,7 @@ def paths(chunks: int) -> dict[str, Callable[[], Coroutine[Any, Any, int]]]:
         return sum([1 async for _ in MemoryStream()])
 
     async def core() -> int:
-        stream = ChatStream(MemoryUpstream(), request, policy).start()  # type: ignore[arg-type]
+        stream = ChatStream(MemoryUpstream(), request, policy).start()
         return sum([event.name == "delta" async for event in stream])
 
     return {"parse": parse, "core": core}
