@@ -152,6 +152,14 @@ class _Wire:
         return self._chunk([{"index": choice, "delta": delta_of(event.name, data),
                              "logprobs": data.get("logprobs"), "finish_reason": None}])
 
+    def _finish_reasons(self, done: dict[str, Any]) -> dict[int, str]:
+        """Each choice's ``finish_reason``, by index: choice 0's from ``done``, the others' as
+        their upstream reported them (the stream's stats), else choice 0's."""
+        first = done.get("finish_reason") or "stop"
+        others = self.reader.stream.stats.finish_reasons
+        return {choice: others.get(choice, first) if choice else first
+                for choice in sorted(self._choices | set(others))}
+
     async def chunks(self) -> AsyncIterator[bytes]:
         yield sse.OPEN_COMMENT
         try:
@@ -168,9 +176,9 @@ class _Wire:
                                         "logprobs": None, "finish_reason": None}])
                 elif name == "done":
                     data = event.data or {}
-                    reason = data.get("finish_reason") or "stop"
+                    reasons = self._finish_reasons(data)
                     yield self._chunk([{"index": choice, "delta": {}, "logprobs": None, "finish_reason": reason}
-                                       for choice in sorted(self._choices)])
+                                       for choice, reason in reasons.items()])
                     if self.include_usage:
                         yield self._chunk([], usage=data.get("usage"))
                     yield b"data: [DONE]\n\n"
@@ -230,7 +238,7 @@ class _Wire:
             "object": "chat.completion",
             "created": self.created,
             "model": self.model,
-            "choices": completion_choices(parts, data.get("finish_reason") or "stop"),
+            "choices": completion_choices(parts, self._finish_reasons(data)),
             "usage": data.get("usage"),
         }
         return JsonResponse(body)
@@ -256,13 +264,14 @@ def delta_of(name: str, data: dict[str, Any]) -> dict[str, Any]:
     return {"content": data["text"]}
 
 
-def completion_choices(parts: list[Event], finish_reason: str) -> list[dict[str, Any]]:
-    """The ``choices`` of a whole ``chat.completion``: each choice's parts put together."""
-    choices: dict[int, dict[str, Any]] = {0: _new_choice(0, finish_reason)}
+def completion_choices(parts: list[Event], finish_reasons: dict[int, str]) -> list[dict[str, Any]]:
+    """The ``choices`` of a whole ``chat.completion``: each choice's parts put together, with its
+    ``finish_reason`` (``finish_reasons[0]`` for a choice not listed)."""
+    choices = {index: _new_choice(index, reason) for index, reason in finish_reasons.items()}
     for event in parts:
         data: dict[str, Any] = event.data or {}
         index = data.get("choice", 0)
-        choice = choices.get(index) or choices.setdefault(index, _new_choice(index, finish_reason))
+        choice = choices.get(index) or choices.setdefault(index, _new_choice(index, finish_reasons[0]))
         message = choice["message"]
         name = event.name
         if name == "tool_call":

@@ -131,6 +131,14 @@ async def test_refusal_logprobs_and_other_choices_keep_their_fields() -> None:
 
 
 @on_virtual_clock
+async def test_the_finish_reason_of_each_other_choice_is_kept() -> None:
+    cut = [{"index": 1, "delta": {}, "logprobs": None, "finish_reason": "length"}]
+    run = await play([say(delta(content="A"), delta(content="B", index=1), cut)])
+    assert run.last.data["finish_reason"] == "stop"
+    assert run.stream.stats.finish_reasons == {1: "length"}
+
+
+@on_virtual_clock
 async def test_a_partial_tool_call_is_partial_output_for_on_partial_fail() -> None:
     run = await play([Attempt(chunks=[(0.1, CALL[0])], error=StallTimeout())], P.with_options(on_partial="fail"))
     assert run.names == ["start", "tool_call", "error"]

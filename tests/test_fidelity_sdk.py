@@ -203,7 +203,7 @@ async def test_a_json_schema_answer(proxy: Client, direct: Client) -> None:
 
 async def test_reasoning_logprobs_and_several_choices(proxy: Client, direct: Client) -> None:
     messages, clean = question()
-    ask = {"model": "sim-reasoner", "logprobs": True, "top_logprobs": 2, "n": 2}
+    ask = {"model": "sim-reasoner", "logprobs": True, "top_logprobs": 2, "n": 2, "max_tokens": 12}
     got = await proxy.chunks(messages=messages, **ask)
     expected = await direct.chunks(messages=clean, **ask)
     for choice in (0, 1):
@@ -212,9 +212,15 @@ async def test_reasoning_logprobs_and_several_choices(proxy: Client, direct: Cli
     assert text(got, "reasoning_content") and text(got)
     logprobs = [c["logprobs"] for chunk in got for c in chunk["choices"] if c.get("logprobs")]
     assert logprobs == [c["logprobs"] for chunk in expected for c in chunk["choices"] if c.get("logprobs")]
+    assert finish_by_choice(got) == finish_by_choice(expected) == {0: "length", 1: "length"}
     whole = await proxy.completion(messages=messages, **ask)
     assert [c["message"]["content"] for c in whole["choices"]] == [text(got, "content"), text_of(got, 1)]
+    assert [c["finish_reason"] for c in whole["choices"]] == ["length", "length"]
     assert whole["choices"][0]["message"]["reasoning_content"] == text(got, "reasoning_content")
+
+
+def finish_by_choice(chunks: list[dict[str, Any]]) -> dict[int, str]:
+    return {c["index"]: c["finish_reason"] for chunk in chunks for c in chunk["choices"] if c.get("finish_reason")}
 
 
 def text_of(chunks: list[dict[str, Any]], choice: int) -> str:

@@ -21,7 +21,9 @@ channel                        text                             event (``data``)
 ``field`` is the delta field the upstream used (``reasoning_content``, as DeepSeek and vLLM send,
 or ``reasoning``), so a transport can write it back the same way. Every event of a choice other
 than 0 also has ``"choice": c``; a unit that came with ``logprobs`` carries them as
-``"logprobs"``. A transport rebuilds the upstream's deltas from these events one for one.
+``"logprobs"``. A transport rebuilds the upstream's deltas from these events one for one. The
+``finish_reason`` of a choice other than 0 is kept in ``StreamStats.finish_reasons`` (choice 0's
+is the ``done`` event's).
 
 Once a unit that is not plain choice-0 text was sent, the answer is *structured*: it also keeps
 every unit in order (:attr:`Answer.units`), which is what a restart is matched against
@@ -51,10 +53,13 @@ REASONING_FIELDS = ("reasoning_content", "reasoning")
 TEXT: Channel = (CONTENT, 0)
 
 
-def units_of(choices: list[Any]) -> Iterator[Unit]:
-    """The units of one chunk's ``choices``, in the order a reader would show them."""
+def units_of(choices: list[Any], finish_reasons: dict[int, str]) -> Iterator[Unit]:
+    """The units of one chunk's ``choices``, in the order a reader would show them; the
+    ``finish_reason`` of a choice other than 0 goes into ``finish_reasons``."""
     for choice in choices:
         index = choice.get("index") or 0
+        if index and choice.get("finish_reason"):
+            finish_reasons[index] = choice["finish_reason"]
         delta = choice.get("delta") or {}
         logprobs = choice.get("logprobs") or None
         for field in REASONING_FIELDS:
@@ -127,6 +132,11 @@ class Answer:
         self.length = 0  # characters sent since the last reset
 
     @property
+    def finish_reasons(self) -> dict[int, str]:
+        """The ``finish_reason`` of each choice other than 0 (the stream's stats keep them)."""
+        return self._stats.finish_reasons
+
+    @property
     def structured(self) -> bool:
         """Something other than choice 0's text was sent (a tool call, reasoning, ...)."""
         return self.units is not None
@@ -143,7 +153,7 @@ class Answer:
 
     def add_choices(self, choices: list[Any]) -> None:
         """Send on everything one chunk's ``choices`` carry."""
-        for channel, text, logprobs in units_of(choices):
+        for channel, text, logprobs in units_of(choices, self.finish_reasons):
             self.put(channel, text, logprobs)
 
     def put(self, channel: Channel, text: str, logprobs: Any = None) -> None:

@@ -143,6 +143,7 @@ class AttemptRunner:
         stats = self._stats
         request = self._request(target)
         answer = self._answer
+        answer.finish_reasons.clear()  # the answering attempt's count, not an abandoned one's
         joiner = None
         if answer.length:
             mode = "continue" if target.policy.on_partial == "continue" and not answer.structured else "restart"

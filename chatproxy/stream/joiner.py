@@ -67,7 +67,7 @@ class Joiner:
     def feed_choices(self, choices: list[Any]) -> None:
         """Feed everything one chunk's ``choices`` carry."""
         answer = self._answer
-        for channel, text, logprobs in units_of(choices):
+        for channel, text, logprobs in units_of(choices, answer.finish_reasons):
             if self.joined:
                 answer.put(channel, text, logprobs)
             elif self.mode == "continue":
