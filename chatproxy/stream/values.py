@@ -41,3 +41,6 @@ class StreamStats:
     chars_sent: int = 0
     outcome: str = "running"  # "done" or an error code
     duration: float = 0.0
+    #: The ``finish_reason`` of each choice other than 0 (``n`` > 1), as the answering attempt
+    #: reported it; choice 0's is the ``done`` event's.
+    finish_reasons: dict[int, str] = field(default_factory=dict)

@@ -156,7 +156,7 @@ async def _status_error(response: aiohttp.ClientResponse, patience: float) -> Up
     finally:
         response.close()
     detail = f"HTTP {response.status}" + (f" ({code})" if code else "")
-    return status_error(response.status, detail, retry_after=parse_retry_after(response.headers))
+    return status_error(response.status, detail, retry_after=parse_retry_after(response.headers), code=code)
 
 
 class RawStream(SSEStream):
