@@ -4,7 +4,7 @@ Plain asyncio: no Django, no SDK, no HTTP here. Give :class:`ChatStream` an
 :class:`~chatproxy.upstream.base.Upstream`, a :class:`ChatRequest` and a
 :class:`~chatproxy.conf.Policy`; iterate it to get :class:`Event` values in order:
 
-    start -> (delta | retry | reset | keepalive)* -> done | error
+    start -> (delta | tool_call | reasoning | refusal | retry | reset | keepalive)* -> done | error
 
 Exactly one ``done`` or ``error`` ends every stream; every event but ``keepalive`` carries a
 ``seq`` that starts at 1 and grows by one.
@@ -27,14 +27,29 @@ each in :mod:`chatproxy.stream`:
   target in turn on the same runner, under the same deadline, skipping those whose circuit
   (an optional :class:`~chatproxy.stream.targets.Breaker`) is open.
 
+Beyond text. An adapter yields a choice-0 text delta as a plain ``str`` (the hot path) and any
+other chunk as its ``choices`` list; the answer (:mod:`~chatproxy.stream.answer`) cuts those into
+*units* on *channels* -- choice ``c``'s content, reasoning, refusal, tool call ``i``'s head (id and
+name) and its argument pieces -- and sends each as one event: ``delta`` ``{"text"}``, ``reasoning``
+``{"text", "field"}``, ``refusal`` ``{"text"}``, ``tool_call`` ``{"index", "id", "name",
+"arguments"}`` (``id``/``name`` on the call's first event only, ``arguments`` a piece to append),
+with ``"choice": c`` for choices other than 0 and ``"logprobs"`` as the upstream gave them. A
+transport rebuilds the upstream's wire form from them one for one (OpenAI chunks, or another API's
+items); ``done`` carries ``finish_reason`` (``stop``, ``length``, ``tool_calls``,
+``content_filter``) and ``usage`` as reported. Every unit is progress for the first-token and
+stall deadlines. Chunks without a unit (role, finish, usage) never end or delay anything.
+``answered_or_finished()`` lets a transport hold its status line until an upstream answered.
+
 Partial output (``policy.on_partial``) when an attempt fails after deltas were emitted:
 
 * ``restart``: a new attempt from scratch. Its text is held back while it equals what was already
-  emitted; once it goes past that, streaming just continues (no ``reset``). If it diverges, a
+  emitted (unit by unit for a structured answer: a tool call is matched again from its head,
+  never spliced); once it goes past that, streaming just continues (no ``reset``). If it diverges, a
   ``reset`` is emitted followed by the new text so far (or, with ``allow_reset=False``, the stream
   ends with an error since the transport cannot express a reset).
 * ``continue``: the partial text is sent back as a trailing assistant message (``"prefix": True``)
-  so the upstream continues it; an overlap at the join is removed.
+  so the upstream continues it; an overlap at the join is removed. Only for a plain-text answer:
+  after a tool call, reasoning or a refusal was sent, the stream restarts instead.
 * ``fail``: end with an error.
 """
 
@@ -171,6 +186,12 @@ class ChatStream:
     @property
     def finished(self) -> bool:
         return self._log.finished
+
+    async def answered_or_finished(self, within: float) -> None:
+        """Wait (at most ``within`` seconds) until an upstream answered with its response headers
+        or the stream ended: a transport that must choose its HTTP status holds it until then."""
+        self.start()
+        await self._log.answered_or_finished(within)
 
     def cancel(self) -> None:
         """Stop generating: the stream ends with ``error`` code ``cancelled``."""

@@ -21,6 +21,8 @@ exception class names) and never reach a client; clients get the friendly text f
 
 from __future__ import annotations
 
+from chatproxy.codes import UPSTREAM_REQUEST_CODES, ErrorCode
+
 # Statuses worth another attempt: timeouts, conflicts, rate limits, server errors.
 RETRYABLE_STATUSES = frozenset({408, 409, 429, 500, 502, 503, 504, 529})
 
@@ -68,19 +70,15 @@ class UpstreamDisconnected(UpstreamError):
     reason = "disconnected"
 
 
-#: Upstream error codes that say the conversation is too long for the model: another model may take it.
-CONTEXT_LENGTH_CODES = frozenset({"context_length_exceeded", "string_above_max_length"})
-
-
 class UpstreamStatusError(UpstreamError):
     """The upstream answered with an error status (``status`` 0: an in-stream error object).
 
-    ``code`` is the error object's ``code`` (else ``type``) when it is a plain identifier, such as
-    ``context_length_exceeded``.
-    """
+    ``code`` is the error body's ``code`` (else ``type``) when it is a plain identifier such as
+    ``context_length_exceeded``: safe to act on, never the body's text."""
 
-    def __init__(self, status: int, detail: str = "", *, retry_after: float | None = None,
-                 code: str | None = None) -> None:
+    def __init__(
+        self, status: int, detail: str = "", *, retry_after: float | None = None, code: str | None = None
+    ) -> None:
         super().__init__(detail or f"HTTP {status}", retry_after=retry_after)
         self.status = status
         self.code = code
@@ -89,21 +87,24 @@ class UpstreamStatusError(UpstreamError):
     @property
     def context_length(self) -> bool:
         """Whether the request was refused for being too long for this model (a fallback may take it)."""
-        return self.code in CONTEXT_LENGTH_CODES
+        return self.code is not None and UPSTREAM_REQUEST_CODES.get(self.code) is ErrorCode.CONTEXT_LENGTH_EXCEEDED
 
 
 class RateLimited(UpstreamStatusError):
     reason = "rate_limited"
 
-    def __init__(self, detail: str = "", *, retry_after: float | None = None, code: str | None = None) -> None:
-        super().__init__(429, detail, retry_after=retry_after, code=code)
+    def __init__(self, detail: str = "", *, retry_after: float | None = None) -> None:
+        super().__init__(429, detail, retry_after=retry_after)
 
 
-def status_error(status: int, detail: str = "", *, retry_after: float | None = None,
-                 code: str | None = None) -> UpstreamStatusError:
-    """The most specific :class:`UpstreamStatusError` for an HTTP ``status``."""
+def status_error(
+    status: int, detail: str = "", *, retry_after: float | None = None, code: str | None = None
+) -> UpstreamStatusError:
+    """The most specific :class:`UpstreamStatusError` for an HTTP ``status`` (``code``: the body's)."""
     if status == 429:
-        return RateLimited(detail, retry_after=retry_after, code=code)
+        error: UpstreamStatusError = RateLimited(detail, retry_after=retry_after)
+        error.code = code
+        return error
     return UpstreamStatusError(status, detail, retry_after=retry_after, code=code)
 
 

@@ -7,13 +7,22 @@ resilient core serves it; only the wire differs:
 * ``stream: true``: ``chat.completion.chunk`` lines and ``data: [DONE]``. Retries are invisible;
   keepalives are SSE comments; a final failure is one in-band ``data: {"error": ...}`` event
   (the openai client raises ``APIError`` with the friendly message). A restart that diverges
-  from text already sent cannot be expressed here, so it ends with that error too.
-* ``stream: false``: one ``chat.completion`` object, or a failure with its own status code and
-  OpenAI's error shape. An answer not ready by the commit point (:func:`commit_after`: just under
-  ``GATEWAY``, the front proxy's idle deadline) is committed as 200 then, and JSON-insignificant
-  whitespace is sent every ``KEEPALIVE`` seconds until it is, so no gateway times out; a failure
-  after that point is a 200 whose body is the error object (the official client returns that
-  object instead of raising).
+  from what was already sent cannot be expressed here, so it ends with that error too. The status
+  line waits until the upstream answered its headers (at most ``KEEPALIVE``): a request the
+  upstream refuses (unknown model, context too long, content filter) is then a real 4xx with
+  OpenAI's error code, not an in-band error after a 200.
+* Every part of the answer the core sends (:mod:`chatproxy.stream.answer`) becomes the delta it
+  came as: ``content`` (with its ``logprobs``), ``tool_calls`` (the head with ``id``, ``type`` and
+  ``function.name``, then ``function.arguments`` pieces), ``reasoning_content`` / ``reasoning``,
+  ``refusal``, each on its choice; the finish chunk has the upstream's ``finish_reason``
+  (``tool_calls``, ``length``, ``content_filter`` ...) and the usage chunk its ``usage``.
+* ``stream: false``: one ``chat.completion`` object (the parts put together: ``content``,
+  ``tool_calls``, ``refusal``, ``reasoning_content``, ``logprobs``, one choice per index), or a
+  failure with its own status code and OpenAI's error shape. An answer not ready by the commit
+  point (:func:`commit_after`: just under ``GATEWAY``, the front proxy's idle deadline) is
+  committed as 200 then, and JSON-insignificant whitespace is sent every ``KEEPALIVE`` seconds
+  until it is, so no gateway times out; a failure after that point is a 200 whose body is the
+  error object (the official client returns that object instead of raising).
 
 The Responses API way in (:mod:`chatproxy.openai_responses`) shares what is not wire: admission
 (:func:`admit`, :func:`admit_json`, :func:`start`) and the commit logic of a JSON answer
@@ -68,8 +77,29 @@ async def chat_completions(request: HttpRequest) -> HttpResponseBase:
         return reader
     wire = _Wire(reader, include_usage)
     if streaming:
+        stream = reader.stream
+        try:
+            await stream.answered_or_finished(stream.policy.keepalive)
+        except BaseException:
+            reader.close()
+            raise
+        refused = _refused_before_output(stream.events_after(0))
+        if refused is not None:
+            reader.close()
+            return openai_error(refused)
         return StreamingHttpResponse(wire.chunks(), content_type="text/event-stream", headers=SSE_HEADERS)
     return await wire.completion()
+
+
+#: The events that carry part of the answer.
+OUTPUT_EVENTS = frozenset({"delta", "tool_call", "reasoning", "refusal"})
+
+
+def _refused_before_output(events: list[Event]) -> ErrorCode | None:
+    """The code of a stream that already ended in an error without sending anything, else None."""
+    if events and events[-1].name == "error" and not any(event.name in OUTPUT_EVENTS for event in events):
+        return final_code(events[-1])
+    return None
 
 
 async def models(request: HttpRequest) -> HttpResponseBase:
@@ -216,7 +246,8 @@ class _Wire(JsonAnswer):
         self.created = int(time.time())
         self._delta_suffix = b'},"logprobs":null,"finish_reason":null}]}\n\n'
         self._use_model(stream.request.model)
-        self._parts: list[str] = []  # the text, for a non-streamed answer
+        self._choices = {0}  # the choice indexes seen: each gets a finish chunk
+        self._parts: list[Event] = []  # the answer's parts, for a non-streamed answer
 
     def _use_model(self, model: str) -> None:
         """Name ``model`` in the chunks from here on (the first target tried, then each fallback's)."""
@@ -229,13 +260,31 @@ class _Wire(JsonAnswer):
     def _chunk(self, choices: list[dict[str, Any]], **extra: Any) -> bytes:
         return b"data: " + orjson.dumps({**self._head, "choices": choices, **extra}) + b"\n\n"
 
+    def _part(self, event: Event) -> bytes:
+        """The chunk of an answer part other than a plain choice-0 text delta."""
+        data: dict[str, Any] = event.data or {}
+        choice = data.get("choice", 0)
+        self._choices.add(choice)
+        return self._chunk([{"index": choice, "delta": delta_of(event.name, data),
+                             "logprobs": data.get("logprobs"), "finish_reason": None}])
+
+    def _finish_reasons(self, done: dict[str, Any]) -> dict[int, str]:
+        """Each choice's ``finish_reason``, by index: choice 0's from ``done``, the others' as
+        their upstream reported them (the stream's stats), else choice 0's."""
+        first = done.get("finish_reason") or "stop"
+        others = self.reader.stream.stats.finish_reasons
+        return {choice: others.get(choice, first) if choice else first
+                for choice in sorted(self._choices | set(others))}
+
     async def chunks(self) -> AsyncIterator[bytes]:
         yield sse.OPEN_COMMENT
         try:
             async for event in self.reader:
                 name = event.name
-                if name == "delta":
+                if name == "delta" and len(event.data) == 1:  # type: ignore[arg-type]
                     yield self._delta_prefix + orjson.dumps(event.data["text"]) + self._delta_suffix  # type: ignore[index]
+                elif name in OUTPUT_EVENTS:
+                    yield self._part(event)
                 elif name == "keepalive":
                     yield sse.KEEPALIVE
                 elif name == "start":
@@ -245,8 +294,9 @@ class _Wire(JsonAnswer):
                 elif name == "done":
                     data = event.data or {}
                     self._use_model(data.get("model") or self.model)
-                    yield self._chunk([{"index": 0, "delta": {}, "logprobs": None,
-                                        "finish_reason": data.get("finish_reason") or "stop"}])
+                    reasons = self._finish_reasons(data)
+                    yield self._chunk([{"index": choice, "delta": {}, "logprobs": None, "finish_reason": reason}
+                                       for choice, reason in reasons.items()])
                     if self.include_usage:
                         yield self._chunk([], usage=data.get("usage"))
                     yield b"data: [DONE]\n\n"
@@ -262,8 +312,8 @@ class _Wire(JsonAnswer):
             self.reader.close()  # not resumable: the stream stops and closes its upstream now
 
     def _take(self, event: Event) -> None:
-        if event.name == "delta":
-            self._parts.append(event.data["text"])  # type: ignore[index]
+        if event.name in OUTPUT_EVENTS:
+            self._parts.append(event)
 
     def _final_response(self, final: Event | None, committed: bool) -> JsonResponse:
         if final is None or final.name == "error":
@@ -274,17 +324,70 @@ class _Wire(JsonAnswer):
             "object": "chat.completion",
             "created": self.created,
             "model": data.get("model") or self.model,
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": "".join(self._parts), "refusal": None},
-                    "logprobs": None,
-                    "finish_reason": data.get("finish_reason") or "stop",
-                }
-            ],
+            "choices": completion_choices(self._parts, self._finish_reasons(data)),
             "usage": data.get("usage"),
         }
         return JsonResponse(body)
+
+
+def delta_of(name: str, data: dict[str, Any]) -> dict[str, Any]:
+    """The OpenAI ``delta`` that an answer-part event (see :mod:`chatproxy.stream.answer`) stands for."""
+    if name == "tool_call":
+        call: dict[str, Any] = {"index": data["index"]}
+        function: dict[str, Any] = {}
+        if data.get("id"):
+            call["id"] = data["id"]
+            call["type"] = "function"
+        if data.get("name"):
+            function["name"] = data["name"]
+        function["arguments"] = data.get("arguments") or ""
+        call["function"] = function
+        return {"tool_calls": [call]}
+    if name == "reasoning":
+        return {data.get("field") or "reasoning_content": data["text"]}
+    if name == "refusal":
+        return {"refusal": data["text"]}
+    return {"content": data["text"]}
+
+
+def completion_choices(parts: list[Event], finish_reasons: dict[int, str]) -> list[dict[str, Any]]:
+    """The ``choices`` of a whole ``chat.completion``: each choice's parts put together, with its
+    ``finish_reason`` (``finish_reasons[0]`` for a choice not listed)."""
+    choices = {index: _new_choice(index, reason) for index, reason in finish_reasons.items()}
+    for event in parts:
+        data: dict[str, Any] = event.data or {}
+        index = data.get("choice", 0)
+        choice = choices.get(index) or choices.setdefault(index, _new_choice(index, finish_reasons[0]))
+        message = choice["message"]
+        name = event.name
+        if name == "tool_call":
+            calls = message.setdefault("tool_calls", {})
+            call = calls.get(data["index"])
+            if call is None:
+                call = calls[data["index"]] = {"id": "", "type": "function", "function": {"name": "", "arguments": ""}}
+            call["id"] += data.get("id") or ""
+            call["function"]["name"] += data.get("name") or ""
+            call["function"]["arguments"] += data.get("arguments") or ""
+        else:
+            key = "content" if name == "delta" else "refusal" if name == "refusal" else data.get("field", "reasoning")
+            message[key] = (message.get(key) or "") + data["text"]
+        if data.get("logprobs"):
+            logprobs = choice["logprobs"] = choice["logprobs"] or {"content": None, "refusal": None}
+            for key, values in data["logprobs"].items():
+                if values:
+                    logprobs[key] = (logprobs.get(key) or []) + list(values)
+    for choice in choices.values():
+        message = choice["message"]
+        if "tool_calls" in message:
+            message["tool_calls"] = [message["tool_calls"][key] for key in sorted(message["tool_calls"])]
+        elif message["content"] is None and message["refusal"] is None:
+            message["content"] = ""
+    return [choices[index] for index in sorted(choices)]
+
+
+def _new_choice(index: int, finish_reason: str) -> dict[str, Any]:
+    return {"index": index, "message": {"role": "assistant", "content": None, "refusal": None},
+            "logprobs": None, "finish_reason": finish_reason}
 
 
 def final_code(event: Event | None) -> ErrorCode:

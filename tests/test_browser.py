@@ -380,3 +380,19 @@ async def test_html_in_messages_is_shown_as_text(page):
     assert await page.evaluate(
         "[...document.querySelectorAll('.msg')].every((m) => [...m.childNodes].every((n) => n.nodeType === 3))"
     )
+
+
+@pytest.mark.parametrize("transport", ["sse", "websocket"])
+async def test_a_tool_call_is_rendered_and_a_stall_inside_it_stays_invisible(page, sim, transport):
+    await choose(page, transport=transport, fault="Tool call, stall inside its arguments")
+    await send(page, unique_message("the weather in Paris"))
+    log = (await finished(page))["log"]
+
+    assert log[-1]["state"] == "done", log[-3:]
+    call = page.locator(".msg.assistant").last.locator(".chatproxy-tool-call")
+    assert await call.count() == 1
+    assert (await call.get_attribute("data-call-id")).startswith("call_")
+    assert await call.locator(".chatproxy-tool-name").text_content() == "get_weather"
+    assert set(json.loads(await call.locator(".chatproxy-tool-arguments").text_content())) == {"city", "unit"}
+    upstream = [r for r in sim.requests() if r["faults"].get("stall_after")]
+    assert [r["attempt"] for r in upstream] == [1, 2], upstream

@@ -99,8 +99,8 @@ def test_plan_moves_on_only_while_a_fallback_is_left() -> None:
     assert decide(status_error(503), now=P.deadline - 0.01) == MoveOn(ErrorCode.UPSTREAM_UNAVAILABLE)
     assert decide(status_error(400)) == GiveUp(ErrorCode.BAD_REQUEST)
     too_long = status_error(400, code="context_length_exceeded")
-    assert decide(too_long) == MoveOn(ErrorCode.BAD_REQUEST, unhealthy=False)
-    assert decide(too_long, fallback_left=False) == GiveUp(ErrorCode.BAD_REQUEST)
+    assert decide(too_long) == MoveOn(ErrorCode.CONTEXT_LENGTH_EXCEEDED, unhealthy=False)
+    assert decide(too_long, fallback_left=False) == GiveUp(ErrorCode.CONTEXT_LENGTH_EXCEEDED)
 
 
 # ------------------------------------------------------------------------------ moving on

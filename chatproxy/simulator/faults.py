@@ -153,6 +153,7 @@ class Faults:
     stall_after: int | None = None  # after this many content chunks ...
     stall: float = 3600.0  # ... go silent this long, then continue
     keepalive: float | None = None  # SSE comment every S seconds while silent
+    usage_delay: float = 0.0  # after the finish chunk, before the usage chunk (or [DONE])
     # --- broken streams ---------------------------------------------------------------------
     reset_after: int | None = None  # abort the TCP connection (RST) after N content chunks
     close_after: int | None = None  # close the TCP connection cleanly (FIN) mid-body
@@ -212,6 +213,7 @@ FAULT_KEYS: tuple[str, ...] = (
     "stall_after",
     "stall",
     "keepalive",
+    "usage_delay",
     "reset_after",
     "close_after",
     "malformed_after",
@@ -310,6 +312,7 @@ _PARSERS: dict[str, tuple[Any, str]] = {
     "stall_after": (_count, "stall_after"),
     "stall": (_seconds, "stall"),
     "keepalive": (_seconds, "keepalive"),
+    "usage_delay": (_seconds, "usage_delay"),
     "reset_after": (_count, "reset_after"),
     "close_after": (_count, "close_after"),
     "malformed_after": (_count, "malformed_after"),

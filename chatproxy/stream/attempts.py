@@ -2,8 +2,17 @@
 
 One attempt opens the upstream, reads it and hands each chunk to the answer (or, after partial
 output, to a :class:`~chatproxy.stream.joiner.Joiner`), inside an ``asyncio.timeout`` that the
-watchdog expires. Per chunk: one timestamp, the gap bookkeeping, and the answer's append and
-wake-up; no Task, no ``wait_for``, no log line.
+watchdog expires. Per chunk: one timestamp, the gap bookkeeping, one type test, and the answer's
+append and wake-up; no Task, no ``wait_for``, no log line.
+
+Every item an adapter yields is progress for the first-token and stall deadlines, a text or not:
+a model streaming a tool call's arguments, its reasoning or a refusal is as alive as one
+streaming text. Chunks that carry nothing (the role chunk, the usage chunk after the finish) never
+reach the loop, so they neither count as a first token nor end anything early: the attempt ends
+when the body does, with the usage read. If the body stalls after its finish chunk (the usage
+chunk or ``[DONE]`` never comes), the answer is complete all the same and ends as ``done``.
+After partial output that is more than text, ``ON_PARTIAL = "continue"`` falls back to a restart
+(a half-sent tool call cannot be continued, only made again).
 """
 
 from __future__ import annotations
@@ -94,7 +103,7 @@ class AttemptRunner:
             tries += 1
             self.attempts += 1
             self._stats.attempts = self.attempts
-            continuing = self._answer.length > 0 and policy.on_partial == "continue"
+            continuing = self._answer.length > 0 and policy.on_partial == "continue" and not self._answer.structured
             try:
                 finish_reason, usage = await self._attempt(target)
             except Diverged:
@@ -143,7 +152,7 @@ class AttemptRunner:
         policy = target.policy
         request = target.request
         messages = request.messages
-        if self._answer.length and policy.on_partial == "continue":
+        if self._answer.length and policy.on_partial == "continue" and not self._answer.structured:
             messages = [*messages, {"role": "assistant", "content": self._answer.text(), "prefix": True}]
         remaining = max(0.001, self._watchdog.deadline_at - self._loop.time())
         return UpstreamRequest(
@@ -165,18 +174,22 @@ class AttemptRunner:
         watchdog = self._watchdog
         stats = self._stats
         request = self._request(target)
+        answer = self._answer
+        answer.finish_reasons.clear()  # the answering attempt's count, not an abandoned one's
         joiner = None
-        if self._answer.length:
-            mode = "continue" if target.policy.on_partial == "continue" else "restart"
-            joiner = Joiner(self._answer, mode, allow_reset=self._allow_reset)
-        deliver = self._answer.add if joiner is None else joiner.feed
+        if answer.length:
+            mode = "continue" if target.policy.on_partial == "continue" and not answer.structured else "restart"
+            joiner = Joiner(answer, mode, allow_reset=self._allow_reset)
+        deliver = answer.add if joiner is None else joiner.feed
+        deliver_choices = answer.add_choices if joiner is None else joiner.feed_choices
 
         stream = None
         try:
             async with asyncio.timeout(None) as timeout:
                 watchdog.watch(timeout, first_token=target.policy.first_token, stall=target.policy.stall)
                 stream = await target.upstream.open(request)
-                async for text in stream:
+                self._log.mark_answered()
+                async for item in stream:
                     now = loop.time()
                     if watchdog.got_chunk:
                         if now - watchdog.last_chunk > stats.longest_gap:
@@ -184,7 +197,10 @@ class AttemptRunner:
                         watchdog.last_chunk = now
                     else:
                         watchdog.first_chunk(now)
-                    deliver(text)
+                    if type(item) is str:
+                        deliver(item)
+                    else:
+                        deliver_choices(item)  # type: ignore[arg-type]
                 if joiner is not None:
                     joiner.end()
                 return stream.finish_reason, stream.usage
@@ -192,6 +208,12 @@ class AttemptRunner:
             failure = watchdog.failure()
             if failure is None:
                 raise
+            if isinstance(failure, StallTimeout) and stream is not None and stream.finish_reason is not None:
+                # The answer had ended (its finish chunk came); only the usage chunk or the end of
+                # the body is late. The answer is complete: it is not failed, nor made again.
+                if joiner is not None:
+                    joiner.end()
+                return stream.finish_reason, stream.usage
             raise failure from None
         finally:
             watchdog.unwatch()

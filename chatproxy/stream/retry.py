@@ -20,7 +20,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from chatproxy.codes import ErrorCode
+from chatproxy.codes import UPSTREAM_REQUEST_CODES, ErrorCode
 from chatproxy.conf import Policy
 from chatproxy.errors import (
     FirstTokenTimeout,
@@ -121,5 +121,6 @@ def final_code(exc: UpstreamError) -> ErrorCode:
         if exc.status in (401, 403):
             logger.error("upstream refused chatproxy's credentials (HTTP %s): check UPSTREAM.API_KEY", exc.status)
             return ErrorCode.UPSTREAM_UNAVAILABLE
-        return ErrorCode.BAD_REQUEST
+        # What the user can act on (the model, the length, the content) is named as such.
+        return UPSTREAM_REQUEST_CODES.get(exc.code or "", ErrorCode.BAD_REQUEST)
     return ErrorCode.UPSTREAM_UNAVAILABLE

@@ -65,3 +65,6 @@ class StreamStats:
     target: str = ""  # its Target.key: "upstream:model"
     abandoned: list[str] = field(default_factory=list)  # Target.key of each target given up for the next
     circuits_opened: list[str] = field(default_factory=list)  # Target.key of each circuit this stream opened
+    #: The ``finish_reason`` of each choice other than 0 (``n`` > 1), as the answering attempt
+    #: reported it; choice 0's is the ``done`` event's.
+    finish_reasons: dict[int, str] = field(default_factory=dict)
