@@ -430,7 +430,7 @@ RESPONSES_FIELDS = frozenset({
     "store", "text", "tools", "tool_choice",
 }) | RESPONSES_IGNORED | RESPONSES_REFUSED
 #: Content part types that carry plain text, in input messages.
-_TEXT_PARTS = frozenset({"input_text", "output_text", "text"})
+_RESPONSES_TEXT_PARTS = frozenset({"input_text", "output_text", "text"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -461,7 +461,7 @@ def _item_text(content: Any, where: str) -> str:
     texts = []
     for index, part in enumerate(content):
         kind = part.get("type") if isinstance(part, dict) else None
-        if kind not in _TEXT_PARTS or not isinstance(part.get("text"), str):
+        if kind not in _RESPONSES_TEXT_PARTS or not isinstance(part.get("text"), str):
             raise InvalidRequest(
                 f"{where}.content[{index}] must be a text part ({{'type': 'input_text', 'text': str}}); "
                 "other part types are not supported here.",
