@@ -17,6 +17,12 @@ $(VENV)/.installed: requirements.txt requirements-test.txt pyproject.toml
 	$(PY) -m pip install --quiet --no-deps -e .
 	touch $@
 
+# The JavaScript clients tests/test_clients.py drives (the openai Node SDK, the Vercel AI SDK), as pinned.
+CLIENTS_JS := tests/clients
+$(CLIENTS_JS)/node_modules/.installed: $(CLIENTS_JS)/package.json $(CLIENTS_JS)/package-lock.json
+	cd $(CLIENTS_JS) && npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
 $(LEGACY_VENV)/.installed: requirements-legacy.txt pyproject.toml
 	test -x $(LEGACY_PY) || $(PYTHON) -m venv $(LEGACY_VENV)
 	$(LEGACY_PY) -m pip install --quiet --upgrade pip
@@ -38,7 +44,7 @@ test: $(VENV)/.installed $(LEGACY_VENV)/.installed sysdeps
 	$(MAKE) test-legacy
 	$(MAKE) test-js
 
-test-current: $(VENV)/.installed
+test-current: $(VENV)/.installed $(CLIENTS_JS)/node_modules/.installed
 	$(PY) -m pytest -q
 
 # The upstream-facing tests again, with openai 0.27.x instead of the current SDK.

@@ -4,13 +4,15 @@
 process; Django's ``RedisCache`` against a ``redis-server`` started on a free loopback port) and
 each limit (4 and 100000), one user already holds ``running`` leases, then ``rounds`` admissions
 of that user each take a lease and give it back (:func:`chatproxy.limits.admit`, then
-``release_now``), timed one by one on one thread. Prints the median and p99 per admission, and
-the cache calls it made. With a limit of 4 the held leases are 3, so every admission succeeds.
+``release_now``), timed one by one on one thread. Prints the median and p99 per admission (a
+markdown table, or with ``--json`` the rows for ``python -m bench --parts admission``). With a limit
+of 4 the held leases are 3, so every admission succeeds.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import tempfile
 import time
@@ -60,8 +62,17 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--rounds", type=int, default=2000, help="admissions timed per case (default 2000)")
     parser.add_argument("--running", type=int, default=200, help="leases already held (default 200)")
+    parser.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
     args = parser.parse_args(argv)
+    rows = run(args.rounds, args.running)
+    if args.json:
+        print(json.dumps(rows))
+        return
+    print("\n".join(table(rows)))
 
+
+def run(rounds: int, running: int) -> list[dict[str, Any]]:
+    """Every (cache, limit) case, against a redis-server of its own."""
     from tests.e2e.stack import HOST, redis_ping, start_redis, wait_until
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -69,14 +80,18 @@ def main(argv: list[str] | None = None) -> None:
         try:
             wait_until(lambda: redis_ping(port), "redis", [redis], timeout=10)
             _configure(f"redis://{HOST}:{port}/0")
-            print("| cache | MAX_STREAMS_PER_USER | leases held | µs per admission + release, median | p99 |")
-            print("|---|--:|--:|--:|--:|")
-            for alias, name in (("default", "LocMemCache"), ("redis", "RedisCache")):
-                for limit in LIMITS:
-                    row = measure(alias, limit, args.rounds, args.running)
-                    print(f"| {name} | {limit} | {row['held']} | {row['median_us']:.0f} | {row['p99_us']:.0f} |")
+            return [{**measure(alias, limit, rounds, running), "cache": name}
+                    for alias, name in (("default", "LocMemCache"), ("redis", "RedisCache")) for limit in LIMITS]
         finally:
             redis.stop()
+
+
+def table(rows: list[dict[str, Any]]) -> list[str]:
+    """The markdown table of :func:`run`'s rows."""
+    lines = ["| cache | MAX_STREAMS_PER_USER | leases held | µs per admission + release, median | p99 |",
+             "|---|--:|--:|--:|--:|"]
+    lines += [f"| {r['cache']} | {r['limit']} | {r['held']} | {r['median_us']:.0f} | {r['p99_us']:.0f} |" for r in rows]
+    return lines
 
 
 if __name__ == "__main__":

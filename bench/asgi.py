@@ -10,9 +10,11 @@
 * ``BENCH_GC_THRESHOLD=a,b,c``: ``gc.set_threshold(a, b, c)``.
 * ``BENCH_DIAG=1``: ``GET /_bench/diag`` (below).
 * Always: ``GET /_bench/info`` (before Django): the upstream adapter in use (``UPSTREAM.SDK`` as
-  detected, ``HTTP_CLIENT``, openai's version), so results say what was measured.
+  detected, ``HTTP_CLIENT``, openai's version), so results say what was measured, and the number
+  of asyncio tasks alive in the server's loop (the soak part watches it).
 """
 
+import asyncio
 import functools
 import os
 
@@ -117,7 +119,8 @@ async def application(scope, receive, send):  # type: ignore[no-redef,no-untyped
         upstream = get_config()["UPSTREAM"]
         sdk = detect_sdk() if upstream["SDK"] == "auto" else upstream["SDK"]
         body = _json.dumps({"sdk": sdk, "http_client": upstream["HTTP_CLIENT"],
-                            "openai": importlib.metadata.version("openai")}).encode()
+                            "openai": importlib.metadata.version("openai"),
+                            "tasks": len(asyncio.all_tasks())}).encode()
         await send({"type": "http.response.start", "status": 200,
                     "headers": [(b"content-type", b"application/json")]})
         await send({"type": "http.response.body", "body": body})

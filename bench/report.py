@@ -292,6 +292,50 @@ def _open_table(out: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _fallback_table(out: dict[str, Any]) -> list[str]:
+    from bench import fallback
+
+    return fallback.table(out["fallback"])
+
+
+def _admission_table(out: dict[str, Any]) -> list[str]:
+    from bench.admission import table
+
+    return table(out["admission"])
+
+
+def _workers_tables(out: dict[str, Any]) -> list[str]:
+    lines = ["| configuration | streams | delivered | added p50 / p99 ms | workers' CPU us per chunk | "
+             "Redis calls per stream-second | Redis CPU us per stream-second | errors |",
+             "|---|--:|--:|--:|--:|--:|--:|--:|"]
+    for r in out["workers"]:
+        lines.append(f"| {r['config']} | {r['users']} | {(r['delivered'] or 0):.1%} | {_f(r['added_p50_ms'], 1)} / "
+                     f"{_f(r['added_p99_ms'], 1)} | {_f(r['us_per_chunk'])} | {_f(r['redis_calls_per_stream_s'], 2)} | "
+                     f"{_f(r['redis_cpu_us_per_stream_s'])} | {sum(r['errors'].values())} |")
+    lines += ["", "Redis calls per stream-second, by command:", "",
+              "| configuration | streams | commands |", "|---|--:|---|"]
+    for r in out["workers"]:
+        top = ", ".join(f"{name} {n:.2f}" for name, n in list(r["redis_by_command"].items())[:8])
+        lines.append(f"| {r['config']} | {r['users']} | {top} |")
+    return lines
+
+
+def _soak_tables(out: dict[str, Any]) -> list[str]:
+    lines = ["| configuration | streams | minutes | delivered | errors | when | RSS MiB | fds | threads | "
+             "asyncio tasks |", "|---|--:|--:|--:|--:|---|--:|--:|--:|--:|"]
+    for r in out["soak"]:
+        head = (f"| {r['config']} | {r['streams']} | {r['minutes']:g} | {(r['delivered'] or 0):.1%} | "
+                f"{sum(r['errors'].values())} |")
+        for when, key in (("idle, before", "idle_before"), ("loaded, first tenth", "loaded_first"),
+                          ("loaded, last tenth", "loaded_last"), ("idle, after", "idle_after")):
+            s = r[key]
+            lines.append(f"{head} {when} | {s['rss_mib']:.1f} | {s['fds']:.0f} | {s['threads']:.0f} | "
+                         f"{s['tasks']:.0f} |")
+            head = "| | | | | |"
+        lines.append(f"| | | | | | RSS growth under load | {r['rss_mib_per_hour']:+.1f} MiB/h | | | |")
+    return lines
+
+
 def markdown(out: dict[str, Any], png_name: str) -> str:
     m = out["machine"]
     o = out["options"]
@@ -337,6 +381,11 @@ def markdown(out: dict[str, Any], png_name: str) -> str:
         ("profile", "## 4. Profile (py-spy, server under load)", _profile_tables),
         ("memprofile", "## 5. What an idle stream holds (tracemalloc, Python heap)", _memprofile_tables),
         ("open", "## 6. Opening a stream (one-chunk streams, closed loop; threads: idle streams held)", _open_table),
+        ("workers", "## 8. Across workers (nginx, 2 workers, one Redis; paced streams)", _workers_tables),
+        ("soak", "## 9. Soak (one worker, paced streams; idle = no stream open)", _soak_tables),
+        ("admission", "## 7. Admission (one thread, per new stream; O(1) cache calls whatever the limit)",
+         _admission_table),
+        ("fallback", "## 10. Fallbacks: what they cost the stream core", _fallback_table),
     ]
     for part, title, tables in sections:
         if out.get(part):

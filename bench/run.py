@@ -9,8 +9,18 @@ Parts (``--parts``, default all):
 * ``adapters`` -- CPU per chunk of each upstream path (bench/adapters.py);
 * ``profile``  -- py-spy on chatproxy under the 200-stream load, and the GC's share (bench/profile.py);
 * ``memprofile`` -- what an idle stream holds, by library (tracemalloc; bench/memprofile.py);
+* ``admission`` -- time to take and give back a per-user lease at limits 4 and 100000, LocMem and
+                  Redis (bench/admission.py);
+* ``workers``  -- nginx + 2 workers + Redis, paced streams: delivery, added latency, and the Redis
+                  commands per stream-second (bench/workers.py; not in the default parts);
+* ``soak``     -- one worker, paced streams for ``--soak-minutes`` (default 30): RSS, open fds,
+                  threads and asyncio tasks over time and idle before/after (bench/soak.py; not in the
+                  default parts);
 * ``open``     -- what opening a stream costs: CPU per new stream and OS threads per open stream,
                   DirectStreams versus Django's handler (bench/relay.py; not in the default parts).
+* ``fallback`` -- what fallbacks cost: the stream core's CPU per chunk and per stream with none,
+                  with fallbacks configured, and answered by a fallback (bench/fallback.py). The
+                  relay part's ``uvicorn, fallbacks`` row is the same under a real server.
 
 Writes ``bench/results/<name>.md`` (the tables), ``<name>.png`` (the plot) and, git-ignored,
 ``bench/results/raw/<name>.json`` (every number) and py-spy's raw stacks. ``--quick`` is a
@@ -24,6 +34,7 @@ import datetime
 import json
 import os
 import platform
+import subprocess
 import sys
 import time
 import traceback
@@ -46,8 +57,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a ~2 minute smoke run")
-    parser.add_argument("--parts", help="comma-separated (default relay,idle,stall,adapters,profile,memprofile; "
-                                        "quick: the first four)")
+    parser.add_argument("--parts", help="comma-separated (default relay,idle,stall,adapters,admission,"
+                                        "profile,memprofile; quick: the first five; also: workers, soak, open, "
+                                        "fallback)")
     parser.add_argument("--levels", help="concurrent streams, comma-separated (default 100,200,400; quick: 100)")
     parser.add_argument("--configs", type=lambda text: [c.strip() for c in text.split(";")],
                         help="relay configurations, ';'-separated, e.g. 'floor;uvicorn;uvicorn, gc.freeze' "
@@ -68,6 +80,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--open-idle-streams", type=int, default=50,
                         help="idle streams held to count threads per open stream in the open part (default 50)")
     parser.add_argument("--open-repeats", type=int, default=2, help="runs of each configuration in the open part")
+    parser.add_argument("--workers-streams", default="600",
+                        help="concurrent streams of the workers part, comma-separated (default 600)")
+    parser.add_argument("--workers-kinds", default="daphne,uvicorn", help="server kinds of the workers part")
+    parser.add_argument("--soak-minutes", type=float, default=30.0)
+    parser.add_argument("--soak-streams", type=int, default=200)
+    parser.add_argument("--soak-config", default="daphne", help="server configuration of the soak (default daphne)")
+    parser.add_argument("--soak-grace", type=float, default=30.0,
+                        help="the servers' RESUME.GRACE: how long cut streams may still run after the load")
     parser.add_argument("--profile-streams", type=int, default=200)
     parser.add_argument("--memprofile-streams", type=int, default=50)
     parser.add_argument("--legacy-python", default=_default_legacy_python(),
@@ -92,7 +112,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.setup_chunks = 0
     args.idle_streams = args.idle_streams or (100 if quick else 400)
     args.stall_runs = args.stall_runs or (3 if quick else 12)
-    default_parts = "relay,idle,stall,adapters" + ("" if quick else ",profile,memprofile")
+    default_parts = "relay,idle,stall,adapters,admission" + ("" if quick else ",profile,memprofile")
     args.parts = [x.strip() for x in (args.parts or default_parts).split(",")]
     args.gap = 1.0 / args.rate
     args.spread = 2.0
@@ -215,6 +235,48 @@ def part_open(args: argparse.Namespace, pacer: procs.Pacer, dbs: procs.Databases
             log(f"  {row['ms_per_stream'] or 0:.2f} ms CPU per new stream ({row['streams_per_s']:.0f} streams/s), "
                 f"{row['threads_per_open_stream']:.2f} threads per open stream, other load "
                 f"{row['other_load_cores']:.2f} cores" + (f", errors {row['errors']}" if row["errors"] else ""))
+
+
+def part_fallback(args: argparse.Namespace, out: dict[str, Any]) -> None:
+    from bench import fallback
+
+    log("fallback: the stream core with and without fallbacks (in a child process)")
+    out["fallback"] = fallback.run_child(repeats=3 if args.quick else 7)
+    for line in fallback.table(out["fallback"])[4:]:
+        log(f"  {line}")
+
+
+def part_admission(args: argparse.Namespace, out: dict[str, Any]) -> None:
+    """In a process of its own: it configures Django for itself."""
+    rounds = 300 if args.quick else 2000
+    log(f"admission: {rounds} admissions per case")
+    done = subprocess.run([sys.executable, "-m", "bench.admission", "--json", "--rounds", str(rounds)],
+                          cwd=procs.ROOT, capture_output=True, text=True, timeout=300, check=True)
+    out["admission"] = json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def part_workers(args: argparse.Namespace, pacer: procs.Pacer, dbs: procs.Databases, out: dict[str, Any]) -> None:
+    from bench import workers
+
+    rows = out.setdefault("workers", [])
+    for kind in args.workers_kinds.split(","):
+        for users in (int(x) for x in args.workers_streams.split(",")):
+            _quiet(args, [pacer.pid])
+            log(f"workers: nginx + 2 {kind} workers + Redis, {users} streams")
+            row = workers.run(kind, 2, users, pacer, dbs, args)
+            rows.append(row)
+            log(f"  delivered {row['delivered'] or 0:.1%}, added p99 {row['added_p99_ms'] or 0:.1f} ms, "
+                f"{row['redis_calls_per_stream_s']:.2f} Redis calls per stream-second"
+                + (f", errors {row['errors']}" if row["errors"] else ""))
+
+
+def part_soak(args: argparse.Namespace, pacer: procs.Pacer, dbs: procs.Databases, out: dict[str, Any]) -> None:
+    from bench import soak
+
+    log(f"soak: {args.soak_config}, {args.soak_streams} streams for {args.soak_minutes:g} min")
+    row = soak.run(args.soak_config, args.soak_streams, args.soak_minutes, pacer, dbs, args, log=log)
+    out.setdefault("soak", []).append(row)
+    log(f"  idle before {row['idle_before']}, after {row['idle_after']}; RSS {row['rss_mib_per_hour']:+.1f} MiB/h")
 
 
 def part_stall(args: argparse.Namespace, dbs: procs.Databases, out: dict[str, Any]) -> None:
@@ -385,8 +447,16 @@ def main(argv: list[str] | None = None) -> None:
                     part_profile(args, pacer, dbs, out)
                 elif part == "memprofile":
                     part_memprofile(args, pacer, dbs, out)
+                elif part == "workers":
+                    part_workers(args, pacer, dbs, out)
+                elif part == "soak":
+                    part_soak(args, pacer, dbs, out)
+                elif part == "admission":
+                    part_admission(args, out)
                 elif part == "open":
                     part_open(args, pacer, dbs, out)
+                elif part == "fallback":
+                    part_fallback(args, out)
                 else:
                     raise SystemExit(f"unknown part {part!r}")
             except Exception:

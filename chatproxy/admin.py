@@ -4,12 +4,13 @@
 * Timeout profiles: edited with the model's validation; an action applies the timeouts
   suggested by the recorded streams.
 * Stream records: read-only list with filters, and a statistics page per model (percentiles,
-  suggestions, histograms as inline SVG) with buttons that apply a suggestion.
+  suggestions, histograms as inline SVG) with buttons that apply a suggestion, and per fallback
+  target (answers served, fallbacks taken, circuit openings).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from django.contrib import admin, messages
 from django.contrib.admin.actions import delete_selected
@@ -21,12 +22,22 @@ from django.utils.translation import gettext_lazy as _
 
 from chatproxy import records
 from chatproxy.conf import settings_policy
-from chatproxy.models import DEFAULT_PROFILE, DEFAULT_UNDELETABLE, AccessKey, StreamRecord, TimeoutProfile
+from chatproxy.models import DEFAULT_UNDELETABLE, AccessKey, StreamRecord, TimeoutProfile
 from chatproxy.policy import PROFILE_FIELDS, from_profile
+from chatproxy.profiles import DEFAULT_NAME as DEFAULT_PROFILE
+
+if TYPE_CHECKING:  # ModelAdmin is generic for the type checker only (not subscriptable at run time)
+    from django_stubs_ext import StrOrPromise
+
+    AccessKeyAdminBase = admin.ModelAdmin[AccessKey]
+    TimeoutProfileAdminBase = admin.ModelAdmin[TimeoutProfile]
+    StreamRecordAdminBase = admin.ModelAdmin[StreamRecord]
+else:
+    AccessKeyAdminBase = TimeoutProfileAdminBase = StreamRecordAdminBase = admin.ModelAdmin
 
 
 @admin.register(AccessKey)
-class AccessKeyAdmin(admin.ModelAdmin):
+class AccessKeyAdmin(AccessKeyAdminBase):
     list_display = ("__str__", "owner", "created", "last_used", "revoked")
     list_filter = ("revoked",)
     search_fields = ("name", "prefix", "owner__username")
@@ -54,7 +65,7 @@ class AccessKeyAdmin(admin.ModelAdmin):
 
 
 @admin.register(TimeoutProfile)
-class TimeoutProfileAdmin(admin.ModelAdmin):
+class TimeoutProfileAdmin(TimeoutProfileAdminBase):
     """Profiles are validated by the model; ``default`` can be tuned but not renamed, disabled or deleted."""
 
     list_display = ("name", "model_pattern", "first_token_timeout", "stall_timeout", "deadline", "max_attempts",
@@ -67,6 +78,7 @@ class TimeoutProfileAdmin(admin.ModelAdmin):
         (_("Retrying"), {"fields": ("deadline", "max_attempts", "backoff_initial", "backoff_max", "retry_after_max",
                                     "on_partial")}),
         (_("Keeping the client connection alive"), {"fields": ("keepalive_interval", "gateway_timeout")}),
+        (_("Falling back to other models"), {"fields": ("fallbacks",)}),
     )
     actions = ["delete_selected", "apply_suggestions"]
 
@@ -139,7 +151,7 @@ class RetryReasonFilter(admin.SimpleListFilter):
     parameter_name = "retry_reason"
     REASONS = ("connect", "first_token", "stall", "upstream_error", "rate_limited", "disconnected")
 
-    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
+    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, StrOrPromise]]:
         return [("none", _("no retry")), *((reason, reason) for reason in self.REASONS)]
 
     def queryset(self, request: HttpRequest, queryset: Any) -> Any:
@@ -153,18 +165,19 @@ class RetryReasonFilter(admin.SimpleListFilter):
 
 
 @admin.register(StreamRecord)
-class StreamRecordAdmin(admin.ModelAdmin):
+class StreamRecordAdmin(StreamRecordAdminBase):
     """Read-only: records are written by chatproxy. The statistics page is at ``stats/``."""
 
     list_display = ("started", "who_display", "model", "profile", "outcome", "attempts", "retry_reasons",
-                    "ttft_display", "gap_display", "duration_display", "chars_sent")
+                    "answered_by", "ttft_display", "gap_display", "duration_display", "chars_sent")
     list_filter = ("outcome", "model", "profile", RetryReasonFilter, ("started", admin.DateFieldListFilter))
-    search_fields = ("stream_id", "username", "model", "profile", "outcome")
+    search_fields = ("stream_id", "username", "model", "profile", "outcome", "answered_by")
     date_hierarchy = "started"
     list_select_related = ()
     change_list_template = "chatproxy/admin/streamrecord/change_list.html"
     fields = ("stream_id", "started", "user", "username", "model", "profile", "outcome", "attempts",
-              "retry_reasons", "time_to_first_token", "longest_gap", "duration", "chars_sent")
+              "retry_reasons", "answered_by", "abandoned", "circuits_opened", "time_to_first_token", "longest_gap",
+              "duration", "chars_sent")
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False
@@ -209,6 +222,7 @@ class StreamRecordAdmin(admin.ModelAdmin):
             "window": window,
             "windows": list(records.WINDOWS),
             "stats": records.model_stats(window),
+            "targets": records.target_stats(window),
             "sample_limit": records.SAMPLE_LIMIT,
             "min_samples": records.MIN_SAMPLES,
             "can_change_profiles": request.user.has_perm("chatproxy.change_timeoutprofile"),

@@ -31,7 +31,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Mapping, MutableMapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from asgiref.sync import iscoroutinefunction, sync_to_async
@@ -50,8 +50,8 @@ from chatproxy.codes import ErrorCode
 from chatproxy.responses import asgi_refusal
 from chatproxy.validation import max_body_bytes
 
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
+Scope = dict[str, Any]
+Message = Mapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
@@ -155,9 +155,9 @@ async def _refuse(send: Send, status: int, message: str, openai_shape: bool, cod
     await asgi_refusal(send, ErrorCode.of(code), message, status=status, openai_shape=openai_shape)
 
 
-#: The url_names :class:`DirectStreams` serves with :class:`DirectHandler`: the two POST endpoints
+#: The url_names :class:`DirectStreams` serves with :class:`DirectHandler`: the POST endpoints
 #: that open streams.
-DIRECT_ROUTES = frozenset({"stream", "openai-chat-completions"})
+DIRECT_ROUTES = frozenset({"stream", "openai-chat-completions", "openai-responses"})
 
 #: When one hook of a middleware in :data:`LOOP_SAFE` must still run in a thread: never (False),
 #: on every call (True), or when the predicate, given the hook's arguments, says the call will do
@@ -293,7 +293,7 @@ def _run_on_loop(middleware: Any, rules: Rules) -> Callable[[HttpRequest], Await
     get_response = middleware.get_response
 
     async def call(request: HttpRequest) -> HttpResponseBase:
-        response = await process_request(request) if process_request is not None else None
+        response: HttpResponseBase | None = await process_request(request) if process_request is not None else None
         response = response or await get_response(request)
         if process_response is not None:
             response = await process_response(request, response)
@@ -315,7 +315,7 @@ def _middleware_is_async(path: str, factory: Any, handler_is_async: bool) -> boo
 request_logger = logging.getLogger("django.request")
 
 
-class DirectHandler(ASGIHandler):  # type: ignore[misc]
+class DirectHandler(ASGIHandler):
     """Django's ``ASGIHandler``, minus the thread hops that Django's own middleware does not need.
 
     Under ASGI, Django's handler runs each request in a ``ThreadSensitiveContext`` (a new OS thread
@@ -370,7 +370,9 @@ class DirectHandler(ASGIHandler):  # type: ignore[misc]
         self._view_middleware: list[Callable[..., Any]] = []
         self._template_response_middleware: list[Callable[..., Any]] = []
         self._exception_middleware: list[Callable[..., Any]] = []
-        handler = convert_exception_to_response(self._get_response_async)
+        # BaseHandler's own inner handler (view middleware, the view, template responses), which
+        # its load_middleware wraps the same way; django-stubs does not declare it.
+        handler = convert_exception_to_response(self._get_response_async)  # type: ignore[attr-defined]
         handler_is_async = True
         for path in reversed(settings.MIDDLEWARE):
             factory = import_string(path)

@@ -69,7 +69,7 @@ async def permitted(request_or_scope: Any) -> bool:
 
 
 def bearer_token(request: HttpRequest) -> str | None:
-    header = request.META.get("HTTP_AUTHORIZATION", "")
+    header: str = request.META.get("HTTP_AUTHORIZATION", "")
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer":
         return None
@@ -101,7 +101,7 @@ async def authorize(request: HttpRequest, *, allow_bearer: bool = False) -> None
     if token is not None:
         request.user = await user_from_key(token)
     else:
-        request.user = await request.auser()  # type: ignore[attr-defined]
+        request.user = await request.auser()
         if request.method == "POST" and request.user.is_authenticated:
             reason = csrf_failure(request)
             if reason:

@@ -62,6 +62,19 @@ class ErrorCode(StrEnum):
         "deadline_exceeded", 504, "timeout_error",
         gettext_noop("The answer took too long to complete. Please try again."),
     )
+    # The upstream refused the request for a cause the user can act on (its OpenAI code, kept).
+    MODEL_NOT_FOUND = (
+        "model_not_found", 404, "invalid_request_error",
+        gettext_noop("The model you asked for does not exist or is not available. Check the model name."),
+    )
+    CONTEXT_LENGTH_EXCEEDED = (
+        "context_length_exceeded", 400, "invalid_request_error",
+        gettext_noop("The conversation is too long for this model. Shorten it or start a new one."),
+    )
+    CONTENT_FILTER = (
+        "content_filter", 400, "invalid_request_error",
+        gettext_noop("The request was blocked by the provider's content filter. Please rephrase it."),
+    )
     CANCELLED = "cancelled", 499, "api_error", gettext_noop("The answer was stopped.")
     INTERNAL = "internal", 500, "api_error", gettext_noop("Something went wrong on our side. Please try again.")
 
@@ -98,9 +111,21 @@ class ErrorCode(StrEnum):
 _BY_VALUE: dict[str, ErrorCode] = {member.value: member for member in ErrorCode}
 
 
+#: The upstream's own error codes (OpenAI's ``error.code``) that are passed on as what they are.
+UPSTREAM_REQUEST_CODES: dict[str, ErrorCode] = {
+    "model_not_found": ErrorCode.MODEL_NOT_FOUND,
+    "context_length_exceeded": ErrorCode.CONTEXT_LENGTH_EXCEEDED,
+    "string_above_max_length": ErrorCode.CONTEXT_LENGTH_EXCEEDED,
+    "content_filter": ErrorCode.CONTENT_FILTER,
+    "content_policy_violation": ErrorCode.CONTENT_FILTER,
+}
+
 #: The codes that may end a stream (the ``error`` event's ``code``).
 STREAM_CODES = frozenset({
     ErrorCode.BAD_REQUEST,
+    ErrorCode.MODEL_NOT_FOUND,
+    ErrorCode.CONTEXT_LENGTH_EXCEEDED,
+    ErrorCode.CONTENT_FILTER,
     ErrorCode.UPSTREAM_TIMEOUT,
     ErrorCode.UPSTREAM_UNAVAILABLE,
     ErrorCode.RATE_LIMITED,

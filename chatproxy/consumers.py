@@ -29,7 +29,7 @@ from chatproxy.auth import permitted
 from chatproxy.codes import ErrorCode
 from chatproxy.core import ChatStream, Event
 from chatproxy.responses import error_event_data, websocket_error
-from chatproxy.service import open_stream
+from chatproxy.service import StreamNotStarted, open_stream
 from chatproxy.sse import event_data
 from chatproxy.validation import InvalidRequest, max_body_bytes, parse_native_request
 
@@ -41,7 +41,7 @@ KEEPALIVE_FRAME = '{"type":"keepalive"}'
 logger = logging.getLogger("chatproxy.consumers")
 
 
-class ChatConsumer(AsyncWebsocketConsumer):
+class ChatConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]  # channels ships no type information
     """``ws/chat/``: ``chat`` / ``cancel`` frames in, stream events out."""
 
     #: request_id -> (the stream, or None for a resumed remote one; the relay task)
@@ -166,9 +166,12 @@ class ChatConsumer(AsyncWebsocketConsumer):
             await self.send(text_data=websocket_error(exc.code, request_id=request_id, message=exc.message,
                                                       retry_after=exc.retry_after))
             return
+        except StreamNotStarted as exc:  # logged with its cause where it was raised
+            await self.send(text_data=websocket_error(exc.code, request_id=request_id))
+            return
         except Exception:
-            # The upstream could not be built (a bad configuration) or the stream not started: the
-            # client gets the one friendly error for this request, the socket stays open for the rest.
+            # Any other failure while starting the stream: the client gets the one friendly error
+            # for this request, the socket stays open for the rest.
             logger.exception("chatproxy could not start a stream for WebSocket request %r", request_id)
             await self.send(text_data=websocket_error(ErrorCode.INTERNAL, request_id=request_id))
             return

@@ -4,7 +4,7 @@ Plain asyncio: no Django, no SDK, no HTTP here. Give :class:`ChatStream` an
 :class:`~chatproxy.upstream.base.Upstream`, a :class:`ChatRequest` and a
 :class:`~chatproxy.conf.Policy`; iterate it to get :class:`Event` values in order:
 
-    start -> (delta | retry | reset | keepalive)* -> done | error
+    start -> (delta | tool_call | reasoning | refusal | retry | reset | keepalive)* -> done | error
 
 Exactly one ``done`` or ``error`` ends every stream; every event but ``keepalive`` carries a
 ``seq`` that starts at 1 and grows by one.
@@ -22,17 +22,34 @@ each in :mod:`chatproxy.stream`:
   onto it (:mod:`~chatproxy.stream.joiner`);
 * the retry plan (:mod:`~chatproxy.stream.retry`): ``Retry(delay)`` or ``GiveUp(code)``;
 * the attempt runner (:mod:`~chatproxy.stream.attempts`), which plays a *target* (upstream, request,
-  policy) until it answers or the plan gives up. A stream runs one target today; a fallback would
-  be one more target on the same runner, under the same deadline.
+  policy) until it answers or the plan gives up;
+* the fallbacks (:mod:`~chatproxy.stream.targets`): the request's own target, then each fallback
+  target in turn on the same runner, under the same deadline, skipping those whose circuit
+  (an optional :class:`~chatproxy.stream.targets.Breaker`) is open.
+
+Beyond text. An adapter yields a choice-0 text delta as a plain ``str`` (the hot path) and any
+other chunk as its ``choices`` list; the answer (:mod:`~chatproxy.stream.answer`) cuts those into
+*units* on *channels* -- choice ``c``'s content, reasoning, refusal, tool call ``i``'s head (id and
+name) and its argument pieces -- and sends each as one event: ``delta`` ``{"text"}``, ``reasoning``
+``{"text", "field"}``, ``refusal`` ``{"text"}``, ``tool_call`` ``{"index", "id", "name",
+"arguments"}`` (``id``/``name`` on the call's first event only, ``arguments`` a piece to append),
+with ``"choice": c`` for choices other than 0 and ``"logprobs"`` as the upstream gave them. A
+transport rebuilds the upstream's wire form from them one for one (OpenAI chunks, or another API's
+items); ``done`` carries ``finish_reason`` (``stop``, ``length``, ``tool_calls``,
+``content_filter``) and ``usage`` as reported. Every unit is progress for the first-token and
+stall deadlines. Chunks without a unit (role, finish, usage) never end or delay anything.
+``answered_or_finished()`` lets a transport hold its status line until an upstream answered.
 
 Partial output (``policy.on_partial``) when an attempt fails after deltas were emitted:
 
 * ``restart``: a new attempt from scratch. Its text is held back while it equals what was already
-  emitted; once it goes past that, streaming just continues (no ``reset``). If it diverges, a
+  emitted (unit by unit for a structured answer: a tool call is matched again from its head,
+  never spliced); once it goes past that, streaming just continues (no ``reset``). If it diverges, a
   ``reset`` is emitted followed by the new text so far (or, with ``allow_reset=False``, the stream
   ends with an error since the transport cannot express a reset).
 * ``continue``: the partial text is sent back as a trailing assistant message (``"prefix": True``)
-  so the upstream continues it; an overlap at the join is removed.
+  so the upstream continues it; an overlap at the join is removed. Only for a plain-text answer:
+  after a tool call, reasoning or a refusal was sent, the stream restarts instead.
 * ``fail``: end with an error.
 """
 
@@ -42,15 +59,17 @@ import asyncio
 import logging
 import random
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 from chatproxy.codes import ErrorCode
 from chatproxy.conf import Policy
+from chatproxy.stream import targets as fallbacks
 from chatproxy.stream.answer import Answer
 from chatproxy.stream.attempts import TOTAL_TIMEOUT_MARGIN, AttemptRunner, Done
 from chatproxy.stream.events import KEEPALIVE, Event, EventLog, EventsDropped, Reader
 from chatproxy.stream.retry import GiveUp
+from chatproxy.stream.targets import Breaker
 from chatproxy.stream.values import ChatRequest, StreamStats, Target
 from chatproxy.stream.watchdog import Watchdog
 from chatproxy.upstream.base import Upstream
@@ -64,6 +83,7 @@ __all__ = [
     "EventsDropped",
     "StreamStats",
     "Subscription",
+    "Target",
 ]
 
 logger = logging.getLogger("chatproxy.core")
@@ -84,6 +104,10 @@ class ChatStream:
     subscription closes before the end, generation goes on for ``grace`` seconds waiting for a
     new client, then the stream is cancelled (``grace=0``: at once). ``persistent=True`` keeps
     every event in memory until :meth:`mark_persisted` says an event store has it.
+
+    ``fallbacks`` are the targets tried, in order, when the request's own one (``upstream``,
+    ``request``, ``policy``) fails; ``breaker`` keeps their circuits (none: every target is tried).
+    ``start`` names the first target tried (its model and profile), ``done`` the one that answered.
     """
 
     def __init__(
@@ -99,10 +123,14 @@ class ChatStream:
         grace: float = 0.0,
         persistent: bool = False,
         rng: Callable[[], float] = random.random,
+        fallbacks: Sequence[Target] = (),
+        breaker: Breaker | None = None,
     ) -> None:
         self.upstream = upstream
         self.request = request
         self.policy = policy
+        self.targets: tuple[Target, ...] = (Target(upstream, request, policy), *fallbacks)
+        self._breaker = breaker
         self.stream_id = stream_id or uuid.uuid4().hex
         self.allow_reset = allow_reset
         self.stats = StreamStats()
@@ -159,6 +187,12 @@ class ChatStream:
     def finished(self) -> bool:
         return self._log.finished
 
+    async def answered_or_finished(self, within: float) -> None:
+        """Wait (at most ``within`` seconds) until an upstream answered with its response headers
+        or the stream ended: a transport that must choose its HTTP status holds it until then."""
+        self.start()
+        await self._log.answered_or_finished(within)
+
     def cancel(self) -> None:
         """Stop generating: the stream ends with ``error`` code ``cancelled``."""
         if self._pump is not None and not self._pump.done():
@@ -187,7 +221,6 @@ class ChatStream:
         loop = log.loop
         policy = self.policy
         started_at = loop.time()
-        log.emit("start", {"stream_id": self.stream_id, "model": self.request.model, "profile": policy.profile})
         watchdog = Watchdog(loop, log, keepalive=policy.keepalive, deadline_at=started_at + policy.deadline)
         answer = Answer(log, self.stats, started_at)
         runner = AttemptRunner(loop, log, answer, watchdog, self.stats, rng=self._rng, allow_reset=self.allow_reset,
@@ -197,10 +230,11 @@ class ChatStream:
             if self._cancel_requested:  # before the pump ran (the last client left at once)
                 outcome: Done | GiveUp = GiveUp(ErrorCode.CANCELLED)
             else:
-                outcome = await runner.run(Target(self.upstream, self.request, policy))
+                outcome = await fallbacks.answer(runner, self.targets, self.stats, breaker=self._breaker,
+                                                 first=self._started)
             if isinstance(outcome, Done):
                 self._finish("done", {"finish_reason": outcome.finish_reason, "attempts": outcome.attempts,
-                                      "usage": outcome.usage})
+                                      "usage": outcome.usage, "model": self.stats.model})
             else:
                 self._finish("error", {"code": outcome.code})
         except asyncio.CancelledError:
@@ -220,7 +254,15 @@ class ChatStream:
                 except Exception:
                     logger.exception("chatproxy on_finish hook failed for stream %s", self.stream_id)
 
+    def _started(self, target: Target) -> None:
+        """The first attempt goes to ``target``: announce the stream (``start``)."""
+        if self._log.seq == 0:
+            self.stats.model, self.stats.target = target.request.model, target.key
+            self._log.emit("start", {"stream_id": self.stream_id, "model": target.request.model,
+                                     "profile": target.policy.profile})
+
     def _finish(self, name: str, data: dict[str, Any]) -> None:
+        self._started(self.targets[0])  # a stream that ended before its first attempt still starts
         if not self._log.finished:
             self.stats.outcome = "done" if name == "done" else data["code"]
             self._log.finish(name, data)

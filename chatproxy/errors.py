@@ -21,6 +21,8 @@ exception class names) and never reach a client; clients get the friendly text f
 
 from __future__ import annotations
 
+from chatproxy.codes import UPSTREAM_REQUEST_CODES, ErrorCode
+
 # Statuses worth another attempt: timeouts, conflicts, rate limits, server errors.
 RETRYABLE_STATUSES = frozenset({408, 409, 429, 500, 502, 503, 504, 529})
 
@@ -69,12 +71,23 @@ class UpstreamDisconnected(UpstreamError):
 
 
 class UpstreamStatusError(UpstreamError):
-    """The upstream answered with an error status (``status`` 0: an in-stream error object)."""
+    """The upstream answered with an error status (``status`` 0: an in-stream error object).
 
-    def __init__(self, status: int, detail: str = "", *, retry_after: float | None = None) -> None:
+    ``code`` is the error body's ``code`` (else ``type``) when it is a plain identifier such as
+    ``context_length_exceeded``: safe to act on, never the body's text."""
+
+    def __init__(
+        self, status: int, detail: str = "", *, retry_after: float | None = None, code: str | None = None
+    ) -> None:
         super().__init__(detail or f"HTTP {status}", retry_after=retry_after)
         self.status = status
+        self.code = code
         self.retryable = status == 0 or status in RETRYABLE_STATUSES
+
+    @property
+    def context_length(self) -> bool:
+        """Whether the request was refused for being too long for this model (a fallback may take it)."""
+        return self.code is not None and UPSTREAM_REQUEST_CODES.get(self.code) is ErrorCode.CONTEXT_LENGTH_EXCEEDED
 
 
 class RateLimited(UpstreamStatusError):
@@ -84,11 +97,15 @@ class RateLimited(UpstreamStatusError):
         super().__init__(429, detail, retry_after=retry_after)
 
 
-def status_error(status: int, detail: str = "", *, retry_after: float | None = None) -> UpstreamStatusError:
-    """The most specific :class:`UpstreamStatusError` for an HTTP ``status``."""
+def status_error(
+    status: int, detail: str = "", *, retry_after: float | None = None, code: str | None = None
+) -> UpstreamStatusError:
+    """The most specific :class:`UpstreamStatusError` for an HTTP ``status`` (``code``: the body's)."""
     if status == 429:
-        return RateLimited(detail, retry_after=retry_after)
-    return UpstreamStatusError(status, detail, retry_after=retry_after)
+        error: UpstreamStatusError = RateLimited(detail, retry_after=retry_after)
+        error.code = code
+        return error
+    return UpstreamStatusError(status, detail, retry_after=retry_after, code=code)
 
 
 def parse_retry_after(headers: object) -> float | None:

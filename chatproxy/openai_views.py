@@ -3,38 +3,56 @@
 The official openai client pointed at ``base_url=".../chat/v1"`` works unmodified. The same
 resilient core serves it; only the wire differs:
 
+* Every chunk and the answer name the model that is answering (after a fallback, the fallback's).
 * ``stream: true``: ``chat.completion.chunk`` lines and ``data: [DONE]``. Retries are invisible;
   keepalives are SSE comments; a final failure is one in-band ``data: {"error": ...}`` event
   (the openai client raises ``APIError`` with the friendly message). A restart that diverges
-  from text already sent cannot be expressed here, so it ends with that error too.
-* ``stream: false``: one ``chat.completion`` object, or a failure with its own status code and
-  OpenAI's error shape. An answer not ready by the commit point (:func:`commit_after`: just under
-  ``GATEWAY``, the front proxy's idle deadline) is committed as 200 then, and JSON-insignificant
-  whitespace is sent every ``KEEPALIVE`` seconds until it is, so no gateway times out; a failure
-  after that point is a 200 whose body is the error object (the official client returns that
-  object instead of raising).
+  from what was already sent cannot be expressed here, so it ends with that error too. The status
+  line waits until the upstream answered its headers (at most ``KEEPALIVE``): a request the
+  upstream refuses (unknown model, context too long, content filter) is then a real 4xx with
+  OpenAI's error code, not an in-band error after a 200.
+* Every part of the answer the core sends (:mod:`chatproxy.stream.answer`) becomes the delta it
+  came as: ``content`` (with its ``logprobs``), ``tool_calls`` (the head with ``id``, ``type`` and
+  ``function.name``, then ``function.arguments`` pieces), ``reasoning_content`` / ``reasoning``,
+  ``refusal``, each on its choice; the finish chunk has the upstream's ``finish_reason``
+  (``tool_calls``, ``length``, ``content_filter`` ...) and the usage chunk its ``usage``.
+* ``stream: false``: one ``chat.completion`` object (the parts put together: ``content``,
+  ``tool_calls``, ``refusal``, ``reasoning_content``, ``logprobs``, one choice per index), or a
+  failure with its own status code and OpenAI's error shape. An answer not ready by the commit
+  point (:func:`commit_after`: just under ``GATEWAY``, the front proxy's idle deadline) is
+  committed as 200 then, and JSON-insignificant whitespace is sent every ``KEEPALIVE`` seconds
+  until it is, so no gateway times out; a failure after that point is a 200 whose body is the
+  error object (the official client returns that object instead of raising).
+
+The Responses API way in (:mod:`chatproxy.openai_responses`) shares what is not wire: admission
+(:func:`admit`, :func:`admit_json`, :func:`start`) and the commit logic of a JSON answer
+(:class:`JsonAnswer`). Anything else under the prefix is OpenAI's JSON 404 (:func:`not_found`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeVar
 
 import orjson
-from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
+from django.http import HttpRequest, JsonResponse, StreamingHttpResponse
+from django.http.response import HttpResponseBase
 from django.views.decorators.csrf import csrf_exempt
 
 from chatproxy import limits, sse
 from chatproxy.auth import AuthFailure, authorize
 from chatproxy.codes import ErrorCode
 from chatproxy.conf import Policy, get_config
-from chatproxy.core import Event, Subscription
+from chatproxy.core import ChatRequest, Event, Subscription
+from chatproxy.fallbacks import model_of
 from chatproxy.responses import openai_error, openai_stream_error
-from chatproxy.service import open_stream
+from chatproxy.service import StreamNotStarted, open_stream
 from chatproxy.validation import InvalidRequest, parse_openai_request
 from chatproxy.views import SSE_HEADERS, read_json_body
+
+T = TypeVar("T")
 
 #: Seconds the commit point stays ahead of ``GATEWAY`` at most (a fifth of it when that is less):
 #: room for a busy event loop and the network between the worker and the gateway.
@@ -49,38 +67,103 @@ def commit_after(policy: Policy) -> float:
 
 
 @csrf_exempt  # bearer keys carry no cookie; authorize() enforces CSRF for session users
-async def chat_completions(request: HttpRequest) -> HttpResponse:
-    if request.method != "POST":
-        return openai_error(ErrorCode.METHOD_NOT_ALLOWED, "Use POST.", headers={"Allow": "POST"})
-    try:
-        await authorize(request, allow_bearer=True)
-    except AuthFailure as exc:
-        return _refused(request, exc)
-    try:
-        chat_request, streaming, include_usage = parse_openai_request(read_json_body(request))
-    except InvalidRequest as exc:
-        return openai_error(exc.code, exc.message, status=exc.status, param=exc.param)
-
-    try:
-        reader = await open_stream(chat_request, user=request.user, allow_reset=False, who=limits.identity_of(request))
-    except limits.LimitExceeded as exc:
-        return openai_error(exc.code, exc.message, headers={"Retry-After": str(exc.retry_after)})
+async def chat_completions(request: HttpRequest) -> HttpResponseBase:
+    parsed = await admit_json(request, parse_openai_request)
+    if isinstance(parsed, HttpResponseBase):
+        return parsed
+    chat_request, streaming, include_usage = parsed
+    reader = await start(request, chat_request)
+    if isinstance(reader, HttpResponseBase):
+        return reader
     wire = _Wire(reader, include_usage)
     if streaming:
+        stream = reader.stream
+        try:
+            await stream.answered_or_finished(stream.policy.keepalive)
+        except BaseException:
+            reader.close()
+            raise
+        refused = _refused_before_output(stream.events_after(0))
+        if refused is not None:
+            reader.close()
+            return openai_error(refused)
         return StreamingHttpResponse(wire.chunks(), content_type="text/event-stream", headers=SSE_HEADERS)
     return await wire.completion()
 
 
-async def models(request: HttpRequest) -> HttpResponse:
+#: The events that carry part of the answer.
+OUTPUT_EVENTS = frozenset({"delta", "tool_call", "reasoning", "refusal"})
+
+
+def _refused_before_output(events: list[Event]) -> ErrorCode | None:
+    """The code of a stream that already ended in an error without sending anything, else None."""
+    if events and events[-1].name == "error" and not any(event.name in OUTPUT_EVENTS for event in events):
+        return final_code(events[-1])
+    return None
+
+
+async def models(request: HttpRequest) -> HttpResponseBase:
     """``GET /chat/v1/models``: the allowed models (``UPSTREAM.MODELS``, or the default model)."""
-    try:
-        await authorize(request, allow_bearer=True)
-    except AuthFailure as exc:
-        return _refused(request, exc)
+    refused = await admit(request)
+    if refused is not None:
+        return refused
     upstream = get_config()["UPSTREAM"]
     names = upstream["MODELS"] or [upstream["MODEL"]]
     data = [{"id": name, "object": "model", "created": 0, "owned_by": "chatproxy"} for name in names]
     return JsonResponse({"object": "list", "data": data})
+
+
+@csrf_exempt  # any method: a session user's POST must get this JSON, not Django's CSRF page
+async def not_found(request: HttpRequest) -> HttpResponseBase:
+    """Anything else under the OpenAI-compatible prefix: OpenAI's 404 JSON, never an HTML page."""
+    where = f"{request.method} {request.path}"
+    if len(where) > 200:
+        where = where[:200] + "..."
+    return openai_error(
+        ErrorCode.NOT_FOUND,
+        f"Invalid URL ({where}). This server offers POST chat/completions, POST responses, "
+        "GET responses/<id> and GET models under its OpenAI-compatible base URL.",
+    )
+
+
+# --- shared by the OpenAI-compatible ways in ------------------------------------------------------
+
+
+async def admit(request: HttpRequest, method: str | None = None) -> HttpResponseBase | None:
+    """Check the method (when given) and authorize (bearer key or session): None to go on, else the
+    refusal in OpenAI's shape."""
+    if method is not None and request.method != method:
+        return openai_error(ErrorCode.METHOD_NOT_ALLOWED, f"Use {method}.", headers={"Allow": method})
+    try:
+        await authorize(request, allow_bearer=True)
+    except AuthFailure as exc:
+        return _refused(request, exc)
+    return None
+
+
+async def admit_json(request: HttpRequest, parse: Callable[[Any], T]) -> T | HttpResponseBase:
+    """A POST, authorized, its JSON body validated by ``parse``; else the refusal in OpenAI's shape."""
+    refused = await admit(request, "POST")
+    if refused is not None:
+        return refused
+    try:
+        return parse(read_json_body(request))
+    except InvalidRequest as exc:
+        return openai_error(exc.code, exc.message, status=exc.status, param=exc.param)
+
+
+async def start(
+    request: HttpRequest, chat_request: ChatRequest, *, resumable: bool = False, background: bool = False
+) -> Subscription | HttpResponseBase:
+    """Open the stream for an admitted request (no ``reset``: these wires cannot express one); its
+    first reader, or the 429 refusal when a per-user limit is reached."""
+    try:
+        return await open_stream(chat_request, user=request.user, allow_reset=False, resumable=resumable,
+                                 background=background, who=limits.identity_of(request))
+    except limits.LimitExceeded as exc:
+        return openai_error(exc.code, exc.message, headers={"Retry-After": str(exc.retry_after)})
+    except StreamNotStarted as exc:
+        return openai_error(exc.code)
 
 
 def _refused(request: HttpRequest, exc: AuthFailure) -> JsonResponse:
@@ -90,58 +173,32 @@ def _refused(request: HttpRequest, exc: AuthFailure) -> JsonResponse:
     return openai_error(exc.code, exc.message)
 
 
-class _Wire:
-    """One stream's events in OpenAI's shapes."""
+class JsonAnswer:
+    """A stream's answer as one JSON object (``stream: false``), in time for the gateway.
 
-    def __init__(self, reader: Subscription, include_usage: bool) -> None:
+    :meth:`completion` answers with the object's real status if the stream ends before the commit
+    point (:func:`commit_after`), else commits to 200 then and sends JSON-insignificant whitespace
+    every ``KEEPALIVE`` seconds until the object is ready. Subclasses say what each event adds
+    (:meth:`_take`) and what the object is (:meth:`_final_response`).
+    """
+
+    def __init__(self, reader: Subscription) -> None:
         self.reader = reader
-        stream = reader.stream
-        self.include_usage = include_usage
-        self.id = f"chatcmpl-{stream.stream_id}"
-        self.created = int(time.time())
-        self.model = stream.request.model
-        head = {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model}
-        # Every delta chunk is this prefix + the JSON string + this suffix: no dict per chunk.
-        self._delta_prefix = b"data: " + orjson.dumps(head)[:-1] + b',"choices":[{"index":0,"delta":{"content":'
-        self._delta_suffix = b'},"logprobs":null,"finish_reason":null}]}\n\n'
-        self._head = head
         # The stream sends a keepalive after this much silence, but it counts every event as
-        # output; events this wire does not show (retries, and deltas held for a JSON answer)
+        # output; events a wire does not show (retries, and deltas held for a JSON answer)
         # must not leave the client silent for longer, or a gateway times out (504).
-        self._keepalive = stream.policy.keepalive
+        self._keepalive = reader.stream.policy.keepalive
 
-    def _chunk(self, choices: list[dict[str, Any]], **extra: Any) -> bytes:
-        return b"data: " + orjson.dumps({**self._head, "choices": choices, **extra}) + b"\n\n"
+    def _take(self, event: Event) -> None:
+        """Fold one event (not the final one) into the answer."""
+        raise NotImplementedError
 
-    async def chunks(self) -> AsyncIterator[bytes]:
-        yield sse.OPEN_COMMENT
-        try:
-            async for event in self.reader:
-                name = event.name
-                if name == "delta":
-                    yield self._delta_prefix + orjson.dumps(event.data["text"]) + self._delta_suffix  # type: ignore[index]
-                elif name == "keepalive":
-                    yield sse.KEEPALIVE
-                elif name == "start":
-                    yield self._chunk([{"index": 0, "delta": {"role": "assistant", "content": ""},
-                                        "logprobs": None, "finish_reason": None}])
-                elif name == "done":
-                    data = event.data or {}
-                    yield self._chunk([{"index": 0, "delta": {}, "logprobs": None,
-                                        "finish_reason": data.get("finish_reason") or "stop"}])
-                    if self.include_usage:
-                        yield self._chunk([], usage=data.get("usage"))
-                    yield b"data: [DONE]\n\n"
-                elif name == "error":
-                    yield openai_stream_error(_code(event))
-                elif name == "retry":
-                    # Invisible here, but it restarted the stream's keepalive clock: a comment
-                    # keeps the client's connection warm instead. (reset cannot happen here.)
-                    yield sse.KEEPALIVE
-        finally:
-            self.reader.close()  # not resumable: the stream stops and closes its upstream now
+    def _final_response(self, final: Event | None, committed: bool) -> JsonResponse:
+        """The answer for the final event (``done`` / ``error``; None if the stream stopped);
+        ``committed``: a 200 was already sent, so the status given here is not seen."""
+        raise NotImplementedError
 
-    async def completion(self) -> HttpResponse:
+    async def completion(self) -> HttpResponseBase:
         """Collect the answer: a plain response (its real status) if it ends before the commit
         point (:func:`commit_after`), else a 200 kept warm with whitespace until it is ready."""
         collector = asyncio.get_running_loop().create_task(self._collect())
@@ -153,54 +210,186 @@ class _Wire:
             raise
         if done:
             self.reader.close()
-            return self._final_response(*collector.result())
+            return self._final_response(collector.result(), False)
         # Slow answer: commit to 200 now, before the gateway's idle deadline, and send whitespace.
         return StreamingHttpResponse(self._warm_body(collector), content_type="application/json")
 
-    async def _collect(self) -> tuple[Event | None, list[str]]:
-        """The answer's text and its final event (``done`` / ``error``; None if the stream stopped)."""
-        parts: list[str] = []
+    async def _collect(self) -> Event | None:
+        """Fold the events in; the final one (``done`` / ``error``; None if the stream stopped)."""
         async for event in self.reader:
-            if event.name == "delta":
-                parts.append(event.data["text"])  # type: ignore[index]
-            elif event.name in ("done", "error"):
-                return event, parts
-        return None, parts
+            if event.name in ("done", "error"):
+                return event
+            self._take(event)
+        return None
 
-    async def _warm_body(self, collector: asyncio.Task[tuple[Event | None, list[str]]]) -> AsyncIterator[bytes]:
+    async def _warm_body(self, collector: asyncio.Task[Event | None]) -> AsyncIterator[bytes]:
         try:
             yield b" "
             while not collector.done():
                 await asyncio.wait((collector,), timeout=self._keepalive)
                 if not collector.done():
                     yield b" "
-            yield self._final_response(*collector.result()).content
+            yield self._final_response(collector.result(), True).content
         finally:
             collector.cancel()
             self.reader.close()
 
-    def _final_response(self, final: Event | None, parts: list[str]) -> JsonResponse:
+
+class _Wire(JsonAnswer):
+    """One stream's events in OpenAI's chat-completion shapes."""
+
+    def __init__(self, reader: Subscription, include_usage: bool) -> None:
+        super().__init__(reader)
+        stream = reader.stream
+        self.include_usage = include_usage
+        self.id = f"chatcmpl-{stream.stream_id}"
+        self.created = int(time.time())
+        self._delta_suffix = b'},"logprobs":null,"finish_reason":null}]}\n\n'
+        self._use_model(stream.request.model)
+        self._choices = {0}  # the choice indexes seen: each gets a finish chunk
+        self._parts: list[Event] = []  # the answer's parts, for a non-streamed answer
+
+    def _use_model(self, model: str) -> None:
+        """Name ``model`` in the chunks from here on (the first target tried, then each fallback's)."""
+        self.model = model
+        head = {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": model}
+        # Every delta chunk is this prefix + the JSON string + this suffix: no dict per chunk.
+        self._delta_prefix = b"data: " + orjson.dumps(head)[:-1] + b',"choices":[{"index":0,"delta":{"content":'
+        self._head = head
+
+    def _chunk(self, choices: list[dict[str, Any]], **extra: Any) -> bytes:
+        return b"data: " + orjson.dumps({**self._head, "choices": choices, **extra}) + b"\n\n"
+
+    def _part(self, event: Event) -> bytes:
+        """The chunk of an answer part other than a plain choice-0 text delta."""
+        data: dict[str, Any] = event.data or {}
+        choice = data.get("choice", 0)
+        self._choices.add(choice)
+        return self._chunk([{"index": choice, "delta": delta_of(event.name, data),
+                             "logprobs": data.get("logprobs"), "finish_reason": None}])
+
+    def _finish_reasons(self, done: dict[str, Any]) -> dict[int, str]:
+        """Each choice's ``finish_reason``, by index: choice 0's from ``done``, the others' as
+        their upstream reported them (the stream's stats), else choice 0's."""
+        first = done.get("finish_reason") or "stop"
+        others = self.reader.stream.stats.finish_reasons
+        return {choice: others.get(choice, first) if choice else first
+                for choice in sorted(self._choices | set(others))}
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        yield sse.OPEN_COMMENT
+        try:
+            async for event in self.reader:
+                name = event.name
+                if name == "delta" and len(event.data) == 1:  # type: ignore[arg-type]
+                    yield self._delta_prefix + orjson.dumps(event.data["text"]) + self._delta_suffix  # type: ignore[index]
+                elif name in OUTPUT_EVENTS:
+                    yield self._part(event)
+                elif name == "keepalive":
+                    yield sse.KEEPALIVE
+                elif name == "start":
+                    self._use_model((event.data or {}).get("model") or self.model)
+                    yield self._chunk([{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                        "logprobs": None, "finish_reason": None}])
+                elif name == "done":
+                    data = event.data or {}
+                    self._use_model(data.get("model") or self.model)
+                    reasons = self._finish_reasons(data)
+                    yield self._chunk([{"index": choice, "delta": {}, "logprobs": None, "finish_reason": reason}
+                                       for choice, reason in reasons.items()])
+                    if self.include_usage:
+                        yield self._chunk([], usage=data.get("usage"))
+                    yield b"data: [DONE]\n\n"
+                elif name == "error":
+                    yield openai_stream_error(final_code(event))
+                elif name == "retry":
+                    # Invisible here, but it restarted the stream's keepalive clock: a comment
+                    # keeps the client's connection warm instead. (reset cannot happen here.)
+                    if "fallback" in (event.data or {}):
+                        self._use_model(model_of(event.data["fallback"]))  # type: ignore[index]
+                    yield sse.KEEPALIVE
+        finally:
+            self.reader.close()  # not resumable: the stream stops and closes its upstream now
+
+    def _take(self, event: Event) -> None:
+        if event.name in OUTPUT_EVENTS:
+            self._parts.append(event)
+
+    def _final_response(self, final: Event | None, committed: bool) -> JsonResponse:
         if final is None or final.name == "error":
-            return openai_error(_code(final))
+            return openai_error(final_code(final))
         data = final.data or {}
         body = {
             "id": self.id,
             "object": "chat.completion",
             "created": self.created,
-            "model": self.model,
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": "".join(parts), "refusal": None},
-                    "logprobs": None,
-                    "finish_reason": data.get("finish_reason") or "stop",
-                }
-            ],
+            "model": data.get("model") or self.model,
+            "choices": completion_choices(self._parts, self._finish_reasons(data)),
             "usage": data.get("usage"),
         }
         return JsonResponse(body)
 
 
-def _code(event: Event | None) -> ErrorCode:
+def delta_of(name: str, data: dict[str, Any]) -> dict[str, Any]:
+    """The OpenAI ``delta`` that an answer-part event (see :mod:`chatproxy.stream.answer`) stands for."""
+    if name == "tool_call":
+        call: dict[str, Any] = {"index": data["index"]}
+        function: dict[str, Any] = {}
+        if data.get("id"):
+            call["id"] = data["id"]
+            call["type"] = "function"
+        if data.get("name"):
+            function["name"] = data["name"]
+        function["arguments"] = data.get("arguments") or ""
+        call["function"] = function
+        return {"tool_calls": [call]}
+    if name == "reasoning":
+        return {data.get("field") or "reasoning_content": data["text"]}
+    if name == "refusal":
+        return {"refusal": data["text"]}
+    return {"content": data["text"]}
+
+
+def completion_choices(parts: list[Event], finish_reasons: dict[int, str]) -> list[dict[str, Any]]:
+    """The ``choices`` of a whole ``chat.completion``: each choice's parts put together, with its
+    ``finish_reason`` (``finish_reasons[0]`` for a choice not listed)."""
+    choices = {index: _new_choice(index, reason) for index, reason in finish_reasons.items()}
+    for event in parts:
+        data: dict[str, Any] = event.data or {}
+        index = data.get("choice", 0)
+        choice = choices.get(index) or choices.setdefault(index, _new_choice(index, finish_reasons[0]))
+        message = choice["message"]
+        name = event.name
+        if name == "tool_call":
+            calls = message.setdefault("tool_calls", {})
+            call = calls.get(data["index"])
+            if call is None:
+                call = calls[data["index"]] = {"id": "", "type": "function", "function": {"name": "", "arguments": ""}}
+            call["id"] += data.get("id") or ""
+            call["function"]["name"] += data.get("name") or ""
+            call["function"]["arguments"] += data.get("arguments") or ""
+        else:
+            key = "content" if name == "delta" else "refusal" if name == "refusal" else data.get("field", "reasoning")
+            message[key] = (message.get(key) or "") + data["text"]
+        if data.get("logprobs"):
+            logprobs = choice["logprobs"] = choice["logprobs"] or {"content": None, "refusal": None}
+            for key, values in data["logprobs"].items():
+                if values:
+                    logprobs[key] = (logprobs.get(key) or []) + list(values)
+    for choice in choices.values():
+        message = choice["message"]
+        if "tool_calls" in message:
+            message["tool_calls"] = [message["tool_calls"][key] for key in sorted(message["tool_calls"])]
+        elif message["content"] is None and message["refusal"] is None:
+            message["content"] = ""
+    return [choices[index] for index in sorted(choices)]
+
+
+def _new_choice(index: int, finish_reason: str) -> dict[str, Any]:
+    return {"index": index, "message": {"role": "assistant", "content": None, "refusal": None},
+            "logprobs": None, "finish_reason": finish_reason}
+
+
+def final_code(event: Event | None) -> ErrorCode:
     """The code an ``error`` event ends with (``internal`` when there is no such event)."""
     return ErrorCode.of((event.data or {}).get("code") if event is not None else None)

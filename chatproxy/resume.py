@@ -8,14 +8,16 @@ the Django cache ``RESUME.CACHE`` in a single ``set_many`` (one thread hop and, 
 round trip for all streams; no hop for an in-process cache), with ``TTL``. A batch is stored as
 one JSON byte string, which costs the cache next to nothing to pickle. Keys, for stream ``S``::
 
-    chatproxy:s:S          meta: owner, model, keepalive, deadline (epoch); rewritten every TTL/4
+    chatproxy:s:S          meta: owner, model, keepalive, created and deadline (epoch); rewritten every TTL/4
     chatproxy:s:S:N        batch N (0, 1, 2, ...): JSON [[seq, name, data], ...]
     chatproxy:s:S:listen   set by a resuming worker: publish S's batches on the channel layer
     chatproxy:s:S:cancel   set by a cancelling worker: stop S
 
 Every ``CONTROL_INTERVAL`` the journal reads the listen/cancel flags of all its streams in one
 ``get_many``. Batches of streams someone listens to are also sent to the Channels group
-``chatproxy.s.S`` so a client resumed on another worker gets them live.
+``chatproxy.s.S`` so a client resumed on another worker gets them live; while the flag is set, the
+stream counts that client as its own (no grace period runs), and the resuming worker deletes the
+flag when its client leaves.
 
 While the cache is unreachable (Redis down) the journal keeps each stream's unwritten batches
 (and the events themselves stay in the stream's memory, which only drops what the store has) and
@@ -135,6 +137,9 @@ class _Tracked:
     listened: bool = False
     unsent: dict[str, Any] = field(default_factory=dict)  # writes of this stream not yet in the store
     unsent_seq: int = 0  # the last seq in ``unsent``
+    # While another worker relays the stream to a client, this client reader stands for that one
+    # here, so the grace period does not stop the stream under it (advanced by every flush).
+    relayed: Subscription | None = None
     meta_written: float = 0.0  # monotonic time of the last meta write
     flushed_at: float = 0.0  # monotonic time of the last batch write
 
@@ -152,6 +157,7 @@ class Journal:
             "owner": owner,
             "model": stream.request.model,
             "keepalive": stream.policy.keepalive,
+            "created": time.time(),
             "deadline": time.time() + stream.policy.deadline + 5.0,
         }
         reader = stream.subscribe(client=False)
@@ -164,6 +170,11 @@ class Journal:
         task = self._task
         if task is not None and not task.done():
             await asyncio.shield(task)
+
+    def local_meta(self, stream_id: str) -> dict[str, Any] | None:
+        """The meta of a stream this process tracks (what :func:`stream_meta` reads from the store)."""
+        tracked = self.tracked.get(stream_id)
+        return tracked.meta if tracked is not None else None
 
     def local(self, stream_id: str) -> ChatStream | None:
         tracked = self.tracked.get(stream_id)
@@ -207,6 +218,8 @@ class Journal:
             if tracked.meta_written < refresh_before:
                 tracked.unsent[meta_key(stream_id)] = tracked.meta
                 tracked.meta_written = now
+            if tracked.relayed is not None:
+                tracked.relayed.pending()  # keeps nothing in memory for it
             if events:
                 tracked.flushed_at = now
                 batch = _encode(events)
@@ -232,6 +245,8 @@ class Journal:
                 await layer.group_send(group_name(tracked.stream.stream_id), message)
         for tracked in ended:
             tracked.reader.close()
+            if tracked.relayed is not None:
+                tracked.relayed.close()
             del self.tracked[tracked.stream.stream_id]
 
     def _outlived(self) -> None:
@@ -256,7 +271,12 @@ class Journal:
             return
         flags = await cachecalls.run(cache, cache.get_many, keys)
         for stream_id, tracked in self.tracked.items():
-            tracked.listened = flag_key(stream_id, "listen") in flags
+            tracked.listened = listened = flag_key(stream_id, "listen") in flags
+            if listened and tracked.relayed is None and not tracked.stream.finished:
+                tracked.relayed = tracked.stream.subscribe(tracked.stream.last_seq)
+            elif not listened and tracked.relayed is not None:
+                tracked.relayed.close()  # the relaying client left: the grace period starts
+                tracked.relayed = None
             if flag_key(stream_id, "cancel") in flags:
                 tracked.stream.cancel()
 
@@ -300,6 +320,11 @@ async def _cache_call(func: Any, *args: Any) -> Any:
     return result
 
 
+async def stream_meta(stream_id: str, user: Any) -> dict[str, Any]:
+    """The meta of ``user``'s stream (``model``, ``created`` ...). Raises StreamNotFound."""
+    return await _meta_for(stream_id, user)
+
+
 async def _meta_for(stream_id: str, user: Any) -> dict[str, Any]:
     """The meta of ``user``'s stream; raises StreamNotFound, or JournalUnavailable while the store is
     unreachable (a stream running in this process is answered from memory then)."""
@@ -307,7 +332,7 @@ async def _meta_for(stream_id: str, user: Any) -> dict[str, Any]:
         raise StreamNotFound(stream_id)
     cache = _cache()
     try:
-        meta = await _cache_call(cache.get, meta_key(stream_id))
+        meta: dict[str, Any] | None = await _cache_call(cache.get, meta_key(stream_id))
     except JournalUnavailable:
         tracked = journal().tracked.get(stream_id)
         if tracked is None:
@@ -344,6 +369,28 @@ async def _stored_events(stream_id: str, after: int, first_batch: int = 0) -> tu
             events += [e for e in _decode(batch) if e.seq > after]
             index += 1
         step = min(step * 4, 512)
+
+
+async def events_so_far(stream_id: str, user: Any) -> list[Event]:
+    """The events ``user``'s stream has emitted by now, without waiting. Raises StreamNotFound, or
+    JournalUnavailable while the store is unreachable.
+
+    A stream running in this process is read from memory (what memory dropped is in the store); one
+    elsewhere from the store, which lags its live events by at most ``QUIET_FLUSH_INTERVAL``.
+    """
+    await _meta_for(stream_id, user)
+    local = journal().local(stream_id)
+    memory = local.events_after(0) if local is not None else []
+    if memory and memory[0].seq == 1:
+        return memory
+    try:
+        stored, _ = await _stored_events(stream_id, 0)
+    except Exception as exc:
+        _outage().failed(exc)
+        raise JournalUnavailable() from exc
+    if memory:
+        stored = [e for e in stored if e.seq < memory[0].seq] + memory
+    return stored
 
 
 async def open_replay(stream_id: str, user: Any, after: int) -> AsyncIterator[Event]:
@@ -456,3 +503,6 @@ async def _replay_remote(stream_id: str, after: int, meta: dict[str, Any]) -> As
         if channel is not None:
             with contextlib.suppress(Exception):
                 await layer.group_discard(group, channel)
+            with contextlib.suppress(Exception):
+                # The origin stops counting this client (another relaying worker sets it again).
+                await cachecalls.run(cache, cache.delete, flag_key(stream_id, "listen"))

@@ -7,6 +7,8 @@ timer.
 
 from __future__ import annotations
 
+from typing import Any
+
 import orjson
 
 from chatproxy.codes import ErrorCode
@@ -22,7 +24,7 @@ OPEN_COMMENT = b": open\n\n"
 KEEPALIVE = b": keepalive\n\n"
 
 
-def event_data(event: Event) -> dict:
+def event_data(event: Event) -> dict[str, Any]:
     """The JSON payload of ``event`` as clients see it (errors get their friendly message)."""
     data = event.data or {}
     if event.name == "error":

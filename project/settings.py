@@ -19,7 +19,8 @@ Environment variables (all optional):
 ``CHATPROXY_MODEL``               model used with the real API, default "gpt-4o-mini"
 ``CHATPROXY_SIMULATOR_URL``       the simulator's base URL, default "http://127.0.0.1:8001/v1"
 ``CHATPROXY_SDK``                 UPSTREAM.SDK: "none" (default here: no SDK, the API over aiohttp),
-                                  "auto", "current" or "legacy" (an openai SDK)
+                                  "auto", "current" or "legacy" (an openai SDK), "anthropic" (the
+                                  Messages API, which the simulator speaks too)
 ``CHATPROXY_HTTP_CLIENT``         the current SDK's transport, "aiohttp" (default here) or "httpx"
 ``CHATPROXY_RESUME``              a JSON object merged into CHATPROXY["RESUME"], e.g. '{"GRACE": 0.5}'
 ``CHATPROXY_TIMEOUTS``            a JSON object merged into CHATPROXY["TIMEOUTS"], e.g.
@@ -27,6 +28,10 @@ Environment variables (all optional):
 ``CHATPROXY_LIMITS``              a JSON object merged into CHATPROXY["LIMITS"], e.g.
                                   '{"MAX_STREAMS_PER_USER": 2, "REQUESTS_PER_MINUTE": 30}'
 ``CHATPROXY_PROFILES``            a JSON object merged into CHATPROXY["PROFILES"], e.g. '{"REFRESH": 1}'
+``CHATPROXY_UPSTREAMS``           a JSON object: CHATPROXY["UPSTREAMS"] (named fallback providers)
+``CHATPROXY_FALLBACKS``           a JSON object: CHATPROXY["FALLBACKS"]; with the simulator the demo
+                                  falls back from gpt-4o-mini to gpt-4o unless this is set (even to {})
+``CHATPROXY_CIRCUIT``             a JSON object merged into CHATPROXY["CIRCUIT"], e.g. '{"FAILURES": 2}'
 ================================  ===================================================================
 """
 
@@ -135,7 +140,7 @@ if REDIS_URL:
             "CONFIG": {"hosts": [{"address": REDIS_URL, "socket_timeout": 30}]},
         }
     }
-    CACHES = {
+    CACHES: dict[str, dict[str, Any]] = {
         "default": {
             "BACKEND": "django.core.cache.backends.redis.RedisCache",
             "LOCATION": REDIS_URL,
@@ -244,3 +249,14 @@ if _limits:
 _profiles = _env_json_object("CHATPROXY_PROFILES")
 if _profiles:
     CHATPROXY["PROFILES"] = _profiles
+_upstreams = _env_json_object("CHATPROXY_UPSTREAMS")
+if _upstreams:
+    CHATPROXY["UPSTREAMS"] = _upstreams
+if "CHATPROXY_FALLBACKS" in os.environ:
+    CHATPROXY["FALLBACKS"] = _env_json_object("CHATPROXY_FALLBACKS")
+elif CHATPROXY_USES_SIMULATOR:
+    # The demo page's "primary down" fault makes gpt-4o-mini fail: watch gpt-4o answer instead.
+    CHATPROXY["FALLBACKS"] = {"gpt-4o-mini": ["gpt-4o"]}
+_circuit = _env_json_object("CHATPROXY_CIRCUIT")
+if _circuit:
+    CHATPROXY["CIRCUIT"] = _circuit

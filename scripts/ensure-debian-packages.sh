@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Installs the Debian packages the test suite needs, only when they are missing.
-# (nginx and redis-server for the end-to-end suite, chromium for the browser tests, node for JS tests.)
+# (nginx and redis-server for the end-to-end suite, chromium for the browser tests, node and npm for JS tests.)
 # One `apt-get update`, and only when something is missing. The services are never started here:
 # the end-to-end suite runs nginx and Redis in the foreground with its own configs.
 set -euo pipefail
 need=()
 command -v node >/dev/null 2>&1 || need+=(nodejs)
+# npm installs the pinned JavaScript clients of tests/clients (npm ci).
+command -v npm >/dev/null 2>&1 || need+=(npm)
 command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || need+=(nginx)
 command -v redis-server >/dev/null 2>&1 || [ -x /usr/bin/redis-server ] || need+=(redis-server)
 # The browser tests drive /usr/bin/chromium (never a browser downloaded by playwright).

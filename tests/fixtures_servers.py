@@ -52,3 +52,10 @@ async def client(daphne):
     """:func:`csrf_session` on the live server."""
     async with await csrf_session(daphne.url) as session:
         yield session
+
+
+def new_api_key(server: AppServer, username: str) -> str:
+    """A superuser ``username`` on ``server`` and a fresh API key of theirs (``chatproxy_key create``)."""
+    server.manage("createsuperuser", "--noinput", "--username", username, "--email", f"{username}@example.com",
+                  env={"DJANGO_SUPERUSER_PASSWORD": f"{username}-pass-123"})
+    return server.manage("chatproxy_key", "create", username, "--name", "tests").strip()

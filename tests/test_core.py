@@ -184,8 +184,8 @@ async def test_retry_after_beyond_the_cap_fails_fast(upstream, sim):
     assert result.timed[-1][0] - result.timed[0][0] < 1.0
 
 
-@pytest.mark.parametrize(("status", "code"), [(400, "bad_request"), (404, "bad_request"), (401, "upstream_unavailable"),
-                                              (403, "upstream_unavailable")])
+@pytest.mark.parametrize(("status", "code"), [(400, "bad_request"), (404, "model_not_found"),
+                                              (401, "upstream_unavailable"), (403, "upstream_unavailable")])
 async def test_non_retryable_statuses_end_at_once(upstream, sim, status, code):
     result = await run(upstream, ask(f"status={status}"))
     assert result.last.name == "error" and result.last.data["code"] == code

@@ -27,6 +27,9 @@ from tests.asgi_calls import call
 # code -> (HTTP status, OpenAI error type): the OpenAI view's table, plus the codes it spelled inline.
 STATUS_AND_TYPE = {
     "bad_request": (400, "invalid_request_error"),
+    "model_not_found": (404, "invalid_request_error"),
+    "context_length_exceeded": (400, "invalid_request_error"),
+    "content_filter": (400, "invalid_request_error"),
     "invalid_api_key": (401, "authentication_error"),
     "missing_api_key": (401, "authentication_error"),
     "permission_denied": (403, "permission_error"),
@@ -44,6 +47,9 @@ STATUS_AND_TYPE = {
 # The friendly texts of the codes a stream ends with.
 STREAM_MESSAGES = {
     "bad_request": "The request could not be processed. Please check your message and try again.",
+    "model_not_found": "The model you asked for does not exist or is not available. Check the model name.",
+    "context_length_exceeded": "The conversation is too long for this model. Shorten it or start a new one.",
+    "content_filter": "The request was blocked by the provider's content filter. Please rephrase it.",
     "upstream_timeout": "The assistant took too long to respond. Please try again in a moment.",
     "upstream_unavailable": "The assistant is temporarily unavailable. Please try again in a moment.",
     "rate_limited": "The assistant is busy right now. Please wait a little and try again.",
@@ -151,8 +157,8 @@ HTTP_REFUSALS = [
     ("POST", "/chat/stream/", b"{}", ((b"content-type", b"text/plain"),), 415, None,
      b'{"error": {"code": "bad_request", "message": '
      b'"Send the request as JSON with \'Content-Type: application/json\'."}}'),
-    ("POST", "/chat/v1/chat/completions", b'{"model": "m", "n": 2}', (), 400, None,
-     b'{"error": {"message": "Only n=1 is supported.", "type": "invalid_request_error", "param": "n", '
+    ("POST", "/chat/v1/chat/completions", b'{"model": "m", "n": 0}', (), 400, None,
+     b'{"error": {"message": "\'n\' must be between 1 and 128.", "type": "invalid_request_error", "param": "n", '
      b'"code": "bad_request"}}'),
     ("GET", "/chat/stream/abc/", b"", ((b"last-event-id", b"x"),), 400, None,
      b'{"error": {"code": "bad_request", "message": '
@@ -201,6 +207,27 @@ async def test_authorization_refusals_keep_their_bytes(closed_settings):
     assert (reply.status, reply.body) == (
         401, b'{"error": {"message": "Incorrect or revoked API key.", "type": "authentication_error", '
              b'"param": null, "code": "invalid_api_key"}}')
+
+
+async def test_an_upstream_that_cannot_be_built_is_one_friendly_json_error(open_settings, caplog):
+    """A bad configuration (an SDK that is not installed): the HTTP ways in answer the friendly
+    ``internal`` error in their JSON shape (not Django's HTML 500 page), and the cause is logged."""
+    from chatproxy.upstream import detect_sdk
+
+    missing = "current" if detect_sdk() == "legacy" else "legacy"
+    open_settings.CHATPROXY = {**open_settings.CHATPROXY,
+                               "UPSTREAM": {"SDK": missing, "BASE_URL": "http://127.0.0.1:9/v1", "API_KEY": "sk-x"}}
+    body = b'{"messages": [{"role": "user", "content": "hi"}]}'
+    reply = await call(application, "POST", "/chat/stream/", body)
+    assert (reply.status, reply.body) == (
+        500, b'{"error": {"code": "internal", "message": "Something went wrong on our side. Please try again."}}')
+    reply = await call(application, "POST", "/chat/v1/chat/completions", b'{"model": "m", ' + body[1:])
+    assert (reply.status, reply.body) == (
+        500, b'{"error": {"message": "Something went wrong on our side. Please try again.", "type": "api_error", '
+             b'"param": null, "code": "internal"}}')
+    causes = [r for r in caplog.records if r.name == "chatproxy.service"]
+    assert len(causes) == 2 and all(f'UPSTREAM.SDK is "{missing}"' in r.getMessage() for r in causes)
+    assert all("sk-x" not in r.getMessage() for r in caplog.records)
 
 
 # --------------------------------------------------------------------------- WebSocket error frames

@@ -531,8 +531,8 @@ NASTY_HTTP: list[tuple[str, str, str, list[tuple[str, str]], bytes | None, int |
     ("openai: tools", "POST", "/chat/v1/chat/completions", [],
      _json({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}),
      400),
-    ("openai: n=5", "POST", "/chat/v1/chat/completions", [],
-     _json({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "x"}], "n": 5}), 400),
+    ("openai: n=500", "POST", "/chat/v1/chat/completions", [],
+     _json({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "x"}], "n": 500}), 400),
     ("openai: stream 'yes'", "POST", "/chat/v1/chat/completions", [],
      _json({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "x"}], "stream": "yes"}), 400),
     ("openai: unknown model", "POST", "/chat/v1/chat/completions", [],
@@ -690,7 +690,9 @@ NASTY_FRAMES: list[tuple[str, str | bytes]] = [
     ("request_id 10,000 characters", json.dumps({"type": "chat", "request_id": "r" * 10_000,
                                                   "messages": [{"role": "user", "content": "x"}]})),
     ("unknown field", '{"type": "chat", "request_id": "u", "messages": [{"role": "user", "content": "x"}], '
-                      '"tools": []}'),
+                      '"stream": true}'),
+    ("empty tools", '{"type": "chat", "request_id": "t", "messages": [{"role": "user", "content": "x"}], '
+                    '"tools": []}'),
     ("empty messages", '{"type": "chat", "request_id": "e", "messages": []}'),
     ("null messages", '{"type": "chat", "request_id": "e", "messages": null}'),
     ("cancel unknown", '{"type": "cancel", "request_id": "nope"}'),

@@ -145,7 +145,7 @@ async def test_errors_before_streaming(oai, daphne, sim):
         await oai.chat.completions.create(model="gpt-4o-mini", messages=[], stream=True)
     assert "messages" in caught.value.message
     with pytest.raises(openai.BadRequestError):
-        await oai.chat.completions.create(model="gpt-4o-mini", messages=ask()[0], n=2)
+        await oai.chat.completions.create(model="gpt-4o-mini", messages=ask()[0], n=0)
     bad = openai.AsyncOpenAI(base_url=f"{daphne.url}/chat/v1", api_key="cpk_000000000000_nope", max_retries=0)
     with pytest.raises(openai.AuthenticationError):
         await bad.chat.completions.create(model="gpt-4o-mini", messages=ask()[0])

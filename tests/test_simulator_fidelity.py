@@ -6,9 +6,11 @@ arguments. Runs with ``-o asyncio_mode=auto``."""
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
+import aiohttp
 import pytest
 import pytest_asyncio
 
@@ -456,3 +458,19 @@ async def test_refusal_and_length_and_content_filter(oai: openai.AsyncOpenAI) ->
     chunks = [c async for c in filtered]
     assert chunks[-1].choices[0].finish_reason == "content_filter"
     assert sum(1 for c in chunks if c.choices[0].delta.content) == 2
+
+
+async def test_usage_delay_is_silence_between_the_finish_and_the_usage_chunk(sim: Any) -> None:
+    body = {"model": "gpt-4o-mini", "stream": True, "stream_options": {"include_usage": True},
+            "messages": [{"role": "user", "content": "q [[sim chunks=3 usage_delay=0.3]]"}]}
+    arrivals: list[tuple[float, bytes]] = []
+    async with aiohttp.ClientSession() as session:
+        async with session.post(f"{sim.base_url}/chat/completions", json=body,
+                                headers={"Authorization": "Bearer k"}) as response:
+            async for line in response.content:
+                if line.startswith(b"data: "):
+                    arrivals.append((time.monotonic(), line))
+    finish = next(at for at, line in arrivals if b'"finish_reason":"stop"' in line)
+    usage = next(at for at, line in arrivals if b'"choices":[]' in line)
+    assert usage - finish >= 0.3
+    assert arrivals[-1][1].strip() == b"data: [DONE]"

@@ -202,3 +202,12 @@ async def test_stall_and_reset_mid_stream(sim: SimulatorProcess) -> None:
     finally:
         await client.close()
     assert sim.requests()[-1]["outcome"] == "reset"
+
+
+async def test_usage_delay_holds_the_end_of_the_message(sim: SimulatorProcess) -> None:
+    started = time.monotonic()
+    events = await raw_events(
+        sim, {"model": MODEL, "max_tokens": 50, "messages": user("q [[sim chunks=3 usage_delay=0.3]]"), "stream": True}
+    )
+    assert time.monotonic() - started >= 0.3
+    assert [name for name, _ in events][-2:] == ["message_delta", "message_stop"]

@@ -6,12 +6,14 @@ validation (system check ``chatproxy.E001``) are not copied: the built-in defaul
 
 import logging
 
+from django.apps.registry import Apps
 from django.db import migrations
+from django.db.backends.base.schema import BaseDatabaseSchemaEditor
 
 logger = logging.getLogger("chatproxy.migrations")
 
 
-def create_default(apps, schema_editor):
+def create_default(apps: Apps, schema_editor: BaseDatabaseSchemaEditor) -> None:
     from chatproxy import conf, profiles
     from chatproxy.policy import Policy
 

@@ -582,6 +582,8 @@ async def stream_chat(
             return resp
     for choice in choices:
         await body.write(chunk(choice.index, {}, finish_override or choice.finish))
+    if faults.usage_delay:
+        await delivery.silence(faults.usage_delay)
     if req.include_usage:
         usage_chunk = {**head, "choices": [], "usage": usage(answer.messages, choices)}
         await body.write(b"data: " + dumps(usage_chunk) + b"\n\n")

@@ -154,6 +154,7 @@ class Faults:
     stall_after: int | None = None  # after this many content chunks ...
     stall: float = 3600.0  # ... go silent this long, then continue
     keepalive: float | None = None  # SSE comment every S seconds while silent
+    usage_delay: float = 0.0  # after the finish chunk, before the usage chunk (or [DONE])
     # --- broken streams ---------------------------------------------------------------------
     reset_after: int | None = None  # abort the TCP connection (RST) after N content chunks
     close_after: int | None = None  # close the TCP connection cleanly (FIN) mid-body
@@ -187,6 +188,8 @@ class Faults:
     count: str = "all"  # what "after N" counts: every streamed unit, or tool-call "args" only
     tool_calls: int | None = None  # how many tool calls an answer with tools makes
     reasoning: int | None = None  # reasoning units before the answer (None: by model name)
+    only: str | None = None  # fault keys apply only to requests for a model matching this glob
+    no_prefill: bool = False  # a request ending with an assistant message (a prefill) is refused with 400
 
     def given(self) -> dict[str, Any]:
         """Only the fields that differ from the defaults (what the request log shows)."""
@@ -221,6 +224,7 @@ FAULT_KEYS: tuple[str, ...] = (
     "stall_after",
     "stall",
     "keepalive",
+    "usage_delay",
     "reset_after",
     "close_after",
     "malformed_after",
@@ -253,6 +257,8 @@ SHAPE_KEYS: tuple[str, ...] = (
     "count",
     "tool_calls",
     "reasoning",
+    "only",
+    "no_prefill",
 )
 
 
@@ -342,6 +348,7 @@ _PARSERS: dict[str, tuple[Any, str]] = {
     "stall_after": (_count, "stall_after"),
     "stall": (_seconds, "stall"),
     "keepalive": (_seconds, "keepalive"),
+    "usage_delay": (_seconds, "usage_delay"),
     "reset_after": (_count, "reset_after"),
     "close_after": (_count, "close_after"),
     "malformed_after": (_count, "malformed_after"),
@@ -361,6 +368,8 @@ _PARSERS: dict[str, tuple[Any, str]] = {
     "count": (_count_mode, "count"),
     "tool_calls": (_calls, "tool_calls"),
     "reasoning": (_count, "reasoning"),
+    "only": (_name, "only"),
+    "no_prefill": (_flag, "no_prefill"),
     "huge_after": (_count, "huge_after"),
     "huge_bytes": (_size, "huge_bytes"),
     "endless_after": (_count, "endless_after"),
@@ -371,7 +380,7 @@ _PARSERS: dict[str, tuple[Any, str]] = {
     "redirect": (_flag, "redirect"),
     "html": (_flag, "html"),
 }
-_FLAGS = {"diverge", "refuse", "pings_only", "per_model", "close_delimited", "redirect", "html"}
+_FLAGS = {"diverge", "refuse", "pings_only", "per_model", "no_prefill", "close_delimited", "redirect", "html"}
 
 
 def parse_tokens(text: str) -> dict[str, str]:

@@ -358,6 +358,8 @@ async def stream_messages(
         "usage": {"output_tokens": record.chunks},
     }
     await resp.write(_event("message_delta", final))
+    if faults.usage_delay:  # (stop reason and usage travel together here: the end comes late)
+        await delivery.silence(faults.usage_delay)
     await resp.write(_event("message_stop", {"type": "message_stop"}))
     await resp.write_eof()
     record.outcome = "complete"

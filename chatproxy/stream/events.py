@@ -61,8 +61,8 @@ class EventLog:
     time anything (a keepalive included) last went out, which the watchdog's keepalive timing reads.
     """
 
-    __slots__ = ("_abandoned", "_clients", "_grace", "_grace_timer", "_persisted", "_readers", "base", "events",
-                 "finished", "last_emit", "loop", "seq")
+    __slots__ = ("_abandoned", "_answered_waiter", "_clients", "_grace", "_grace_timer", "_persisted", "_readers",
+                 "answered", "base", "events", "finished", "last_emit", "loop", "seq")
 
     loop: asyncio.AbstractEventLoop
 
@@ -71,6 +71,8 @@ class EventLog:
         self.base = 0
         self.seq = 0
         self.finished = False  # the terminal event was emitted
+        self.answered = False  # an upstream answered with its headers (see answered_or_finished)
+        self._answered_waiter: asyncio.Future[None] | None = None
         self.last_emit = 0.0
         # Events up to this seq are safe elsewhere (an event store) and may be dropped from memory.
         self._persisted = 0 if persistent else _NO_PERSISTENCE
@@ -112,7 +114,30 @@ class EventLog:
         self.finished = True
         self._cancel_grace()
         self.emit(name, data)
+        self._wake_answered()
         return True
+
+    def mark_answered(self) -> None:
+        """An attempt's upstream sent its response headers (once per stream is what matters)."""
+        if not self.answered:
+            self.answered = True
+            self._wake_answered()
+
+    async def answered_or_finished(self, within: float) -> None:
+        """Wait until an upstream answered its headers or the stream ended, at most ``within`` s."""
+        if self.answered or self.finished:
+            return
+        if self._answered_waiter is None:
+            self._answered_waiter = self.loop.create_future()
+        try:
+            await asyncio.wait_for(asyncio.shield(self._answered_waiter), within)
+        except TimeoutError:
+            pass
+
+    def _wake_answered(self) -> None:
+        waiter = self._answered_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     # ------------------------------------------------------------------ reading
 
@@ -227,7 +252,9 @@ class Reader:
         """Take every event available now without waiting (for batching readers)."""
         log = self.log
         events = log.events[self.next_seq - log.base - 1 :]
-        self.next_seq += len(events)
+        if events:
+            self.next_seq += len(events)
+            self.keepalive = False  # as in iteration: a real event makes a pending keepalive moot
         return events
 
     def close(self) -> None:

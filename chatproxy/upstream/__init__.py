@@ -12,6 +12,7 @@ Public API:
   (SDK not installed, wrong generation installed, aiohttp extra missing, no API key for the
   official API) raises :class:`~chatproxy.errors.ConfigurationError` naming the pip command that
   fixes it. The SDK is imported here, lazily, so importing chatproxy never needs openai.
+* :func:`build_named_upstream` -- the same for one of ``CHATPROXY["UPSTREAMS"]`` (fallback providers).
 
 The helpers below the public API are shared by the adapter modules; they keep what reaches an
 exception message to class names, status codes and short error codes, never keys or bodies.
@@ -29,9 +30,12 @@ from typing import Any
 from chatproxy.errors import ConfigurationError
 from chatproxy.upstream.base import Upstream
 
-__all__ = ["HTTP_CLIENT_CHOICES", "SDK_CHOICES", "build_upstream", "detect_sdk", "preload", "resolve_sdk"]
+__all__ = [
+    "HTTP_CLIENT_CHOICES", "SDK_CHOICES", "build_named_upstream", "build_upstream", "detect_sdk", "preload",
+    "resolve_sdk",
+]
 
-SDK_CHOICES = ("auto", "current", "legacy", "none")
+SDK_CHOICES = ("auto", "current", "legacy", "none", "anthropic")
 HTTP_CLIENT_CHOICES = ("httpx", "aiohttp")
 
 INSTALL_CURRENT = 'pip install -U openai (or "openai[aiohttp]" for HTTP_CLIENT "aiohttp")'
@@ -83,7 +87,8 @@ def build_upstream(
     api_key: str | None,
 ) -> Upstream:
     """The adapter for ``sdk`` (``"none"``: no SDK, the API over aiohttp directly, see
-    :mod:`chatproxy.upstream.raw`; ``"auto"``: the installed openai generation, else ``"none"``, so
+    :mod:`chatproxy.upstream.raw`; ``"anthropic"``: Anthropic's Messages API over aiohttp, see
+    :mod:`chatproxy.upstream.anthropic`; ``"auto"``: the installed openai generation, else ``"none"``, so
     a plain ``pip install chatproxy`` works with aiohttp alone).
 
     ``http_client`` picks the current SDK's transport (``"httpx"``: the SDK default,
@@ -101,6 +106,13 @@ def build_upstream(
     installed = _generation(version) if version else None
     if sdk == "auto":
         sdk = installed or "none"
+    if sdk == "anthropic":  # Anthropic's Messages API over aiohttp (no SDK)
+        try:
+            from chatproxy.upstream.anthropic import AnthropicUpstream
+        except ImportError as exc:
+            raise ConfigurationError(f'UPSTREAM.SDK "anthropic" needs aiohttp ({type(exc).__name__}): '
+                                     f"{INSTALL_AIOHTTP}") from exc
+        return AnthropicUpstream(base_url=base_url, api_key=api_key)
     if sdk == "none":
         try:
             from chatproxy.upstream.raw import RawUpstream
@@ -125,6 +137,25 @@ def build_upstream(
     return CurrentUpstream(http_client=http_client, base_url=base_url, api_key=api_key)
 
 
+def build_named_upstream(name: str, conf: Mapping[str, Any]) -> Upstream:
+    """The adapter for the upstream ``name`` of ``CHATPROXY["UPSTREAMS"]``, whose settings are ``conf``
+    (``BASE_URL``, ``API_KEY``, ``SDK``, ``HTTP_CLIENT``; the defaults of ``UPSTREAM`` where missing).
+
+    A named upstream is another provider: it never gets ``OPENAI_API_KEY`` (nor the SDK's key
+    defaults), only its own ``API_KEY``, and it needs a ``BASE_URL``. Without a key the server is
+    one of one's own and gets the placeholder. Raises :class:`ConfigurationError`.
+    """
+    base_url = conf.get("BASE_URL")
+    if not base_url:
+        raise ConfigurationError(f"UPSTREAMS[{name!r}] has no BASE_URL: name the provider's endpoint")
+    return build_upstream(
+        sdk=conf.get("SDK") or "auto",
+        http_client=conf.get("HTTP_CLIENT") or "httpx",
+        base_url=base_url,
+        api_key=conf.get("API_KEY") or PLACEHOLDER_API_KEY,
+    )
+
+
 def preload() -> None:
     """Import the adapter of the configured SDK now: call it from the ASGI module, at server start.
 
@@ -136,7 +167,7 @@ def preload() -> None:
     from chatproxy.conf import get_config
 
     sdk = resolve_sdk(get_config()["UPSTREAM"]["SDK"])
-    module = {"current": "current", "legacy": "legacy", "none": "raw"}.get(sdk)
+    module = {"current": "current", "legacy": "legacy", "none": "raw", "anthropic": "anthropic"}.get(sdk)
     if module is not None:
         try:
             importlib.import_module(f"chatproxy.upstream.{module}")

@@ -8,9 +8,12 @@ Contract for adapters:
 * ``await upstream.open(request)`` sends one chat-completion request with ``stream=True`` and
   returns once the response headers are in. HTTP errors raise here, as :mod:`chatproxy.errors`
   exceptions. SDK-level retries are always disabled: chatproxy owns retries.
-* Iterating the returned stream yields the text of each content delta as a plain ``str``
-  (empty deltas are skipped), so the per-chunk path builds no wrapper objects. When the
-  iteration ends normally, ``finish_reason`` and ``usage`` hold what the upstream reported.
+* Iterating the returned stream yields, per chunk, one :data:`Item`: the text of a content delta
+  of choice 0 as a plain ``str`` when that is all the chunk carries (the common case: no wrapper
+  object on the per-chunk path), else the chunk's ``choices`` list exactly as parsed (tool-call,
+  reasoning and refusal deltas, logprobs, choices other than 0). Chunks that carry nothing
+  (the role chunk, the finish chunk, the usage chunk) are skipped. When the iteration ends
+  normally, ``finish_reason`` (choice 0's) and ``usage`` hold what the upstream reported.
   A failure mid-stream raises a :mod:`chatproxy.errors` exception.
 * ``await stream.aclose()`` closes the HTTP response and its connection at once, whether or not it
   was read to the end; it is idempotent and is always called by the core (also on cancellation).
@@ -27,6 +30,14 @@ from types import AsyncGeneratorType
 from typing import Any, Generic, Protocol, TypeVar, cast
 
 T = TypeVar("T")
+
+#: What an upstream stream yields per chunk: a text delta of choice 0, or the chunk's ``choices``
+#: (a list of OpenAI choice objects: ``{"index", "delta", "logprobs", "finish_reason"}``).
+Item = str | list[Any]
+
+# Delta fields other than ``content`` that make a chunk more than text (``function_call``: the
+# deprecated single-function form is not asked for, but a value is never dropped silently).
+_PART_FIELDS = ("tool_calls", "reasoning_content", "reasoning", "refusal", "function_call")
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,7 +65,7 @@ class UpstreamStream(Protocol):
     finish_reason: str | None
     usage: dict[str, Any] | None
 
-    def __aiter__(self) -> AsyncIterator[str]: ...
+    def __aiter__(self) -> AsyncIterator[Item]: ...
 
     async def aclose(self) -> None: ...
 
@@ -71,7 +82,7 @@ class Upstream(Protocol):
 
 
 class BodyStream:
-    """Base of the adapters' streams: the text comes from :meth:`_iterate`, an async generator
+    """Base of the adapters' streams: the items come from :meth:`_iterate`, an async generator
     subclasses write; :meth:`aclose` closes the HTTP response first (that is what closes the
     socket at once, even while another task is blocked reading it: that read then fails), then
     whichever generators are idle (a running generator cannot be closed from outside)."""
@@ -83,9 +94,9 @@ class BodyStream:
         self.usage: dict[str, Any] | None = None
         self._closed = False
         # AsyncGeneratorType (not the AsyncGenerator protocol) knows ag_running, used by aclose().
-        self._gen = cast("AsyncGeneratorType[str, None]", self._iterate())
+        self._gen = cast("AsyncGeneratorType[Item, None]", self._iterate())
 
-    def _iterate(self) -> AsyncGenerator[str, None]:
+    def _iterate(self) -> AsyncGenerator[Item, None]:
         raise NotImplementedError(f"{type(self).__name__} must implement _iterate()")
 
     async def _close_response(self) -> None:
@@ -95,7 +106,7 @@ class BodyStream:
         """The generators to close after the response (the adapter's own first)."""
         return (self._gen,)
 
-    def __aiter__(self) -> AsyncIterator[str]:
+    def __aiter__(self) -> AsyncIterator[Item]:
         return self._gen
 
     async def aclose(self) -> None:
@@ -107,14 +118,29 @@ class BodyStream:
             if not generator.ag_running:
                 await generator.aclose()
 
-    def _take_choice(self, choice: Mapping[str, Any]) -> str | None:
-        """The text of a chunk's first choice (None if empty); records its ``finish_reason``."""
-        reason = choice.get("finish_reason")
-        if reason:
-            self.finish_reason = reason
-        delta = choice.get("delta")
-        text = delta.get("content") if delta else None
-        return text if text and type(text) is str else None
+    def _take_choices(self, choices: list[Any]) -> Item | None:
+        """What a chunk's non-empty ``choices`` yield (see the module: the text, the list, or None);
+        records choice 0's ``finish_reason``."""
+        if len(choices) == 1:
+            choice = choices[0]
+            if not choice.get("index"):
+                reason = choice.get("finish_reason")
+                if reason:
+                    self.finish_reason = reason
+                delta = choice.get("delta")
+                if not delta:
+                    return None
+                text = delta.get("content")
+                # The hot path: a lone content delta ({"content": ...}, maybe with null fields).
+                if not choice.get("logprobs") and (
+                    (text is not None and len(delta) == 1) or not any(map(delta.get, _PART_FIELDS))
+                ):
+                    return text if text and type(text) is str else None
+                return choices
+        for choice in choices:
+            if not choice.get("index") and choice.get("finish_reason"):
+                self.finish_reason = choice["finish_reason"]
+        return choices
 
 
 class PerLoop(Generic[T]):

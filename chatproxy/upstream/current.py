@@ -158,10 +158,12 @@ class CurrentUpstream:
         try:
             api_response = await call.__aenter__()
         except openai.APIStatusError as exc:
+            code = error_code(exc.body)
             raise status_error(
                 exc.status_code,
-                describe(exc, exc.status_code, error_code(exc.body)),
+                describe(exc, exc.status_code, code),
                 retry_after=parse_retry_after(exc.response.headers),
+                code=code,
             ) from None
         except openai.APIConnectionError as exc:  # APITimeoutError included: no headers yet
             raise UpstreamConnectError(describe_chain(exc)) from exc.__cause__

@@ -21,8 +21,9 @@ Contract, beyond :mod:`chatproxy.upstream.base`:
   ``stream.aclose()`` closes that response, which closes its socket at once (the SDK itself only
   releases the connection when its generator is finalised, and breaking out of the iteration
   leaves the connection open). ``upstream.aclose()`` closes the session.
-* Per chunk only ``chunk["choices"][0]["delta"].get("content")``, ``finish_reason`` and ``usage``
-  are read. An end of body without a ``finish_reason`` is a truncated answer (the SDK hides
+* Per chunk the ``choices`` become an item as for the other adapters
+  (:meth:`~chatproxy.upstream.base.BodyStream._take_choices`), and ``usage`` is read. An end of
+  body without a ``finish_reason`` is a truncated answer (the SDK hides
   ``data: [DONE]``).
 * Errors, as :mod:`chatproxy.errors`:
 
@@ -71,7 +72,7 @@ from chatproxy.upstream import (
     request_body,
     resolve_api_key,
 )
-from chatproxy.upstream.base import BodyStream, PerLoop, UpstreamRequest
+from chatproxy.upstream.base import BodyStream, Item, PerLoop, UpstreamRequest
 
 if TYPE_CHECKING:
     import aiohttp
@@ -201,7 +202,7 @@ class LegacyUpstream:
         if not isinstance(status, int) or status < 400:
             # An error object inside a 200 body, or no status at all.
             return UpstreamStatusError(0, describe(exc, None, code), retry_after=retry_after)
-        return status_error(status, describe(exc, status, code), retry_after=retry_after)
+        return status_error(status, describe(exc, status, code), retry_after=retry_after, code=code)
 
     async def aclose(self) -> None:
         """Close this loop's session. Sessions of other loops cannot be awaited from here."""
@@ -235,16 +236,16 @@ class LegacyStream(BodyStream):
     def _generators(self) -> tuple[AsyncGeneratorType[Any, None], ...]:
         return (self._gen, self._sdk_gen)
 
-    async def _iterate(self) -> AsyncGenerator[str, None]:
+    async def _iterate(self) -> AsyncGenerator[Item, None]:
         usage: Any = None
         try:
             async for chunk in self._sdk_gen:
                 # chunk is an OpenAIObject (a dict); the usage chunk has no choices.
                 choices = chunk.get("choices")
                 if choices:
-                    text = self._take_choice(choices[0])
-                    if text is not None:
-                        yield text
+                    item = self._take_choices(choices)
+                    if item is not None:
+                        yield item
                 chunk_usage = chunk.get("usage")
                 if chunk_usage:
                     usage = chunk_usage

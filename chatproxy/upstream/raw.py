@@ -90,12 +90,21 @@ class RawUpstream:
     def __repr__(self) -> str:
         return f"<RawUpstream {self.name} url={self._url!r}>"
 
-    async def open(self, request: UpstreamRequest) -> RawStream:
+    def _body(self, request: UpstreamRequest) -> dict[str, Any]:
+        """The JSON request body of one attempt."""
         body: dict[str, Any] = {"model": request.model, "messages": list(request.messages), "stream": True}
         extra, want_usage = request_body(request.params, request.extra_body)
         if want_usage:
             body["stream_options"] = {"include_usage": True}
         body.update(extra)
+        return body
+
+    def _stream(self, response: aiohttp.ClientResponse) -> RawStream:
+        """The reader of an accepted answer's body."""
+        return RawStream(response)
+
+    async def open(self, request: UpstreamRequest) -> RawStream:
+        body = self._body(request)
         connect = request.connect_timeout
         # No total timeout: the caller's watchdog bounds the attempt; a read timeout only if asked.
         timeout = aiohttp.ClientTimeout(
@@ -113,7 +122,7 @@ class RawUpstream:
         if "text/event-stream" not in response.headers.get("Content-Type", ""):
             response.close()
             raise UpstreamDisconnected(f"HTTP {response.status} answer is not text/event-stream")
-        return RawStream(response)
+        return self._stream(response)
 
     async def aclose(self) -> None:
         """Close this loop's session. Sessions of other loops close with their loop."""
@@ -147,7 +156,7 @@ async def _status_error(response: aiohttp.ClientResponse, patience: float) -> Up
     finally:
         response.close()
     detail = f"HTTP {response.status}" + (f" ({code})" if code else "")
-    return status_error(response.status, detail, retry_after=parse_retry_after(response.headers))
+    return status_error(response.status, detail, retry_after=parse_retry_after(response.headers), code=code)
 
 
 class RawStream(SSEStream):

@@ -5,7 +5,9 @@ chunk object, whose construction costs more per chunk than this whole path (benc
 "Upstream paths"). Subclasses give the bytes (:meth:`SSEStream._body_chunks`), the transport's error
 classes, and map those errors to chatproxy's (:meth:`SSEStream._body_error`). What the stream yields and raises:
 
-* each non-empty ``choices[0].delta.content``; ``finish_reason`` and ``usage`` are recorded;
+* per chunk the item :meth:`BodyStream._take_choices` makes of it (a text, or the ``choices`` list
+  when the chunk carries tool calls, reasoning, a refusal, logprobs or other choices);
+  ``finish_reason`` and ``usage`` are recorded;
 * the end at ``data: [DONE]`` (the rest of the body is drained briefly so the connection can be
   reused), or at the end of the body if a ``finish_reason`` was seen; an end of body with neither is
   a truncated answer (``UpstreamDisconnected``);
@@ -24,7 +26,7 @@ import orjson
 
 from chatproxy.errors import UpstreamDisconnected, UpstreamError, UpstreamStatusError
 from chatproxy.upstream import error_code
-from chatproxy.upstream.base import BodyStream
+from chatproxy.upstream.base import BodyStream, Item
 
 __all__ = ["SSEStream"]
 
@@ -52,7 +54,7 @@ class SSEStream(BodyStream):
         """The chatproxy error for one of ``errors`` raised while reading the body."""
         raise NotImplementedError(f"{type(self).__name__} must implement _body_error()")
 
-    async def _iterate(self) -> AsyncGenerator[str, None]:
+    async def _iterate(self) -> AsyncGenerator[Item, None]:
         # Hot path: per chunk one find/slice per line, one orjson.loads and a few dict lookups.
         loads = orjson.loads
         malformed = (orjson.JSONDecodeError, AttributeError, TypeError, IndexError, KeyError)
@@ -96,11 +98,11 @@ class SSEStream(BodyStream):
                         choices = chunk.get("choices")
                         if not choices:
                             continue  # e.g. the usage chunk
-                        text = self._take_choice(choices[0])
+                        item = self._take_choices(choices)
                     except malformed:
                         raise UpstreamDisconnected("malformed chunk") from None
-                    if text is not None:
-                        yield text
+                    if item is not None:
+                        yield item
                 if done:
                     break
                 buf = buf[start:]

@@ -274,6 +274,7 @@ def worker_env(kind: str, tmp: Path, redis_port: int, redis_db: int, sim_url: st
         REDIS_URL=f"redis://{HOST}:{redis_port}/{redis_db}",
         CHATPROXY_SIMULATOR_URL=sim_url,
         CHATPROXY_TIMEOUTS=json.dumps(WORKER_TIMEOUTS),
+        CHATPROXY_FALLBACKS="{}",  # not the demo's fallback: each scenario counts the attempts on one model
         PYTHONUNBUFFERED="1",
         PYTHONPATH=str(ROOT),
     )
@@ -309,7 +310,7 @@ pid {tmp}/nginx.pid;
 error_log {tmp}/nginx-error.log info;
 
 events {{
-    worker_connections 512;
+    worker_connections {worker_connections};
 }}
 
 http {{
@@ -360,21 +361,24 @@ NGINX_SERVER = """\
 """
 
 
-def write_nginx_conf(tmp: Path, sites: dict[str, tuple[int, list[int]]]) -> Path:
-    """``sites``: kind -> (nginx port, worker ports)."""
+def write_nginx_conf(tmp: Path, sites: dict[str, tuple[int, list[int]]], worker_connections: int = 512,
+                     read_timeout: float = NGINX_READ_TIMEOUT, server_params: str = "") -> Path:
+    """``sites``: kind -> (nginx port, worker ports). Each proxied request holds two of nginx's
+    ``worker_connections`` (client and worker side). ``server_params`` go on each upstream
+    ``server`` line (e.g. ``max_fails=0``)."""
     for sub in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
         (tmp / "nginx-tmp" / sub).mkdir(parents=True, exist_ok=True)
     servers = "\n".join(
         NGINX_SERVER.format(
-            kind=kind, host=HOST, port=port, tmp=tmp, read_timeout=int(NGINX_READ_TIMEOUT),
-            upstream_servers="\n".join(f"        server {HOST}:{p};" for p in worker_ports),
+            kind=kind, host=HOST, port=port, tmp=tmp, read_timeout=int(read_timeout),
+            upstream_servers="\n".join(f"        server {HOST}:{p} {server_params};" for p in worker_ports),
         )
         for kind, (port, worker_ports) in sites.items()
     )
     # As root, nginx's workers would switch to "nobody", who cannot write into our temp dir.
     user = "user root;" if os.geteuid() == 0 else ""
     conf = tmp / "nginx.conf"
-    conf.write_text(NGINX_CONF.format(user=user, tmp=tmp, servers=servers))
+    conf.write_text(NGINX_CONF.format(user=user, tmp=tmp, servers=servers, worker_connections=worker_connections))
     return conf
 
 

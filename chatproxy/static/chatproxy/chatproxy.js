@@ -34,6 +34,8 @@
  *   {type, data, seq, streamId}
  *
  *   type   a server event: "start" {stream_id, model, profile}, "delta" {text},
+ *          "tool_call" {index, id, name, arguments} (id and name on a call's first event,
+ *          arguments a piece to append), "reasoning" {text, field}, "refusal" {text},
  *          "retry" {attempt, max_attempts, reason, delay}, "reset" {reason},
  *          "done" {finish_reason, attempts, usage}, "error" {code, message};
  *          or one of two client-side events: "keepalive" {} (the server is alive, nothing new)

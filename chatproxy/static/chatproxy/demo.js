@@ -16,6 +16,22 @@ import { isTerminal } from "./events.js";
 import { ResumeRecord } from "./resume.js";
 import { AnswerView } from "./view.js";
 
+// The tool a fault option with data-tools="weather" offers the model (the simulator then calls it).
+const DEMO_TOOLS = Object.freeze({
+  weather: [{
+    type: "function",
+    function: {
+      name: "get_weather",
+      description: "The current weather in a city.",
+      parameters: {
+        type: "object",
+        properties: { city: { type: "string" }, unit: { type: "string", enum: ["celsius", "fahrenheit"] } },
+        required: ["city", "unit"],
+      },
+    },
+  }],
+});
+
 // The transport picked last, remembered across visits (localStorage).
 const TRANSPORT_STORAGE_KEY = "chatproxy.transport";
 
@@ -179,6 +195,8 @@ export function mountChat(root, { client, record = new ResumeRecord() } = {}) {
     }
     if (client.busy) return;
     const messages = history(withDirective(text, faultSelect?.value ?? ""));
+    const toolsName = faultSelect?.selectedOptions?.[0]?.dataset.tools ?? "";
+    const tools = Object.hasOwn(DEMO_TOOLS, toolsName) ? DEMO_TOOLS[toolsName] : undefined;
 
     prompt.value = "";
     addTurn("user", text);
@@ -192,6 +210,7 @@ export function mountChat(root, { client, record = new ResumeRecord() } = {}) {
     const transport = transportSelect?.value ?? "sse";
     const final = await client.send({
       messages,
+      options: tools ? { tools } : undefined,
       transport,
       onEvent: answerEvents(view, { user: text, transport }),
     });

@@ -46,14 +46,20 @@ export function newRequestId() {
   return `r${Date.now().toString(36)}${Math.random().toString(36).slice(2, 10)}`;
 }
 
+// The optional request fields a chat passes on from its `options`.
+const CHAT_OPTIONS = [
+  "temperature", "max_tokens", "seed", "tools", "tool_choice", "parallel_tool_calls", "response_format",
+];
+
 /**
  * The JSON body of a chat request: the fields the endpoints accept, unset ones left out.
- * @param {object} o  {messages, model, options: {temperature, max_tokens, seed}}
+ * @param {object} o  {messages, model, options: {temperature, max_tokens, seed, tools, tool_choice,
+ *                    parallel_tool_calls, response_format}}
  */
 export function chatBody({ messages, model, options }) {
   const body = { messages };
   if (model) body.model = model;
-  for (const key of ["temperature", "max_tokens", "seed"]) {
+  for (const key of CHAT_OPTIONS) {
     if (options?.[key] !== undefined && options[key] !== null) body[key] = options[key];
   }
   return body;

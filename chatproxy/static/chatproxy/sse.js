@@ -18,7 +18,8 @@ import { DEFAULT_IDLE_TIMEOUT_MS, DEFAULT_MAX_RESUMES, waitToResume } from "./re
  * @param {Array<{role: string, content: string}>} o.messages  the conversation, newest last
  * @param {string} [o.url]          the stream endpoint, default "/chat/stream/"
  * @param {string} [o.model]        a model name; the server's default when left out
- * @param {object} [o.options]      {temperature, max_tokens, seed}
+ * @param {object} [o.options]      {temperature, max_tokens, seed, tools, tool_choice,
+ *                                  parallel_tool_calls, response_format}
  * @param {AbortSignal} [o.signal]  aborting stops the stream ("error" event, code "cancelled")
  * @param {function} o.onEvent      receives {type, data, seq, streamId}; see chatproxy.js
  * @param {string} [o.csrfToken]    default: the `csrftoken` cookie

@@ -1,5 +1,6 @@
 /**
- * view.js: AnswerView renders one streaming answer into the page from the events of a chat.
+ * view.js: AnswerView renders one streaming answer into the page from the events of a chat:
+ * its text, and the parts beside it (tool calls, reasoning, a refusal).
  * Model output only ever becomes text nodes, never HTML.
  */
 
@@ -19,6 +20,13 @@ const NOTE_KIND = new Map([
  * `element` holds the answer text and carries `data-state` = streaming | reconnecting | done |
  * error (and `data-error-code` on error); `note`, if given, shows "Reconnecting…" or the error
  * message beside it; `status`, if given, gets one short line per state change (for aria-live).
+ *
+ * The other parts of an answer go into `element` too, each in its own box: `reasoning` events
+ * into one `.chatproxy-reasoning` (a <details>, before the text), `refusal` events into one
+ * `.chatproxy-refusal`, and each tool call (`tool_call` events: the first of a call has its
+ * `id` and `name`, every one a piece of its JSON `arguments`) into a `.chatproxy-tool-call`
+ * (`data-index`, `data-call-id`) showing the name and the arguments as they stream.
+ * `toolCalls` lists them put together. A `reset` empties all of it.
  */
 export class AnswerView {
   /**
@@ -35,8 +43,10 @@ export class AnswerView {
     this.onChange = onChange;
     this.textNode = element.ownerDocument.createTextNode("");
     element.replaceChildren(this.textNode);
+    this._clearParts();
     this.final = null;
     this._sawText = false;
+    this._fallback = null; // the target the last fallback went to, if any
     this._waitingNoted = false;
     this.setState("streaming");
     this._setStatus("Waiting for the answer…");
@@ -45,6 +55,23 @@ export class AnswerView {
   /** The answer text so far. */
   get text() {
     return this.textNode.data;
+  }
+
+  /** The tool calls so far, by index: [{index, id, name, arguments}]. */
+  get toolCalls() {
+    return [...this._calls.entries()]
+      .sort(([a], [b]) => a - b)
+      .map(([index, call]) => ({ index, id: call.id, name: call.name.data, arguments: call.args.data }));
+  }
+
+  /** The reasoning text so far ("" if none). */
+  get reasoning() {
+    return this._reasoning?.text.data ?? "";
+  }
+
+  /** The refusal text so far ("" if none). */
+  get refusal() {
+    return this._refusal?.text.data ?? "";
   }
 
   /**
@@ -88,16 +115,20 @@ export class AnswerView {
       case "start":
         break;
       case "delta":
-        if (typeof data.text !== "string") break;
-        if (this.element.dataset.state === "reconnecting") {
-          this.setState("streaming");
-          this._setNote(null);
-        }
-        if (!this._sawText) {
-          this._sawText = true;
-          this._setStatus("Answering…");
-        }
+        if (typeof data.text !== "string" || data.choice) break; // other choices are not shown
+        this._answering();
         this.textNode.appendData(data.text);
+        break;
+      case "tool_call":
+        if (!Number.isInteger(data.index) || data.choice) break;
+        this._answering();
+        this._toolCall(data);
+        break;
+      case "reasoning":
+      case "refusal":
+        if (typeof data.text !== "string" || data.choice) break;
+        this._answering();
+        this._box(event.type).text.appendData(data.text);
         break;
       case "keepalive":
         if (!this._sawText && !this._waitingNoted && this.element.dataset.state === "streaming") {
@@ -106,13 +137,21 @@ export class AnswerView {
         }
         break;
       case "retry":
-      case "resuming":
+        if (typeof data.fallback === "string") this._fallback = data.fallback;
+      // falls through
+      case "resuming": {
+        const note = event.type === "retry" && typeof data.fallback === "string"
+          ? `Switching to ${data.fallback}…`
+          : "Reconnecting…";
         this.setState("reconnecting");
-        this._setNote("Reconnecting…", "quiet");
-        this._setStatus("Reconnecting…");
+        this._setNote(note, "quiet");
+        this._setStatus(note);
         break;
+      }
       case "reset":
         this.textNode.data = "";
+        this.element.replaceChildren(this.textNode);
+        this._clearParts();
         this._sawText = false;
         this.setState("streaming");
         this._setNote(null);
@@ -124,7 +163,8 @@ export class AnswerView {
         delete this.element.dataset.errorCode;
         this._setNote(null);
         const attempts = Number(data.attempts);
-        this._setStatus(attempts > 1 ? `Done (recovered after ${attempts} attempts).` : "Done.");
+        const by = this._fallback && typeof data.model === "string" ? `, answered by ${data.model}` : "";
+        this._setStatus(attempts > 1 ? `Done (recovered after ${attempts} attempts${by}).` : "Done.");
         break;
       }
       case "error": {
@@ -142,6 +182,78 @@ export class AnswerView {
         return;
     }
     this.onChange(event);
+  }
+
+  /** Output arrived: leave "reconnecting", and say that the answer is coming. */
+  _answering() {
+    if (this.element.dataset.state === "reconnecting") {
+      this.setState("streaming");
+      this._setNote(null);
+    }
+    if (!this._sawText) {
+      this._sawText = true;
+      this._setStatus("Answering…");
+    }
+  }
+
+  _clearParts() {
+    /** index -> {id, name: Text, args: Text, box} */
+    this._calls = new Map();
+    this._reasoning = null;
+    this._refusal = null;
+  }
+
+  _toolCall(data) {
+    const doc = this.element.ownerDocument;
+    let call = this._calls.get(data.index);
+    if (!call) {
+      const box = doc.createElement("div");
+      box.className = "chatproxy-tool-call";
+      box.dataset.index = String(data.index);
+      const name = doc.createElement("span");
+      name.className = "chatproxy-tool-name";
+      const nameText = doc.createTextNode("");
+      name.appendChild(nameText);
+      const args = doc.createElement("code");
+      args.className = "chatproxy-tool-arguments";
+      const argsText = doc.createTextNode("");
+      args.appendChild(argsText);
+      box.append(name, args);
+      this.element.appendChild(box);
+      call = { id: "", name: nameText, args: argsText, box };
+      this._calls.set(data.index, call);
+    }
+    if (typeof data.id === "string" && data.id) {
+      call.id = data.id;
+      call.box.dataset.callId = data.id;
+    }
+    if (typeof data.name === "string") call.name.appendData(data.name);
+    if (typeof data.arguments === "string") call.args.appendData(data.arguments);
+  }
+
+  /** The box of the reasoning or the refusal, made on first use: {box, text}. */
+  _box(kind) {
+    const key = kind === "reasoning" ? "_reasoning" : "_refusal";
+    if (this[key]) return this[key];
+    const doc = this.element.ownerDocument;
+    const text = doc.createTextNode("");
+    let box;
+    if (kind === "reasoning") {
+      box = doc.createElement("details");
+      const summary = doc.createElement("summary");
+      summary.appendChild(doc.createTextNode("Reasoning"));
+      const body = doc.createElement("div");
+      body.appendChild(text);
+      box.append(summary, body);
+      this.element.insertBefore(box, this.textNode); // thoughts come before the answer
+    } else {
+      box = doc.createElement("p");
+      box.appendChild(text);
+      this.element.appendChild(box);
+    }
+    box.className = `chatproxy-${kind}`;
+    this[key] = { box, text };
+    return this[key];
   }
 
   _setNote(text, kind = "quiet") {

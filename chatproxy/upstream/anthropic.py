@@ -1,0 +1,235 @@
+"""Anthropic's Messages API as an upstream (``UPSTREAM.SDK = "anthropic"``), over plain aiohttp.
+
+The chat request is translated: system messages become ``system`` (joined by blank lines), the
+other messages stay in order; ``max_tokens`` is required there, so a request without one gets
+:data:`DEFAULT_MAX_TOKENS`; ``temperature`` is capped at 1 (the Messages API's range), ``top_p``
+passes, ``stop`` becomes ``stop_sequences``; parameters the API does not have (``seed``,
+penalties) are not sent. ``EXTRA_BODY`` is merged as-is. A partial answer to continue
+(``ON_PARTIAL = "continue"``) is a trailing assistant message, which the Messages API continues
+natively (its trailing whitespace is removed: the API refuses it).
+
+``POST {BASE_URL}/v1/messages`` (``BASE_URL`` is the API root, e.g. ``https://api.anthropic.com``;
+one that already ends in ``/v1`` gets ``/messages``), with ``x-api-key`` (``UPSTREAM.API_KEY``, else
+``ANTHROPIC_API_KEY``) and ``anthropic-version``. The stream's events, by their ``type``:
+
+* ``content_block_start`` / ``content_block_delta`` with ``text_delta``: the text;
+* ``input_json_delta`` (a tool call's arguments), ``thinking_delta`` and ``signature_delta``: kept
+  out of the text (the stream core's contract carries text only for now);
+* ``message_start`` (input tokens) and ``message_delta`` (``stop_reason`` -> ``finish_reason``,
+  output tokens): ``usage`` in Chat Completions' names;
+* ``message_stop``: the end (the rest of the body is drained briefly so the connection is reused);
+* ``ping``: nothing. A ping is not progress: a stream of pings is a stall, and the stream core's
+  first-token and stall deadlines catch it as they catch silence;
+* ``error`` after the 200 (``overloaded_error``, ``api_error``): a retryable
+  ``UpstreamStatusError(0)``; ``rate_limit_error`` is ``RateLimited``; an error about the request
+  itself (``invalid_request_error`` ...) is not retried.
+
+HTTP errors, connect errors and broken bodies map as in :mod:`chatproxy.upstream.raw` (whose
+session handling and body reading this adapter shares): 429 with ``Retry-After`` is
+``RateLimited``, 529 (overloaded) and 5xx are retryable, 400 is not.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncGenerator
+from typing import Any
+
+import aiohttp
+import orjson
+
+import chatproxy
+from chatproxy.errors import ConfigurationError, RateLimited, UpstreamDisconnected, UpstreamError, UpstreamStatusError
+from chatproxy.upstream import PLACEHOLDER_API_KEY, error_code
+from chatproxy.upstream.base import PerLoop, UpstreamRequest
+from chatproxy.upstream.raw import RawStream, RawUpstream, _new_session, _proxy_for
+
+__all__ = ["AnthropicUpstream"]
+
+DEFAULT_BASE_URL = "https://api.anthropic.com"
+API_VERSION = "2023-06-01"
+#: ``max_tokens`` of a request that gives none (the Messages API requires one).
+DEFAULT_MAX_TOKENS = 8192
+_STOP_REASONS = {
+    "end_turn": "stop",
+    "stop_sequence": "stop",
+    "pause_turn": "stop",
+    "max_tokens": "length",
+    "tool_use": "tool_calls",
+    "refusal": "content_filter",
+}
+#: In-band error types about the request itself (not retried), as their HTTP status.
+_REQUEST_ERRORS = {
+    "invalid_request_error": 400,
+    "authentication_error": 401,
+    "permission_error": 403,
+    "not_found_error": 404,
+    "request_too_large": 413,
+}
+# An event is a few hundred bytes; one beyond this is a broken (or hostile) server.
+_MAX_EVENT_BYTES = 4 * 1024 * 1024
+_MALFORMED = (orjson.JSONDecodeError, AttributeError, TypeError, KeyError)
+
+
+class AnthropicUpstream(RawUpstream):
+    """:class:`~chatproxy.upstream.base.Upstream` speaking Anthropic's Messages API over aiohttp."""
+
+    def __init__(self, *, base_url: str | None, api_key: str | None) -> None:
+        base = (base_url or os.environ.get("ANTHROPIC_BASE_URL") or DEFAULT_BASE_URL).rstrip("/")
+        url = base + ("/messages" if base.endswith("/v1") else "/v1/messages")
+        if not url.startswith(("http://", "https://")):
+            raise ConfigurationError(f"UPSTREAM.BASE_URL must be an http(s) URL, not {base!r}")
+        key = api_key or os.environ.get("ANTHROPIC_API_KEY")
+        if not key:
+            if not (base_url or os.environ.get("ANTHROPIC_BASE_URL")):
+                raise ConfigurationError(
+                    "no upstream API key: set CHATPROXY['UPSTREAM']['API_KEY'] or ANTHROPIC_API_KEY "
+                    "(or set UPSTREAM.BASE_URL to a server that needs none)"
+                )
+            key = PLACEHOLDER_API_KEY
+        self.name = "anthropic/aiohttp"
+        self._url = url
+        self._headers = {
+            "x-api-key": key,
+            "anthropic-version": API_VERSION,
+            "Content-Type": "application/json",
+            "Accept": "text/event-stream",
+            "User-Agent": f"chatproxy/{chatproxy.__version__}",
+        }
+        self._proxy = _proxy_for(url)
+        self._sessions: PerLoop[aiohttp.ClientSession] = PerLoop(_new_session, lambda s: not s.closed)
+
+    def __repr__(self) -> str:
+        return f"<AnthropicUpstream {self.name} url={self._url!r}>"
+
+    def _body(self, request: UpstreamRequest) -> dict[str, Any]:
+        system: list[str] = []
+        messages: list[dict[str, Any]] = []
+        for message in request.messages:
+            role, content = message["role"], message.get("content") or ""
+            if role == "system":
+                system.append(content)
+                continue
+            if message.get("prefix"):  # the partial answer to continue: the API continues it as is
+                content = content.rstrip()
+            messages.append({"role": role, "content": content})
+        params = request.params
+        body: dict[str, Any] = {
+            "model": request.model,
+            "max_tokens": params.get("max_tokens") or DEFAULT_MAX_TOKENS,
+            "messages": messages,
+            "stream": True,
+        }
+        if system:
+            body["system"] = "\n\n".join(system)
+        if params.get("temperature") is not None:
+            body["temperature"] = min(1.0, float(params["temperature"]))
+        if params.get("top_p") is not None:
+            body["top_p"] = params["top_p"]
+        if params.get("stop"):
+            body["stop_sequences"] = list(params["stop"])
+        body.update((k, v) for k, v in request.extra_body.items() if k != "stream_options")
+        return body
+
+    def _stream(self, response: aiohttp.ClientResponse) -> AnthropicStream:
+        return AnthropicStream(response)
+
+
+class AnthropicStream(RawStream):
+    """The body of one Messages stream: its text, ``finish_reason`` and ``usage``."""
+
+    __slots__ = ("_input_tokens", "_stopped")
+
+    def __init__(self, response: aiohttp.ClientResponse) -> None:
+        self._input_tokens = 0
+        self._stopped = False
+        super().__init__(response)
+
+    async def _iterate(self) -> AsyncGenerator[str, None]:
+        chunks = self._body_chunks()
+        take = self._take
+        buf = b""
+        data: bytes | None = None  # the data field of the event being read
+        try:
+            async for raw in chunks:
+                buf = buf + raw if buf else raw
+                start = 0
+                while (end := buf.find(b"\n", start)) >= 0:
+                    line = buf[start:end].rstrip(b"\r")
+                    start = end + 1
+                    if line.startswith(b"data:"):
+                        value = line[6:] if line.startswith(b"data: ") else line[5:]
+                        data = value if data is None else data + b"\n" + value
+                        continue
+                    if line or data is None:
+                        continue  # "event:" (the data names its type too), a comment, or a blank line
+                    payload, data = data, None
+                    text = take(payload)
+                    if text is not None:
+                        yield text
+                    elif self._stopped:
+                        break
+                if self._stopped:
+                    break
+                buf = buf[start:]
+                if len(buf) > _MAX_EVENT_BYTES or (data is not None and len(data) > _MAX_EVENT_BYTES):
+                    raise UpstreamDisconnected("event too large")
+            if self._stopped:
+                await self._drain(chunks)
+                return
+            if self.finish_reason is None:
+                raise UpstreamDisconnected("body ended without message_stop or a stop_reason")
+        except UpstreamError:
+            raise
+        except self._errors as exc:
+            raise self._body_error(exc) from exc
+
+    def _take(self, payload: bytes) -> str | None:
+        """One event's text (None if it carries none); records the end, the stop reason and usage."""
+        try:
+            event = orjson.loads(payload)
+            kind = event["type"]
+            if kind == "content_block_delta":
+                delta = event["delta"]
+                text = delta.get("text") if delta.get("type") == "text_delta" else None
+            elif kind == "content_block_start":
+                block = event["content_block"]
+                text = block.get("text") if block.get("type") == "text" else None
+            else:
+                self._other(kind, event)
+                return None
+        except _MALFORMED:
+            raise UpstreamDisconnected("malformed event") from None
+        return text if text and type(text) is str else None
+
+    def _other(self, kind: str, event: dict[str, Any]) -> None:
+        if kind == "message_start":
+            usage = event["message"].get("usage") or {}
+            self._input_tokens = _input_tokens(usage)
+        elif kind == "message_delta":
+            reason = (event.get("delta") or {}).get("stop_reason")
+            if reason:
+                self.finish_reason = _STOP_REASONS.get(reason, "stop")
+            usage = event.get("usage") or {}
+            prompt = _input_tokens(usage) or self._input_tokens
+            completion = int(usage.get("output_tokens") or 0)
+            self.usage = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+        elif kind == "message_stop":
+            self._stopped = True
+        elif kind == "error":
+            raise _in_band_error(event)
+        # ping, content_block_stop and event types added later: nothing to do
+
+
+def _input_tokens(usage: dict[str, Any]) -> int:
+    """Every input token of a Messages usage object (cache writes and reads included)."""
+    return sum(int(usage.get(key) or 0)
+               for key in ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens"))
+
+
+def _in_band_error(event: dict[str, Any]) -> UpstreamError:
+    kind = error_code(event)
+    detail = "in-stream error" + (f" ({kind})" if kind else "")
+    if kind == "rate_limit_error":
+        return RateLimited(detail)
+    return UpstreamStatusError(_REQUEST_ERRORS.get(kind or "", 0), detail)

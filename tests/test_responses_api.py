@@ -1,0 +1,325 @@
+"""The Responses API way in (``/chat/v1/responses``), driven by the official (current) openai client,
+unmodified, against the live server and the simulator; and the OpenAI-shaped 404 of the prefix."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from typing import Any
+
+import aiohttp
+import pytest
+
+from chatproxy.simulator.text import answer_tokens
+from tests.fixtures_servers import LIVE_RESUME
+
+openai = pytest.importorskip("openai")
+if not hasattr(openai, "AsyncOpenAI"):  # the legacy virtualenv has openai 0.27.x, without Responses
+    pytest.skip("needs the current openai client", allow_module_level=True)
+
+_unique = itertools.count()
+#: Generous bound on any one exchange here: a hang fails the test instead of blocking the suite.
+BOUND = 10.0
+
+
+@pytest.fixture(scope="module")
+def api_key(daphne: Any) -> str:
+    daphne.manage("createsuperuser", "--noinput", "--username", "rita", "--email", "rita@example.com",
+                  env={"DJANGO_SUPERUSER_PASSWORD": "rita-pass-123"})
+    return str(daphne.manage("chatproxy_key", "create", "rita", "--name", "responses").strip())
+
+
+@pytest.fixture
+async def oai(daphne: Any, api_key: str) -> Any:
+    client = openai.AsyncOpenAI(base_url=f"{daphne.url}/chat/v1", api_key=api_key, max_retries=0, timeout=15)
+    yield client
+    await client.close()
+
+
+def ask(directive: str = "", chunks: int = 12) -> tuple[str, str]:
+    """(a unique question with the fault, the exact answer the clean question gets)."""
+    base = f"Describe a lighthouse #{next(_unique)}"
+    question = f"{base} [[sim chunks={chunks} {directive}]]"
+    return question, "".join(answer_tokens([{"role": "user", "content": question}], None, 0, chunks))
+
+
+async def collect(stream: Any, stop_after: int | None = None) -> list[Any]:
+    """The events of a Responses stream (until ``stop_after``'s sequence number, then close it)."""
+    events = []
+    async with asyncio.timeout(BOUND):
+        async for event in stream:
+            events.append(event)
+            if stop_after is not None and event.sequence_number >= stop_after:
+                break
+    await stream.close()
+    return events
+
+
+def text_of(events: list[Any]) -> str:
+    return "".join(e.delta for e in events if e.type == "response.output_text.delta")
+
+
+def assert_numbered(events: list[Any], first: int = 1) -> None:
+    assert [e.sequence_number for e in events] == list(range(first, first + len(events)))
+
+
+async def test_unknown_paths_under_the_prefix_are_openai_json_404s(daphne: Any, oai: Any, sim: Any) -> None:
+    async with aiohttp.ClientSession(daphne.url) as session:
+        for method, path in [("GET", "/chat/v1/nope"), ("POST", "/chat/v1/completions"), ("DELETE", "/chat/v1"),
+                             ("POST", "/chat/v1/chat/completions/extra")]:
+            async with session.request(method, path, json={"model": "m", "prompt": "hi"}) as reply:
+                assert reply.status == 404, (method, path)
+                assert reply.content_type == "application/json"
+                body = await reply.json()
+                assert body["error"]["type"] == "invalid_request_error" and body["error"]["code"] == "not_found"
+                assert f"{method} {path}" in body["error"]["message"]
+    with pytest.raises(openai.NotFoundError) as caught:
+        await oai.completions.create(model="gpt-4o-mini", prompt="hi")
+    assert caught.value.body["code"] == "not_found"
+    assert sim.stats()["total_requests"] == 0
+
+
+async def test_streamed_response_has_exact_text_and_typed_numbered_events(oai: Any, sim: Any) -> None:
+    question, expected = ask()
+    events = await collect(await oai.responses.create(model="gpt-4o-mini", input=question, stream=True))
+    assert text_of(events) == expected and expected.strip()
+    assert_numbered(events)
+    kinds = [e.type for e in events if e.type != "response.output_text.delta"]
+    assert kinds == ["response.created", "response.in_progress", "response.output_item.added",
+                     "response.content_part.added", "response.output_text.done", "response.content_part.done",
+                     "response.output_item.done", "response.completed"]
+    final = events[-1].response
+    assert final.status == "completed" and final.output_text == expected
+    assert final.id == events[0].response.id and final.id.startswith("resp_")
+    assert final.usage.output_tokens > 0 and final.usage.total_tokens >= final.usage.output_tokens
+    done = next(e for e in events if e.type == "response.output_text.done")
+    assert done.text == expected
+
+
+async def test_non_streamed_response_and_retrieval(oai: Any, sim: Any) -> None:
+    question, _ = ask()
+    response = await oai.responses.create(model="gpt-4o-mini", instructions="Be brief.",
+                                          input=[{"role": "user", "content": [{"type": "input_text",
+                                                                                "text": question}]}])
+    instructed = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": question}]
+    # Output items sent back as input (a reasoning item is skipped) continue the conversation.
+    follow_up = await oai.responses.create(model="gpt-4o-mini", input=[
+        {"role": "user", "content": question}, {"type": "reasoning", "id": "rs_1", "summary": []},
+        *[item.model_dump() for item in response.output], {"role": "user", "content": "And then?"}])
+    assert follow_up.output_text == "".join(answer_tokens(
+        [{"role": "user", "content": question}, {"role": "assistant", "content": response.output_text},
+         {"role": "user", "content": "And then?"}], None, 0, 20))
+    assert response.output_text == "".join(answer_tokens(instructed, None, 0, 12))
+    assert response.status == "completed" and response.object == "response"
+    assert response.usage.input_tokens > 0
+    again = await oai.responses.retrieve(response.id)
+    assert again.output_text == response.output_text and again.status == "completed"
+    assert again.created_at == response.created_at
+
+
+async def test_max_output_tokens_gives_an_incomplete_response(oai: Any, sim: Any) -> None:
+    question, _ = ask(chunks=30)
+    response = await oai.responses.create(model="gpt-4o-mini", input=question, max_output_tokens=5)
+    assert response.status == "incomplete" and response.incomplete_details.reason == "max_output_tokens"
+    assert response.output_text
+
+
+async def test_mid_stream_stall_is_invisible(oai: Any, sim: Any) -> None:
+    question, expected = ask("stall_after=4 stall=30 times=1")
+    events = await collect(await oai.responses.create(model="gpt-4o-mini", input=question, stream=True))
+    assert text_of(events) == expected
+    assert_numbered(events)
+    assert events[-1].type == "response.completed"
+    requests = sim.stats()["requests"]
+    assert [r["attempt"] for r in requests] == [1, 2]
+
+
+async def test_always_stalling_upstream_ends_with_response_failed(oai: Any, sim: Any) -> None:
+    question, _ = ask("stall_after=3 stall=30")  # every attempt stalls
+    events = await collect(await oai.responses.create(model="gpt-4o-mini", input=question, stream=True))
+    assert_numbered(events)
+    assert [e.type for e in events[-2:]] == ["error", "response.failed"]
+    failed = events[-1].response
+    assert failed.status == "failed" and failed.error.code == "upstream_timeout"
+    assert "took too long" in failed.error.message
+    assert failed.output[0].status == "incomplete"  # the partial text, as it was sent
+    await sim.await_until(lambda s: s["active_requests"] == 0, timeout=1.0)
+    with pytest.raises(RuntimeError):  # the SDK's stream helper refuses a response that never completed
+        async with oai.responses.stream(model="gpt-4o-mini", input=ask("stall_after=3 stall=30")[0]) as stream:
+            async with asyncio.timeout(BOUND):
+                await stream.get_final_response()
+
+
+async def test_non_streamed_failure_raises_with_the_status(oai: Any, sim: Any) -> None:
+    with pytest.raises(openai.InternalServerError) as caught:
+        await oai.responses.create(model="gpt-4o-mini", input=ask("status=503")[0])
+    assert caught.value.status_code == 503 and caught.value.body["code"] == "upstream_unavailable"
+
+
+async def test_resume_replays_after_starting_after_then_continues_live(oai: Any, sim: Any) -> None:
+    question, expected = ask("gap=0.02", chunks=40)
+    first = await collect(await oai.responses.create(model="gpt-4o-mini", input=question, stream=True),
+                          stop_after=8)
+    response_id = first[0].response.id
+    rest = await collect(await oai.responses.retrieve(response_id, stream=True, starting_after=8))
+    events = first + rest
+    assert_numbered(events)
+    assert events[-1].type == "response.completed" and text_of(events) == expected
+    assert rest[0].sequence_number == 9
+    # Replayed events are the same ones: a resume from the start gives the same stream.
+    replay = await collect(await oai.responses.retrieve(response_id, stream=True))
+    assert [(e.type, e.sequence_number) for e in replay] == [(e.type, e.sequence_number) for e in events]
+    assert replay[0].response.created_at == first[0].response.created_at
+
+
+async def test_background_response_goes_on_without_a_client(oai: Any, sim: Any) -> None:
+    question, expected = ask("gap=0.03", chunks=40)
+    first = await collect(await oai.responses.create(model="gpt-4o-mini", input=question, stream=True,
+                                                     background=True), stop_after=5)
+    await asyncio.sleep(LIVE_RESUME["GRACE"] + 0.4)  # longer than a plain stream waits for a resume
+    rest = await collect(await oai.responses.retrieve(first[0].response.id, stream=True, starting_after=5))
+    assert text_of(first + rest) == expected and rest[-1].type == "response.completed"
+    assert_numbered(first + rest)
+
+
+async def test_plain_stream_stops_after_the_grace_period(oai: Any, sim: Any) -> None:
+    question, _ = ask("gap=0.05", chunks=400)
+    first = await collect(await oai.responses.create(model="gpt-4o-mini", input=question, stream=True),
+                          stop_after=5)
+    await sim.await_until(lambda s: s["active_requests"] == 0, timeout=LIVE_RESUME["GRACE"] + 1.0)
+    rest = await collect(await oai.responses.retrieve(first[0].response.id, stream=True, starting_after=5))
+    assert rest[-1].type == "response.failed" and rest[-1].response.error.code == "cancelled"
+
+
+async def test_background_without_stream_is_polled(oai: Any, sim: Any) -> None:
+    question, expected = ask("gap=0.02", chunks=20)
+    queued = await oai.responses.create(model="gpt-4o-mini", input=question, background=True)
+    assert queued.status == "queued" and queued.output == []
+    async with asyncio.timeout(BOUND):
+        for _ in range(100):  # polled every 0.1 s, as a client of a background response does
+            polled = await oai.responses.retrieve(queued.id)
+            if polled.status not in ("queued", "in_progress"):
+                break
+            await asyncio.sleep(0.1)
+    assert polled.status == "completed" and polled.output_text == expected
+
+
+async def test_cancel(oai: Any, sim: Any) -> None:
+    queued = await oai.responses.create(model="gpt-4o-mini", input=ask("gap=0.05", chunks=400)[0], background=True)
+    await oai.responses.cancel(queued.id)
+    events = await collect(await oai.responses.retrieve(queued.id, stream=True))
+    assert events[-1].type == "response.failed" and events[-1].response.error.code == "cancelled"
+    await sim.await_until(lambda s: s["active_requests"] == 0, timeout=1.0)
+
+
+async def test_only_the_owner_may_read_a_response(oai: Any, daphne: Any, sim: Any) -> None:
+    response = await oai.responses.create(model="gpt-4o-mini", input=ask()[0])
+    daphne.manage("createsuperuser", "--noinput", "--username", "oscar", "--email", "o@example.com",
+                  env={"DJANGO_SUPERUSER_PASSWORD": "oscar-pass-123"})
+    key = daphne.manage("chatproxy_key", "create", "oscar").strip()
+    other = openai.AsyncOpenAI(base_url=f"{daphne.url}/chat/v1", api_key=key, max_retries=0, timeout=15)
+    try:
+        with pytest.raises(openai.NotFoundError):
+            await other.responses.retrieve(response.id)
+        with pytest.raises(openai.NotFoundError):
+            await other.responses.retrieve(response.id, stream=True)
+    finally:
+        await other.close()
+    with pytest.raises(openai.NotFoundError):
+        await oai.responses.retrieve("resp_" + "0" * 32)
+    with pytest.raises(openai.NotFoundError):
+        await oai.responses.retrieve("nope")
+
+
+async def test_stored_false_is_not_kept(oai: Any, sim: Any) -> None:
+    question, expected = ask()
+    response = await oai.responses.create(model="gpt-4o-mini", input=question, store=False)
+    assert response.output_text == expected
+    with pytest.raises(openai.NotFoundError):
+        await oai.responses.retrieve(response.id)
+
+
+@pytest.mark.parametrize(("fields", "param"), [
+    ({"frobnicate": 1}, "frobnicate"),
+    ({"tools": [{"type": "function", "name": "f", "parameters": {"type": "object"}}]}, "tools"),
+    ({"previous_response_id": "resp_x"}, "previous_response_id"),
+    ({"input": [{"type": "function_call_output", "call_id": "c", "output": "x"}]}, "input[0]"),
+    ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]}, "input[0]"),
+    ({"input": []}, "input"),
+    ({"temperature": 3}, "temperature"),
+    ({"background": True, "store": False}, "background"),
+    ({"text": {"format": {"type": "json_object"}}}, "text"),
+])
+async def test_bad_requests_are_clear_400s(oai: Any, sim: Any, fields: dict[str, Any], param: str) -> None:
+    body = {"model": "gpt-4o-mini", "input": "hello", **fields}
+    with pytest.raises(openai.BadRequestError) as caught:
+        await oai.post("/responses", body=body, cast_to=object)
+    assert caught.value.body["param"] == param and caught.value.body["type"] == "invalid_request_error"
+    assert sim.stats()["total_requests"] == 0
+
+
+async def test_retrieval_from_the_store_after_the_stream_ended(oai: Any, sim: Any) -> None:
+    question, expected = ask()
+    events = await collect(await oai.responses.create(model="gpt-4o-mini", input=question, stream=True))
+    await asyncio.sleep(0.3)  # the journal wrote the last batch and forgot the stream: the store answers
+    replay = await collect(await oai.responses.retrieve(events[0].response.id, stream=True, starting_after=3))
+    assert [(e.type, e.sequence_number) for e in replay] == [(e.type, e.sequence_number) for e in events[3:]]
+    assert (await oai.responses.retrieve(events[0].response.id)).output_text == expected
+
+
+@pytest.fixture(scope="module")
+def two_workers(simulator: Any, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """Two Daphne processes sharing one database and one (file) cache, and a key valid on both."""
+    from tests.fixtures_servers import LIVE_LIMITS, LIVE_TIMEOUTS
+    from tests.servers import AppServer, simulator_env
+
+    shared = tmp_path_factory.mktemp("responses-two-workers")
+    env = {**simulator_env(simulator.base_url, timeouts=LIVE_TIMEOUTS, resume=LIVE_RESUME, limits=LIVE_LIMITS),
+           "DJANGO_DB_PATH": str(shared / "db.sqlite3"), "DJANGO_CACHE_DIR": str(shared / "cache")}
+    first = AppServer(env).start()
+    second = AppServer(env).start()
+    first.manage("createsuperuser", "--noinput", "--username", "wendy", "--email", "w@example.com",
+                 env={"DJANGO_SUPERUSER_PASSWORD": "wendy-pass-123"})
+    key = first.manage("chatproxy_key", "create", "wendy").strip()
+    yield first, second, key
+    second.stop()
+    first.stop()
+
+
+async def test_resume_on_another_worker_continues_live(two_workers: Any, sim: Any) -> None:
+    first, second, key = two_workers
+    question, expected = ask("gap=0.03", chunks=60)
+    one = openai.AsyncOpenAI(base_url=f"{first.url}/chat/v1", api_key=key, max_retries=0, timeout=15)
+    two = openai.AsyncOpenAI(base_url=f"{second.url}/chat/v1", api_key=key, max_retries=0, timeout=15)
+    try:
+        # A plain stream: it runs longer than RESUME.GRACE after its client left the first worker,
+        # which counts the client the second worker relays it to as its own.
+        head = await collect(await one.responses.create(model="gpt-4o-mini", input=question, stream=True),
+                             stop_after=6)
+        rest = await collect(await two.responses.retrieve(head[0].response.id, stream=True, starting_after=6))
+    finally:
+        await one.close()
+        await two.close()
+    assert_numbered(head + rest)
+    assert rest[-1].type == "response.completed" and text_of(head + rest) == expected
+    (record,) = [r for r in sim.stats()["requests"] if r["status"] is not None]
+    assert record["outcome"] == "complete"  # one generation, carried on while the client moved
+
+
+async def test_a_stream_relayed_elsewhere_stops_after_its_relayed_client_leaves(two_workers: Any, sim: Any) -> None:
+    first, second, key = two_workers
+    one = openai.AsyncOpenAI(base_url=f"{first.url}/chat/v1", api_key=key, max_retries=0, timeout=15)
+    two = openai.AsyncOpenAI(base_url=f"{second.url}/chat/v1", api_key=key, max_retries=0, timeout=15)
+    try:
+        head = await collect(await one.responses.create(model="gpt-4o-mini", input=ask("gap=0.05", chunks=400)[0],
+                                                        stream=True), stop_after=4)
+        rest = await collect(await two.responses.retrieve(head[0].response.id, stream=True, starting_after=4),
+                             stop_after=12)
+        assert_numbered(head + rest)
+    finally:
+        await one.close()
+        await two.close()
+    # Within a flag read (0.5 s) and RESUME.GRACE the first worker stops generating.
+    await sim.await_until(lambda s: s["active_requests"] == 0, timeout=LIVE_RESUME["GRACE"] + 2.0)
+    (record,) = [r for r in sim.stats()["requests"] if r["status"] is not None]
+    assert record["outcome"] == "client_disconnected"

@@ -1,0 +1,36 @@
+"""The native SSE body: one write per batch of events that are ready together, bytes unchanged."""
+
+from __future__ import annotations
+
+from chatproxy import sse
+from chatproxy.core import ChatStream
+from chatproxy.views import _live_body
+from tests.scripted import ScriptedUpstream, say
+from tests.test_core_unit import REQUEST, P
+from tests.vclock import on_virtual_clock
+
+
+async def writes_of(*texts: str, gap: float, first: float) -> tuple[list[bytes], list[bytes]]:
+    """The body's writes, and each event's own encoding (the same stream read by a second reader)."""
+    stream = ChatStream(ScriptedUpstream([say(*texts, gap=gap, first=first)]), REQUEST, P)
+    reader = stream.subscribe()
+    witness = stream.subscribe()
+    writes = [chunk async for chunk in _live_body(reader)]
+    encoded = [sse.encode(event) async for event in witness]
+    await stream.aclose()
+    return writes, encoded
+
+
+@on_virtual_clock
+async def test_events_ready_together_leave_in_one_write() -> None:
+    # The upstream's three chunks arrive in one read: the pump emits three deltas and the done
+    # event before the reader runs again.
+    writes, encoded = await writes_of("Hel", "lo", " world", gap=0.0, first=0.5)
+    assert writes[0] == sse.OPEN
+    assert writes[1:] == [encoded[0], b"".join(encoded[1:])]  # start alone; deltas + done in one write
+
+
+@on_virtual_clock
+async def test_events_apart_in_time_leave_one_by_one() -> None:
+    writes, encoded = await writes_of("Hel", "lo", " world", gap=0.2, first=0.5)
+    assert writes[1:-1] == encoded[:-2] and writes[-1] == b"".join(encoded[-2:])  # the last delta and done together
