@@ -471,3 +471,63 @@ async def test_a_resumed_tool_call_stream_replays_the_same_events(oai: Any, sim:
     replay = await collect(await oai.responses.retrieve(first[0].response.id, stream=True))
     assert [e.model_dump() for e in replay] == [e.model_dump() for e in events]
     assert len(streamed_calls(events)) == 2
+
+
+# ------------------------------------------------------------ the fold alone (no server)
+
+def fold(*stream: tuple[str, dict[str, Any] | None]) -> tuple[list[dict[str, Any]], Any]:
+    """The typed events (parsed) that ``stream``'s events become, and the fold."""
+    from chatproxy.core import Event
+    from chatproxy.openai_responses import ResponseEvents
+
+    wire = ResponseEvents("resp_abc", model="m", created_at=1.0)
+    body = b"".join(wire.encode(Event(seq, name, data)) for seq, (name, data) in enumerate(stream, 1))
+    events = [json.loads(block.split(b"\ndata: ", 1)[1]) for block in body.split(b"\n\n") if b"\ndata: " in block]
+    return events, wire
+
+
+def head(index: int, call_id: str, name: str) -> tuple[str, dict[str, Any]]:
+    return "tool_call", {"index": index, "id": call_id, "name": name, "arguments": ""}
+
+
+def args(index: int, piece: str) -> tuple[str, dict[str, Any]]:
+    return "tool_call", {"index": index, "id": None, "name": None, "arguments": piece}
+
+
+def test_text_then_a_call_then_text_are_three_items_in_order() -> None:
+    events, wire = fold(("start", {}), ("delta", {"text": "Let me look."}), head(0, "call_1", "get_weather"),
+                        args(0, '{"city":'), args(0, '"Oslo"}'), ("delta", {"text": "Done."}),
+                        ("done", {"finish_reason": "stop"}))
+    assert [e["sequence_number"] for e in events] == list(range(1, len(events) + 1))
+    items = [(e["type"], e["output_index"], e["item"]["type"]) for e in events
+             if e["type"].startswith("response.output_item")]
+    assert items == [("response.output_item.added", 0, "message"), ("response.output_item.done", 0, "message"),
+                     ("response.output_item.added", 1, "function_call"),
+                     ("response.output_item.done", 1, "function_call"),
+                     ("response.output_item.added", 2, "message"), ("response.output_item.done", 2, "message")]
+    output = wire.response()["output"]
+    assert [o["id"] for o in output] == ["msg_abc", "fc_abc_1", "msg_abc_2"]
+    assert output[1] == {"id": "fc_abc_1", "type": "function_call", "status": "completed", "call_id": "call_1",
+                         "name": "get_weather", "arguments": '{"city":"Oslo"}'}
+    assert output[0]["content"][0]["text"] == "Let me look." and output[2]["content"][0]["text"] == "Done."
+    deltas = [e for e in events if e["type"] == "response.output_text.delta"]
+    assert [(d["item_id"], d["output_index"]) for d in deltas] == [("msg_abc", 0), ("msg_abc_2", 2)]
+
+
+def test_a_failure_inside_a_call_leaves_it_incomplete() -> None:
+    events, wire = fold(("start", {}), head(0, "call_1", "f"), args(0, '{"a"'), ("error", {"code": "upstream_timeout"}))
+    assert [e["type"] for e in events[-4:]] == ["response.function_call_arguments.done", "response.output_item.done",
+                                                "error", "response.failed"]
+    (item,) = wire.response()["output"]
+    assert item["status"] == "incomplete" and item["arguments"] == '{"a"'
+
+
+def test_a_head_in_two_pieces_and_late_arguments_of_a_closed_call() -> None:
+    events, wire = fold(("start", {}), ("tool_call", {"index": 0, "id": "call_1", "name": None, "arguments": ""}),
+                        ("tool_call", {"index": 0, "id": None, "name": "f", "arguments": ""}), args(0, "{"),
+                        head(1, "call_2", "g"), args(0, "}"), args(1, "{}"), ("done", {"finish_reason": "tool_calls"}))
+    assert [e["type"] for e in events].count("response.output_item.added") == 2
+    first, second = wire.response()["output"]
+    assert (first["call_id"], first["name"], first["arguments"]) == ("call_1", "f", "{}")
+    assert (second["call_id"], second["name"], second["arguments"]) == ("call_2", "g", "{}")
+    assert wire.status == "completed"
