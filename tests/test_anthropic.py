@@ -400,6 +400,20 @@ async def test_thinking_longer_than_first_token_is_progress(claude_client: Any, 
     assert [r["attempt"] for r in answered] == [1] and answered[0]["outcome"] == "complete"
 
 
+async def test_the_responses_way_in_calls_tools_on_a_messages_upstream(claude_client: Any, sim: Any) -> None:
+    messages = weather()
+    flat = {"type": "function", **WEATHER["function"]}  # the Responses API's function tool shape
+    response = await claude_client.responses.create(model="claude-sim", input=messages[0]["content"], tools=[flat])
+    (direct,) = (await direct_chat(sim, messages=messages, tools=[WEATHER])).choices[0].message.tool_calls
+    (item,) = response.output
+    assert item.type == "function_call" and item.name == "get_weather"
+    assert (item.call_id, item.arguments) == (direct.id.replace("call_", "toolu_", 1), direct.function.arguments)
+    # The thinking of a Messages upstream is left out of a Responses answer; the text is exact.
+    thoughtful = question("reasoning=4", chunks=5)
+    answer = await claude_client.responses.create(model="claude-sim", input=thoughtful[0]["content"])
+    assert [o.type for o in answer.output] == ["message"] and answer.output_text == expected(thoughtful, 5)
+
+
 @pytest.mark.skip(reason="needs helper fallback's UPSTREAMS (issue 15); the lead adds it after merging")
 async def test_a_chat_completions_request_falls_back_to_an_anthropic_upstream() -> None:
     raise AssertionError("not written yet")
