@@ -531,3 +531,20 @@ def test_a_head_in_two_pieces_and_late_arguments_of_a_closed_call() -> None:
     assert (first["call_id"], first["name"], first["arguments"]) == ("call_1", "f", "{}")
     assert (second["call_id"], second["name"], second["arguments"]) == ("call_2", "g", "{}")
     assert wire.status == "completed"
+
+
+async def test_a_refusal_is_a_message_with_a_refusal_part(oai: Any, sim: Any) -> None:
+    from chatproxy.simulator.answers import REFUSAL_TEXT
+
+    question, _ = ask("refuse")
+    events = await collect(await oai.responses.create(model="gpt-4o-mini", input=question, stream=True))
+    assert_numbered(events)
+    assert "".join(e.delta for e in events if e.type == "response.refusal.delta") == REFUSAL_TEXT
+    kinds = [e.type for e in events if e.type != "response.refusal.delta"]
+    assert kinds == ["response.created", "response.in_progress", "response.output_item.added",
+                     "response.content_part.added", "response.refusal.done", "response.content_part.done",
+                     "response.output_item.done", "response.completed"]
+    (item,) = events[-1].response.output
+    assert item.type == "message" and [(c.type, c.refusal) for c in item.content] == [("refusal", REFUSAL_TEXT)]
+    whole = await oai.responses.create(model="gpt-4o-mini", input=question)
+    assert [c.refusal for c in whole.output[0].content] == [REFUSAL_TEXT] and whole.output_text == ""
