@@ -373,6 +373,17 @@ async def test_a_streamed_tool_call_from_a_messages_upstream_is_exact(claude_cli
     assert reasons == ["tool_calls"]
 
 
+async def test_a_stall_inside_input_json_deltas_stays_invisible(claude_client: Any, sim: Any) -> None:
+    messages = weather("count=args stall_after=2 stall=30 times=1")
+    clean = [{"role": "user", "content": messages[0]["content"].split(" [[sim")[0]}]  # the same question
+    _, _, calls, reasons = streamed(await chat_chunks(claude_client, messages=messages, tools=[WEATHER]))
+    (direct,) = (await direct_chat(sim, messages=clean, tools=[WEATHER])).choices[0].message.tool_calls
+    assert calls == [{"id": direct.id.replace("call_", "toolu_", 1), "name": "get_weather",
+                      "arguments": direct.function.arguments}] and reasons == ["tool_calls"]
+    attempts = [r for r in sim.requests() if r["faults"]]
+    assert [r["attempt"] for r in attempts] == [1, 2] and attempts[0]["outcome"] == "client_disconnected"
+
+
 async def test_a_tool_round_trip_through_a_messages_upstream(claude_client: Any, sim: Any) -> None:
     messages = weather()
     first = await claude_client.chat.completions.create(model="claude-sim", messages=messages, tools=[WEATHER])
