@@ -50,6 +50,8 @@ CONFIGS: dict[str, tuple[str, dict[str, str]]] = {
     "uvicorn, uvloop": ("uvicorn", {**UVICORN, "BENCH_LOOP": "uvloop"}),
     # Variants of one setting (secondary: one level unless asked for with --configs).
     "uvicorn, no journal": ("uvicorn", {**UVICORN, "BENCH_NO_JOURNAL": "1"}),
+    # Every model has a fallback target: its chain and circuit are looked at once per stream, never per chunk.
+    "uvicorn, fallbacks": ("uvicorn", {**UVICORN, "BENCH_FALLBACKS": "1"}),
     "uvicorn, current SDK over aiohttp": ("uvicorn", {**UVICORN, "BENCH_SDK": "auto", "BENCH_HTTP_CLIENT": "aiohttp"}),
     # UPSTREAM's defaults (docs/reference.md): SDK "auto", HTTP_CLIENT "httpx".
     "uvicorn, current SDK over httpx2": ("uvicorn", {**UVICORN, "BENCH_SDK": "auto", "BENCH_HTTP_CLIENT": "httpx"}),
@@ -63,8 +65,8 @@ CONFIGS: dict[str, tuple[str, dict[str, str]]] = {
 }
 DEFAULT_CONFIGS = [
     "floor", "daphne", "uvicorn", "floor, uvloop", "uvicorn, uvloop",
-    "uvicorn, no journal", "uvicorn, current SDK over aiohttp", "uvicorn, current SDK over httpx2",
-    "uvicorn, Django path", "daphne, Django path",
+    "uvicorn, no journal", "uvicorn, fallbacks", "uvicorn, current SDK over aiohttp",
+    "uvicorn, current SDK over httpx2", "uvicorn, Django path", "daphne, Django path",
 ]
 SECONDARY_CONFIGS = frozenset(DEFAULT_CONFIGS[5:])
 

@@ -292,6 +292,12 @@ def _open_table(out: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _fallback_table(out: dict[str, Any]) -> list[str]:
+    from bench import fallback
+
+    return fallback.table(out["fallback"])
+
+
 def _admission_table(out: dict[str, Any]) -> list[str]:
     from bench.admission import table
 
@@ -379,6 +385,7 @@ def markdown(out: dict[str, Any], png_name: str) -> str:
         ("soak", "## 9. Soak (one worker, paced streams; idle = no stream open)", _soak_tables),
         ("admission", "## 7. Admission (one thread, per new stream; O(1) cache calls whatever the limit)",
          _admission_table),
+        ("fallback", "## 10. Fallbacks: what they cost the stream core", _fallback_table),
     ]
     for part, title, tables in sections:
         if out.get(part):

@@ -18,6 +18,9 @@ Parts (``--parts``, default all):
                   default parts);
 * ``open``     -- what opening a stream costs: CPU per new stream and OS threads per open stream,
                   DirectStreams versus Django's handler (bench/relay.py; not in the default parts).
+* ``fallback`` -- what fallbacks cost: the stream core's CPU per chunk and per stream with none,
+                  with fallbacks configured, and answered by a fallback (bench/fallback.py). The
+                  relay part's ``uvicorn, fallbacks`` row is the same under a real server.
 
 Writes ``bench/results/<name>.md`` (the tables), ``<name>.png`` (the plot) and, git-ignored,
 ``bench/results/raw/<name>.json`` (every number) and py-spy's raw stacks. ``--quick`` is a
@@ -55,7 +58,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a ~2 minute smoke run")
     parser.add_argument("--parts", help="comma-separated (default relay,idle,stall,adapters,admission,"
-                                        "profile,memprofile; quick: the first five)")
+                                        "profile,memprofile; quick: the first five; also: workers, soak, open, "
+                                        "fallback)")
     parser.add_argument("--levels", help="concurrent streams, comma-separated (default 100,200,400; quick: 100)")
     parser.add_argument("--configs", type=lambda text: [c.strip() for c in text.split(";")],
                         help="relay configurations, ';'-separated, e.g. 'floor;uvicorn;uvicorn, gc.freeze' "
@@ -231,6 +235,15 @@ def part_open(args: argparse.Namespace, pacer: procs.Pacer, dbs: procs.Databases
             log(f"  {row['ms_per_stream'] or 0:.2f} ms CPU per new stream ({row['streams_per_s']:.0f} streams/s), "
                 f"{row['threads_per_open_stream']:.2f} threads per open stream, other load "
                 f"{row['other_load_cores']:.2f} cores" + (f", errors {row['errors']}" if row["errors"] else ""))
+
+
+def part_fallback(args: argparse.Namespace, out: dict[str, Any]) -> None:
+    from bench import fallback
+
+    log("fallback: the stream core with and without fallbacks (in a child process)")
+    out["fallback"] = fallback.run_child(repeats=3 if args.quick else 7)
+    for line in fallback.table(out["fallback"])[4:]:
+        log(f"  {line}")
 
 
 def part_admission(args: argparse.Namespace, out: dict[str, Any]) -> None:
@@ -442,6 +455,8 @@ def main(argv: list[str] | None = None) -> None:
                     part_admission(args, out)
                 elif part == "open":
                     part_open(args, pacer, dbs, out)
+                elif part == "fallback":
+                    part_fallback(args, out)
                 else:
                     raise SystemExit(f"unknown part {part!r}")
             except Exception:

@@ -6,6 +6,9 @@
   server with ``DJANGO_DEBUG=0``, as in production; CSRF still applies).
 * ``BENCH_SDK`` sets ``UPSTREAM.SDK`` (``none``: no SDK, the API over aiohttp).
 * ``BENCH_HTTP_CLIENT`` (``httpx`` | ``aiohttp``) picks the current SDK's transport.
+* ``BENCH_FALLBACKS=1``: every model has a fallback target (``FALLBACKS = {"*": [...]}``), so each
+  stream also resolves its fallback chain and reads its circuit; otherwise no fallbacks (the sample
+  project's demo fallback is off).
 * Logging stays at ``DJANGO_LOG_LEVEL`` (the harness sets WARNING).
 
 Everything else (``DJANGO_DEBUG``, ``DJANGO_SECRET_KEY``, ``CHATPROXY_TIMEOUTS``, ``CHATPROXY_RESUME``,
@@ -23,3 +26,4 @@ if os.environ.get("BENCH_SDK"):
     CHATPROXY["UPSTREAM"] = {**CHATPROXY["UPSTREAM"], "SDK": os.environ["BENCH_SDK"]}
 if os.environ.get("BENCH_HTTP_CLIENT"):
     CHATPROXY["UPSTREAM"] = {**CHATPROXY["UPSTREAM"], "HTTP_CLIENT": os.environ["BENCH_HTTP_CLIENT"]}
+CHATPROXY["FALLBACKS"] = {"*": ["bench-fallback"]} if os.environ.get("BENCH_FALLBACKS") else {}

@@ -4,7 +4,8 @@
 * Timeout profiles: edited with the model's validation; an action applies the timeouts
   suggested by the recorded streams.
 * Stream records: read-only list with filters, and a statistics page per model (percentiles,
-  suggestions, histograms as inline SVG) with buttons that apply a suggestion.
+  suggestions, histograms as inline SVG) with buttons that apply a suggestion, and per fallback
+  target (answers served, fallbacks taken, circuit openings).
 """
 
 from __future__ import annotations
@@ -77,6 +78,7 @@ class TimeoutProfileAdmin(TimeoutProfileAdminBase):
         (_("Retrying"), {"fields": ("deadline", "max_attempts", "backoff_initial", "backoff_max", "retry_after_max",
                                     "on_partial")}),
         (_("Keeping the client connection alive"), {"fields": ("keepalive_interval", "gateway_timeout")}),
+        (_("Falling back to other models"), {"fields": ("fallbacks",)}),
     )
     actions = ["delete_selected", "apply_suggestions"]
 
@@ -167,14 +169,15 @@ class StreamRecordAdmin(StreamRecordAdminBase):
     """Read-only: records are written by chatproxy. The statistics page is at ``stats/``."""
 
     list_display = ("started", "who_display", "model", "profile", "outcome", "attempts", "retry_reasons",
-                    "ttft_display", "gap_display", "duration_display", "chars_sent")
+                    "answered_by", "ttft_display", "gap_display", "duration_display", "chars_sent")
     list_filter = ("outcome", "model", "profile", RetryReasonFilter, ("started", admin.DateFieldListFilter))
-    search_fields = ("stream_id", "username", "model", "profile", "outcome")
+    search_fields = ("stream_id", "username", "model", "profile", "outcome", "answered_by")
     date_hierarchy = "started"
     list_select_related = ()
     change_list_template = "chatproxy/admin/streamrecord/change_list.html"
     fields = ("stream_id", "started", "user", "username", "model", "profile", "outcome", "attempts",
-              "retry_reasons", "time_to_first_token", "longest_gap", "duration", "chars_sent")
+              "retry_reasons", "answered_by", "abandoned", "circuits_opened", "time_to_first_token", "longest_gap",
+              "duration", "chars_sent")
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False
@@ -219,6 +222,7 @@ class StreamRecordAdmin(StreamRecordAdminBase):
             "window": window,
             "windows": list(records.WINDOWS),
             "stats": records.model_stats(window),
+            "targets": records.target_stats(window),
             "sample_limit": records.SAMPLE_LIMIT,
             "min_samples": records.MIN_SAMPLES,
             "can_change_profiles": request.user.has_perm("chatproxy.change_timeoutprofile"),

@@ -8,7 +8,8 @@ class ChatProxyConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self) -> None:
-        from chatproxy import checks, conf, service  # noqa: F401  (checks register themselves)
+        from chatproxy import checks, circuit, conf, service  # noqa: F401  (checks register themselves)
 
         setting_changed.connect(conf.clear_cache, dispatch_uid="chatproxy.conf.clear_cache")
         setting_changed.connect(service.forget_upstreams, dispatch_uid="chatproxy.service.forget_upstreams")
+        setting_changed.connect(circuit.forget, dispatch_uid="chatproxy.circuit.forget")

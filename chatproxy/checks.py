@@ -15,6 +15,12 @@
 * ``chatproxy.E010`` chatproxy's WebSocket consumer is routed but Channels is not configured
 * ``chatproxy.E011`` a ``RECORDS`` value is invalid
 * ``chatproxy.E012`` ``PROFILES.REFRESH`` is not a positive number of seconds
+* ``chatproxy.E013`` an ``UPSTREAMS`` entry cannot work (not a dict, no ``BASE_URL``, an unknown ``SDK`` /
+  ``HTTP_CLIENT``, ``EXTRA_BODY`` not a dict, the reserved name ``default``)
+* ``chatproxy.E014`` ``FALLBACKS`` is not a table of model globs to lists of targets
+* ``chatproxy.E015`` a ``CIRCUIT`` value is invalid
+* ``chatproxy.W006`` a fallback target ``"x:model"`` names no configured upstream ``x``: it is taken as a
+  model name on the request's upstream
 * ``chatproxy.W001`` no upstream API key is configured
 * ``chatproxy.W002`` an unknown key in ``CHATPROXY`` (probably a typo: it is ignored)
 * ``chatproxy.W003`` timeout-profile changes reach other worker processes only by the periodic
@@ -35,7 +41,7 @@ from django.conf import settings
 from django.core.checks import Error, Warning, register
 from django.utils.module_loading import import_string
 
-from chatproxy import conf, policy, profiles
+from chatproxy import conf, fallbacks, policy, profiles
 from chatproxy.upstream import (
     HTTP_CLIENT_CHOICES,
     INSTALL_AIOHTTP,
@@ -53,6 +59,7 @@ PER_PROCESS_CACHES = (
 )
 CHAT_CONSUMER = "chatproxy.consumers.ChatConsumer"
 OPTIONAL_LIMITS = frozenset({"MAX_STREAMS_PER_USER", "REQUESTS_PER_MINUTE"})  # None switches these off
+NAMED_SECTIONS = frozenset({"UPSTREAMS", "FALLBACKS"})
 
 
 @register("chatproxy")
@@ -89,6 +96,7 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[Any]:
     problems += _check_models(upstream)
     problems += _check_records(config["RECORDS"])
     problems += _check_profiles(config["PROFILES"])
+    problems += _check_fallbacks(config)
     return problems
 
 
@@ -155,6 +163,8 @@ def _check_unknown_keys() -> list[Any]:
         problems.append(Warning(f"Unknown key CHATPROXY[{key!r}] is ignored.", id="chatproxy.W002",
                                 hint=f"Known keys: {', '.join(sorted(known_top))}."))
     for section, defaults in SECTIONS.items():
+        if section in NAMED_SECTIONS:
+            continue  # their keys are the user's names (upstreams, model globs): checked by _check_fallbacks
         for key in sorted(set(user.get(section) or {}) - set(defaults), key=str):
             problems.append(Warning(f"Unknown key CHATPROXY[{section!r}][{key!r}] is ignored.", id="chatproxy.W002",
                                     hint=f"Known keys: {', '.join(defaults)}."))
@@ -334,3 +344,73 @@ def _app_tree_has(node: Any, test: Callable[[Any], bool], depth: int, seen: set[
 def _channels_configured() -> bool:
     layers = getattr(settings, "CHANNEL_LAYERS", None)
     return "channels" in settings.INSTALLED_APPS and isinstance(layers, Mapping) and "default" in layers
+
+
+def _check_fallbacks(config: Mapping[str, Any]) -> list[Any]:
+    """``UPSTREAMS`` (E013), ``FALLBACKS`` (E014, W006) and ``CIRCUIT`` (E015)."""
+    problems: list[Any] = []
+    names = {"default"}
+    for name, entry in (config["UPSTREAMS"] or {}).items():
+        where = f"CHATPROXY['UPSTREAMS'][{name!r}]"
+        if name == "default" or not isinstance(name, str) or not name or ":" in name:
+            problems.append(Error(f"{where}: {name!r} cannot name an upstream.", id="chatproxy.E013",
+                                  hint="'default' is UPSTREAM itself; use another name, without ':'."))
+            continue
+        if not isinstance(entry, Mapping):
+            problems.append(Error(f"{where} is {entry!r}, not a dict.", id="chatproxy.E013",
+                                  hint="{'BASE_URL': 'https://...', 'API_KEY': '...', 'SDK': 'auto'}."))
+            continue
+        names.add(name)
+        unknown = sorted(set(entry) - set(conf.NAMED_UPSTREAM_DEFAULTS), key=str)
+        if unknown:
+            problems.append(Error(f"{where} has unknown keys {', '.join(map(repr, unknown))}.", id="chatproxy.E013",
+                                  hint=f"Known keys: {', '.join(conf.NAMED_UPSTREAM_DEFAULTS)}."))
+        if not isinstance(entry.get("BASE_URL"), str) or not entry["BASE_URL"].strip():
+            problems.append(Error(f"{where} has no BASE_URL.", id="chatproxy.E013",
+                                  hint="Name the provider's OpenAI-compatible endpoint, e.g. "
+                                       "'https://api.groq.com/openai/v1'. OPENAI_API_KEY is never sent to it: give "
+                                       "it its own API_KEY."))
+        if entry.get("SDK", "auto") not in SDK_CHOICES or entry.get("HTTP_CLIENT", "httpx") not in HTTP_CLIENT_CHOICES:
+            problems.append(Error(f"{where}: SDK={entry.get('SDK')!r}, HTTP_CLIENT={entry.get('HTTP_CLIENT')!r}.",
+                                  id="chatproxy.E013",
+                                  hint=f"SDK is one of {SDK_CHOICES}; HTTP_CLIENT one of {HTTP_CLIENT_CHOICES}."))
+        elif entry.get("SDK", "auto") != "auto":
+            problems += [Error(f"{where}: {error.msg}", id="chatproxy.E013", hint=error.hint)
+                         for error in _check_sdk(entry["SDK"])]
+        if not isinstance(entry.get("EXTRA_BODY", {}), Mapping):
+            problems.append(Error(f"{where}['EXTRA_BODY'] is {entry.get('EXTRA_BODY')!r}.", id="chatproxy.E013",
+                                  hint="Use a dict (merged into every request to this upstream), or {}."))
+    for glob, targets in (config["FALLBACKS"] or {}).items():
+        where = f"CHATPROXY['FALLBACKS'][{glob!r}]"
+        if not isinstance(glob, str) or not glob.strip():
+            problems.append(Error(f"CHATPROXY['FALLBACKS'] has the key {glob!r}.", id="chatproxy.E014",
+                                  hint="Keys are model globs such as 'gpt-4o*'."))
+            continue
+        if isinstance(targets, str) or not isinstance(targets, (list, tuple)) or not all(
+            isinstance(t, str) and t.strip() and len(t.split()) == 1 for t in targets
+        ):
+            problems.append(Error(f"{where} is {targets!r}.", id="chatproxy.E014",
+                                  hint="Use a list of targets in the order to try them: 'model' (same upstream) or "
+                                       "'upstream:model', e.g. ['gpt-4o-mini', 'backup:gpt-4.1-mini']."))
+            continue
+        if len(targets) > fallbacks.MAX_TARGETS:
+            problems.append(Error(f"{where} lists {len(targets)} targets.", id="chatproxy.E014",
+                                  hint=f"List at most {fallbacks.MAX_TARGETS}; each one costs the user time when the "
+                                       "ones before it fail."))
+        for target in targets:
+            prefix, sep, _model = target.partition(":")
+            if sep and prefix not in names and prefix.isidentifier():
+                problems.append(Warning(
+                    f"{where}: {target!r} names no upstream {prefix!r}: it is taken as a model called {target!r} on "
+                    "the request's own upstream.", id="chatproxy.W006",
+                    hint=f"Add {prefix!r} to CHATPROXY['UPSTREAMS'] (configured: {', '.join(sorted(names))}), or "
+                         "silence chatproxy.W006 if the model's name has a colon."))
+    circuit = config["CIRCUIT"]
+    failures = circuit.get("FAILURES")
+    if not (_whole(failures) and failures >= 1):
+        problems.append(Error(f"CHATPROXY['CIRCUIT']['FAILURES'] is {failures!r}.", id="chatproxy.E015",
+                              hint="Use a whole number of failed answers in a row, at least 1 (default 3)."))
+    if not policy.is_duration(circuit.get("COOLDOWN")):
+        problems.append(Error(f"CHATPROXY['CIRCUIT']['COOLDOWN'] is {circuit.get('COOLDOWN')!r}.", id="chatproxy.E015",
+                              hint="Use a positive number of seconds a failing target is skipped (default 30)."))
+    return problems

@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from functools import cache
 from typing import Any
 
+from chatproxy.errors import ConfigurationError
 from chatproxy.policy import TIMEOUTS_DEFAULTS, from_timeouts, is_duration
 from chatproxy.policy import Policy as Policy  # re-exported: the stream core and records import it from here
 
@@ -29,6 +30,13 @@ DEFAULTS: dict[str, Any] = {
         "HTTP_CLIENT": "httpx",  # "httpx" | "aiohttp": the current SDK's transport
         "EXTRA_BODY": {},  # merged into every upstream request body
     },
+    # More providers by name, each like UPSTREAM (BASE_URL, API_KEY, SDK, HTTP_CLIENT, EXTRA_BODY);
+    # "default" is UPSTREAM itself. A named upstream never gets OPENAI_API_KEY: only its own API_KEY.
+    "UPSTREAMS": {},
+    # model glob -> ordered fallback targets: "model" (same upstream) or "upstream:model"
+    "FALLBACKS": {},
+    # per target: after FAILURES failed answers in a row skip it for COOLDOWN seconds, then probe it once
+    "CIRCUIT": {"FAILURES": 3, "COOLDOWN": 30.0},
     "TIMEOUTS": dict(TIMEOUTS_DEFAULTS),  # units and meaning: chatproxy.policy.Policy
     "PERMISSION": "chatproxy.permissions.authenticated",
     "LIMITS": {
@@ -50,12 +58,18 @@ DEFAULTS: dict[str, Any] = {
 }
 #: Top-level keys whose value is a section (a dict merged key by key).
 SECTIONS = tuple(key for key, value in DEFAULTS.items() if isinstance(value, dict))
+#: Keys whose dict replaces the default one whole (a glob table, a request body), not key by key.
+WHOLE = frozenset({"EXTRA_BODY", "FALLBACKS"})
+#: The keys a named upstream (``UPSTREAMS``) may set, with their defaults.
+NAMED_UPSTREAM_DEFAULTS: dict[str, Any] = {
+    "BASE_URL": None, "API_KEY": None, "SDK": "auto", "HTTP_CLIENT": "httpx", "EXTRA_BODY": {},
+}
 
 
 def _merge(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
     merged = copy.deepcopy(base)
     for key, value in override.items():
-        if isinstance(value, Mapping) and isinstance(merged.get(key), dict) and key != "EXTRA_BODY":
+        if isinstance(value, Mapping) and isinstance(merged.get(key), dict) and key not in WHOLE:
             merged[key] = _merge(merged[key], value)
         else:
             merged[key] = value
@@ -108,3 +122,29 @@ def profiles_refresh() -> float:
     if is_duration(value):
         return float(value)
     return float(DEFAULTS["PROFILES"]["REFRESH"])
+
+
+def upstream_settings(name: str) -> dict[str, Any]:
+    """The settings of the upstream called ``name``: ``UPSTREAM`` for ``"default"``, else its
+    ``UPSTREAMS`` entry over :data:`NAMED_UPSTREAM_DEFAULTS` (KeyError if there is none).
+
+    ``API_KEY`` is resolved: the default upstream falls back to ``OPENAI_API_KEY``; a named one
+    never does (that key is for another provider). Raises ConfigurationError for an entry that is
+    not a dict (``chatproxy.E013``).
+    """
+    if name == "default":
+        return {**get_config()["UPSTREAM"], "API_KEY": upstream_api_key()}
+    entry = get_config()["UPSTREAMS"][name]
+    if not isinstance(entry, Mapping):
+        raise ConfigurationError(f"UPSTREAMS[{name!r}] is not a dict")
+    return {**NAMED_UPSTREAM_DEFAULTS, **entry}
+
+
+def circuit_settings() -> tuple[int, float]:
+    """``CIRCUIT`` ``(FAILURES, COOLDOWN)``; the defaults where invalid (``chatproxy.E015`` reports it)."""
+    given, defaults = get_config()["CIRCUIT"], DEFAULTS["CIRCUIT"]
+    failures = given.get("FAILURES")
+    if not (isinstance(failures, int) and not isinstance(failures, bool) and failures >= 1):
+        failures = defaults["FAILURES"]
+    cooldown = given.get("COOLDOWN")
+    return failures, float(cooldown) if is_duration(cooldown) else float(defaults["COOLDOWN"])

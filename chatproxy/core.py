@@ -22,8 +22,10 @@ each in :mod:`chatproxy.stream`:
   onto it (:mod:`~chatproxy.stream.joiner`);
 * the retry plan (:mod:`~chatproxy.stream.retry`): ``Retry(delay)`` or ``GiveUp(code)``;
 * the attempt runner (:mod:`~chatproxy.stream.attempts`), which plays a *target* (upstream, request,
-  policy) until it answers or the plan gives up. A stream runs one target today; a fallback would
-  be one more target on the same runner, under the same deadline.
+  policy) until it answers or the plan gives up;
+* the fallbacks (:mod:`~chatproxy.stream.targets`): the request's own target, then each fallback
+  target in turn on the same runner, under the same deadline, skipping those whose circuit
+  (an optional :class:`~chatproxy.stream.targets.Breaker`) is open.
 
 Beyond text. An adapter yields a choice-0 text delta as a plain ``str`` (the hot path) and any
 other chunk as its ``choices`` list; the answer (:mod:`~chatproxy.stream.answer`) cuts those into
@@ -57,15 +59,17 @@ import asyncio
 import logging
 import random
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 from chatproxy.codes import ErrorCode
 from chatproxy.conf import Policy
+from chatproxy.stream import targets as fallbacks
 from chatproxy.stream.answer import Answer
 from chatproxy.stream.attempts import TOTAL_TIMEOUT_MARGIN, AttemptRunner, Done
 from chatproxy.stream.events import KEEPALIVE, Event, EventLog, EventsDropped, Reader
 from chatproxy.stream.retry import GiveUp
+from chatproxy.stream.targets import Breaker
 from chatproxy.stream.values import ChatRequest, StreamStats, Target
 from chatproxy.stream.watchdog import Watchdog
 from chatproxy.upstream.base import Upstream
@@ -79,6 +83,7 @@ __all__ = [
     "EventsDropped",
     "StreamStats",
     "Subscription",
+    "Target",
 ]
 
 logger = logging.getLogger("chatproxy.core")
@@ -99,6 +104,10 @@ class ChatStream:
     subscription closes before the end, generation goes on for ``grace`` seconds waiting for a
     new client, then the stream is cancelled (``grace=0``: at once). ``persistent=True`` keeps
     every event in memory until :meth:`mark_persisted` says an event store has it.
+
+    ``fallbacks`` are the targets tried, in order, when the request's own one (``upstream``,
+    ``request``, ``policy``) fails; ``breaker`` keeps their circuits (none: every target is tried).
+    ``start`` names the first target tried (its model and profile), ``done`` the one that answered.
     """
 
     def __init__(
@@ -114,10 +123,14 @@ class ChatStream:
         grace: float = 0.0,
         persistent: bool = False,
         rng: Callable[[], float] = random.random,
+        fallbacks: Sequence[Target] = (),
+        breaker: Breaker | None = None,
     ) -> None:
         self.upstream = upstream
         self.request = request
         self.policy = policy
+        self.targets: tuple[Target, ...] = (Target(upstream, request, policy), *fallbacks)
+        self._breaker = breaker
         self.stream_id = stream_id or uuid.uuid4().hex
         self.allow_reset = allow_reset
         self.stats = StreamStats()
@@ -208,7 +221,6 @@ class ChatStream:
         loop = log.loop
         policy = self.policy
         started_at = loop.time()
-        log.emit("start", {"stream_id": self.stream_id, "model": self.request.model, "profile": policy.profile})
         watchdog = Watchdog(loop, log, keepalive=policy.keepalive, deadline_at=started_at + policy.deadline)
         answer = Answer(log, self.stats, started_at)
         runner = AttemptRunner(loop, log, answer, watchdog, self.stats, rng=self._rng, allow_reset=self.allow_reset,
@@ -218,10 +230,11 @@ class ChatStream:
             if self._cancel_requested:  # before the pump ran (the last client left at once)
                 outcome: Done | GiveUp = GiveUp(ErrorCode.CANCELLED)
             else:
-                outcome = await runner.run(Target(self.upstream, self.request, policy))
+                outcome = await fallbacks.answer(runner, self.targets, self.stats, breaker=self._breaker,
+                                                 first=self._started)
             if isinstance(outcome, Done):
                 self._finish("done", {"finish_reason": outcome.finish_reason, "attempts": outcome.attempts,
-                                      "usage": outcome.usage})
+                                      "usage": outcome.usage, "model": self.stats.model})
             else:
                 self._finish("error", {"code": outcome.code})
         except asyncio.CancelledError:
@@ -241,7 +254,15 @@ class ChatStream:
                 except Exception:
                     logger.exception("chatproxy on_finish hook failed for stream %s", self.stream_id)
 
+    def _started(self, target: Target) -> None:
+        """The first attempt goes to ``target``: announce the stream (``start``)."""
+        if self._log.seq == 0:
+            self.stats.model, self.stats.target = target.request.model, target.key
+            self._log.emit("start", {"stream_id": self.stream_id, "model": target.request.model,
+                                     "profile": target.policy.profile})
+
     def _finish(self, name: str, data: dict[str, Any]) -> None:
+        self._started(self.targets[0])  # a stream that ended before its first attempt still starts
         if not self._log.finished:
             self.stats.outcome = "done" if name == "done" else data["code"]
             self._log.finish(name, data)

@@ -21,6 +21,8 @@ exception class names) and never reach a client; clients get the friendly text f
 
 from __future__ import annotations
 
+from chatproxy.codes import UPSTREAM_REQUEST_CODES, ErrorCode
+
 # Statuses worth another attempt: timeouts, conflicts, rate limits, server errors.
 RETRYABLE_STATUSES = frozenset({408, 409, 429, 500, 502, 503, 504, 529})
 
@@ -81,6 +83,11 @@ class UpstreamStatusError(UpstreamError):
         self.status = status
         self.code = code
         self.retryable = status == 0 or status in RETRYABLE_STATUSES
+
+    @property
+    def context_length(self) -> bool:
+        """Whether the request was refused for being too long for this model (a fallback may take it)."""
+        return self.code is not None and UPSTREAM_REQUEST_CODES.get(self.code) is ErrorCode.CONTEXT_LENGTH_EXCEEDED
 
 
 class RateLimited(UpstreamStatusError):

@@ -27,6 +27,8 @@ from chatproxy.profiles import DEFAULT_NAME as DEFAULT_PROFILE
 from chatproxy.profiles import DEFAULT_PATTERN
 
 KEY_PREFIX = "cpk_"
+#: The most fallback targets a profile may list.
+MAX_FALLBACKS = 10
 # last_used is written at most this often per key, so busy keys cost no write per request.
 LAST_USED_RESOLUTION = timedelta(minutes=1)
 
@@ -132,6 +134,12 @@ class TimeoutProfile(models.Model):
     keepalive_interval = _policy_field("keepalive_interval")
     gateway_timeout = _policy_field("gateway_timeout")
     on_partial = _policy_field("on_partial")
+    fallbacks = models.TextField(
+        _("fallbacks"), blank=True, default="",
+        help_text=_("Tried in order when the model's answer fails, one per line: a model on the same upstream "
+                    "(gpt-4o-mini) or upstream:model (backup:gpt-4.1-mini, an upstream of CHATPROXY['UPSTREAMS']). "
+                    "Empty: CHATPROXY['FALLBACKS'] decides."),
+    )
     enabled = models.BooleanField(_("enabled"), default=True)
 
     class Meta:
@@ -167,6 +175,14 @@ class TimeoutProfile(models.Model):
         elif not (self.model_pattern or "").strip():
             add("model_pattern", "Enter a glob such as 'o1*' or an exact model name.")
 
+        targets = policy.fallback_lines(self.fallbacks)
+        if len(targets) > MAX_FALLBACKS:
+            add("fallbacks", f"List at most {MAX_FALLBACKS} targets (one per line); each one costs the user time "
+                             "when the ones before it fail.")
+        for target in targets:
+            if len(target.split()) > 1 or len(target) > 200:
+                add("fallbacks", f"{target[:60]!r} is not a target: write one model name (or upstream:model) per "
+                                 "line, without spaces.")
         values = {knob.name: getattr(self, knob.field) for knob in policy.KNOBS}
         for problem in policy.problems(values, policy.by_label):
             add(problem.knob.field, problem.sentence())
@@ -229,6 +245,14 @@ class StreamRecord(models.Model):
                                help_text=_("'done' or the error code the stream ended with."))
     duration = models.FloatField(_("duration"), help_text=_("Seconds."))
     chars_sent = models.PositiveIntegerField(_("characters sent"), default=0)
+    answered_by = models.CharField(
+        _("answered by"), max_length=300, blank=True,
+        help_text=_("upstream:model of the target that answered (or was tried last); after a fallback, the "
+                    "fallback's."))
+    abandoned = models.CharField(_("targets given up"), max_length=300, blank=True,
+                                 help_text=_("upstream:model of each target given up for the next one."))
+    circuits_opened = models.CharField(_("circuits opened"), max_length=300, blank=True,
+                                       help_text=_("upstream:model of each target whose circuit this stream opened."))
 
     class Meta:
         verbose_name = _("stream record")

@@ -120,10 +120,12 @@ class ResponseEvents:
             return sse.KEEPALIVE
         if name == "start":
             self.status = "in_progress"
+            self.model = (event.data or {}).get("model") or self.model  # the first target tried
             return (self._event("response.created", {"response": self.response()})
                     + self._event("response.in_progress", {"response": self.response()}))
         if name == "done":
             data = event.data or {}
+            self.model = data.get("model") or self.model  # the model that answered (a fallback's)
             closed = self._close_open("completed")
             self._usage = _usage(data.get("usage"))
             reason = _INCOMPLETE.get(data.get("finish_reason") or "")

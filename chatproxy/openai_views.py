@@ -3,6 +3,7 @@
 The official openai client pointed at ``base_url=".../chat/v1"`` works unmodified. The same
 resilient core serves it; only the wire differs:
 
+* Every chunk and the answer name the model that is answering (after a fallback, the fallback's).
 * ``stream: true``: ``chat.completion.chunk`` lines and ``data: [DONE]``. Retries are invisible;
   keepalives are SSE comments; a final failure is one in-band ``data: {"error": ...}`` event
   (the openai client raises ``APIError`` with the friendly message). A restart that diverges
@@ -45,6 +46,7 @@ from chatproxy.auth import AuthFailure, authorize
 from chatproxy.codes import ErrorCode
 from chatproxy.conf import Policy, get_config
 from chatproxy.core import ChatRequest, Event, Subscription
+from chatproxy.fallbacks import model_of
 from chatproxy.responses import openai_error, openai_stream_error
 from chatproxy.service import StreamNotStarted, open_stream
 from chatproxy.validation import InvalidRequest, parse_openai_request
@@ -242,14 +244,18 @@ class _Wire(JsonAnswer):
         self.include_usage = include_usage
         self.id = f"chatcmpl-{stream.stream_id}"
         self.created = int(time.time())
-        self.model = stream.request.model
-        head = {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model}
-        # Every delta chunk is this prefix + the JSON string + this suffix: no dict per chunk.
-        self._delta_prefix = b"data: " + orjson.dumps(head)[:-1] + b',"choices":[{"index":0,"delta":{"content":'
         self._delta_suffix = b'},"logprobs":null,"finish_reason":null}]}\n\n'
-        self._head = head
+        self._use_model(stream.request.model)
         self._choices = {0}  # the choice indexes seen: each gets a finish chunk
         self._parts: list[Event] = []  # the answer's parts, for a non-streamed answer
+
+    def _use_model(self, model: str) -> None:
+        """Name ``model`` in the chunks from here on (the first target tried, then each fallback's)."""
+        self.model = model
+        head = {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": model}
+        # Every delta chunk is this prefix + the JSON string + this suffix: no dict per chunk.
+        self._delta_prefix = b"data: " + orjson.dumps(head)[:-1] + b',"choices":[{"index":0,"delta":{"content":'
+        self._head = head
 
     def _chunk(self, choices: list[dict[str, Any]], **extra: Any) -> bytes:
         return b"data: " + orjson.dumps({**self._head, "choices": choices, **extra}) + b"\n\n"
@@ -282,10 +288,12 @@ class _Wire(JsonAnswer):
                 elif name == "keepalive":
                     yield sse.KEEPALIVE
                 elif name == "start":
+                    self._use_model((event.data or {}).get("model") or self.model)
                     yield self._chunk([{"index": 0, "delta": {"role": "assistant", "content": ""},
                                         "logprobs": None, "finish_reason": None}])
                 elif name == "done":
                     data = event.data or {}
+                    self._use_model(data.get("model") or self.model)
                     reasons = self._finish_reasons(data)
                     yield self._chunk([{"index": choice, "delta": {}, "logprobs": None, "finish_reason": reason}
                                        for choice, reason in reasons.items()])
@@ -297,6 +305,8 @@ class _Wire(JsonAnswer):
                 elif name == "retry":
                     # Invisible here, but it restarted the stream's keepalive clock: a comment
                     # keeps the client's connection warm instead. (reset cannot happen here.)
+                    if "fallback" in (event.data or {}):
+                        self._use_model(model_of(event.data["fallback"]))  # type: ignore[index]
                     yield sse.KEEPALIVE
         finally:
             self.reader.close()  # not resumable: the stream stops and closes its upstream now
@@ -313,7 +323,7 @@ class _Wire(JsonAnswer):
             "id": self.id,
             "object": "chat.completion",
             "created": self.created,
-            "model": self.model,
+            "model": data.get("model") or self.model,
             "choices": completion_choices(self._parts, self._finish_reasons(data)),
             "usage": data.get("usage"),
         }

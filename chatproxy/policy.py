@@ -115,6 +115,8 @@ class Policy:
     on_partial: str = _knob("restart", "ON_PARTIAL", "on_partial", "choice", _("on partial output"),
                             _("After text was sent: restart the answer, continue it, or fail."), ON_PARTIAL_CHOICES)
     profile: str = SETTINGS_PROFILE
+    #: The profile's fallback targets (``"model"`` / ``"upstream:model"``); empty: ``FALLBACKS`` decides.
+    fallbacks: tuple[str, ...] = ()
 
     def with_options(self, **options: Any) -> Policy:
         """A copy with some fields replaced (per-request options); unknown names raise TypeError."""
@@ -172,7 +174,16 @@ def from_profile(row: Any) -> Policy:
     """The policy a ``TimeoutProfile`` (a model instance or a ``values()`` dict) stands for."""
     get: Callable[[str], Any] = row.get if isinstance(row, Mapping) else (lambda name: getattr(row, name))
     values = {knob.name: knob.coerce(get(knob.field)) for knob in KNOBS}
-    return Policy(profile=str(get("name")), **values)
+    fallbacks = get("fallbacks") if not isinstance(row, Mapping) or "fallbacks" in row else ""
+    return Policy(profile=str(get("name")), fallbacks=fallback_lines(fallbacks), **values)
+
+
+def fallback_lines(text: Any) -> tuple[str, ...]:
+    """The targets of a profile's ``fallbacks`` text: one per line; blank lines and ``#`` comments are ignored."""
+    if not isinstance(text, str):
+        return ()
+    found = (line.split("#", 1)[0].strip() for line in text.splitlines())
+    return tuple(line for line in found if line)
 
 
 # --------------------------------------------------------------------------- validation

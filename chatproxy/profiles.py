@@ -78,7 +78,7 @@ CHECK_INTERVAL = 0.5
 MEMO_SIZE = 1024
 
 #: The columns a snapshot reads.
-PROFILE_FIELDS = (*TIMEOUT_FIELDS, "name", "model_pattern", "enabled")
+PROFILE_FIELDS = (*TIMEOUT_FIELDS, "name", "model_pattern", "enabled", "fallbacks")
 #: The policy of a profile row; the name :mod:`chatproxy.records` uses for :func:`chatproxy.policy.from_profile`.
 policy_of = from_profile
 

@@ -128,6 +128,9 @@ def record_values(stream: ChatStream, user: Any = None) -> dict[str, Any]:
         "outcome": stats.outcome[:32],
         "duration": stats.duration,
         "chars_sent": stats.chars_sent,
+        "answered_by": stats.target[:300],
+        "abandoned": " ".join(stats.abandoned)[:300],
+        "circuits_opened": " ".join(stats.circuits_opened)[:300],
     }
 
 
@@ -521,3 +524,43 @@ def apply_suggestion(profile: Any, suggestion: Suggestion) -> dict[str, tuple[fl
     if changes:
         profile.save()
     return changes
+
+
+# --------------------------------------------------------------------------- fallback targets
+
+
+@dataclass(frozen=True, slots=True)
+class TargetStats:
+    """One fallback target (``"upstream:model"``) over a window: ``answers`` it served, ``fallbacks``
+    taken away from it (it was given up for the next target), ``circuit_openings`` it caused."""
+
+    target: str
+    answers: int = 0
+    fallbacks: int = 0
+    circuit_openings: int = 0
+
+
+def target_stats(window: str = DEFAULT_WINDOW, *, limit: int = SAMPLE_LIMIT) -> list[TargetStats]:
+    """Per target seen in ``window``, for the streams that used fallbacks (busiest first; empty if none did).
+
+    Answers count every stream answered by a target that is some stream's fallback or was given up in one.
+    """
+    from django.db.models import Count, Q
+
+    from chatproxy.models import StreamRecord
+
+    recent = StreamRecord.objects.filter(started__gte=window_start(window))
+    moved = recent.filter(~Q(abandoned="") | ~Q(circuits_opened=""))
+    given_up: Counter[str] = Counter()
+    opened: Counter[str] = Counter()
+    for abandoned, circuits in moved.order_by("-started").values_list("abandoned", "circuits_opened")[:limit]:
+        given_up.update(abandoned.split())
+        opened.update(circuits.split())
+    fallback_answers = set(moved.filter(outcome="done").values_list("answered_by", flat=True)[:limit])
+    targets = set(given_up) | set(opened) | fallback_answers
+    if not targets:
+        return []
+    served = dict(recent.filter(outcome="done", answered_by__in=targets).values_list("answered_by")
+                  .annotate(n=Count("id")).values_list("answered_by", "n"))
+    found = [TargetStats(t, served.get(t, 0), given_up[t], opened[t]) for t in targets]
+    return sorted(found, key=lambda t: (-(t.answers + t.fallbacks), t.target))

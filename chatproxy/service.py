@@ -1,4 +1,4 @@
-"""Glue between Django settings and the stream core: the shared upstream and new streams.
+"""Glue between Django settings and the stream core: the shared upstreams, fallback targets, new streams.
 
 Adapters hold connection pools bound to one event loop, so one adapter is kept per running loop
 (Daphne and uvicorn run one loop per process; tests may run several in turn). The cache is
@@ -11,14 +11,16 @@ import asyncio
 import functools
 import logging
 import weakref
+from dataclasses import replace
 from typing import Any
 
-from chatproxy import limits, profiles, records, signals
+from chatproxy import circuit, fallbacks, limits, profiles, records, signals
 from chatproxy.codes import ErrorCode
-from chatproxy.conf import get_config, upstream_api_key
-from chatproxy.core import ChatRequest, ChatStream, Subscription
+from chatproxy.conf import Policy, get_config, upstream_settings
+from chatproxy.core import ChatRequest, ChatStream, Subscription, Target
 from chatproxy.errors import ConfigurationError
-from chatproxy.upstream import build_upstream
+from chatproxy.stream.values import DEFAULT_UPSTREAM
+from chatproxy.upstream import build_named_upstream, build_upstream
 from chatproxy.upstream.base import Upstream
 
 logger = logging.getLogger("chatproxy.service")
@@ -31,22 +33,24 @@ class StreamNotStarted(Exception):
     code = ErrorCode.INTERNAL
 
 
-_upstreams: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Upstream] = weakref.WeakKeyDictionary()
+_upstreams: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, Upstream]] = weakref.WeakKeyDictionary()
 
 
-def get_upstream() -> Upstream:
-    """The upstream adapter for the running loop, built from ``CHATPROXY["UPSTREAM"]``."""
+def get_upstream(name: str = DEFAULT_UPSTREAM) -> Upstream:
+    """The adapter for the running loop of the upstream ``name``: ``CHATPROXY["UPSTREAM"]`` for
+    ``"default"``, else that entry of ``CHATPROXY["UPSTREAMS"]`` (KeyError if there is none).
+    Raises :class:`~chatproxy.errors.ConfigurationError` when its settings cannot work."""
     loop = asyncio.get_running_loop()
-    upstream = _upstreams.get(loop)
+    adapters = _upstreams.setdefault(loop, {})
+    upstream = adapters.get(name)
     if upstream is None:
-        conf = get_config()["UPSTREAM"]
-        upstream = build_upstream(
-            sdk=conf["SDK"],
-            http_client=conf["HTTP_CLIENT"],
-            base_url=conf["BASE_URL"],
-            api_key=upstream_api_key(),
-        )
-        _upstreams[loop] = upstream
+        conf = upstream_settings(name)
+        if name == DEFAULT_UPSTREAM:
+            upstream = build_upstream(sdk=conf["SDK"], http_client=conf["HTTP_CLIENT"], base_url=conf["BASE_URL"],
+                                      api_key=conf["API_KEY"])
+        else:
+            upstream = build_named_upstream(name, conf)
+        adapters[name] = upstream
     return upstream
 
 
@@ -54,6 +58,31 @@ def forget_upstreams(**kwargs: Any) -> None:
     """Drop cached adapters (``setting_changed`` receiver). Their pools close with their loop."""
     if kwargs.get("setting") in (None, "CHATPROXY"):
         _upstreams.clear()
+        _left_out.clear()
+
+
+#: Fallback targets already reported as left out (their upstream cannot be built).
+_left_out: set[str] = set()
+
+
+def fallback_targets(request: ChatRequest, policy: Policy, options: dict[str, Any] | None) -> list[Target]:
+    """The fallback targets of ``request`` (:func:`chatproxy.fallbacks.chain`), each with the
+    policy of its own model's profile. One whose upstream cannot be built is left out (and logged
+    once; system check ``chatproxy.E013`` says why first)."""
+    targets = []
+    for name in fallbacks.chain(request.model, policy):
+        try:
+            upstream = get_upstream(name.upstream)
+            extra_body = request.extra_body if name.upstream == DEFAULT_UPSTREAM else (
+                upstream_settings(name.upstream)["EXTRA_BODY"] or {})
+        except ConfigurationError as exc:
+            if name.label not in _left_out:  # once per process: the system checks say it at start-up too
+                _left_out.add(name.label)
+                logger.error("fallback target %s is left out: %s", name.label, exc)
+            continue
+        targets.append(Target(upstream, replace(request, model=name.model, extra_body=extra_body),
+                              profiles.resolve_policy(name.model, options), name.upstream, name.label))
+    return targets
 
 
 async def open_stream(
@@ -94,9 +123,11 @@ async def open_stream(
         except ConfigurationError as exc:
             logger.error("chatproxy cannot build its upstream: %s", exc)
             raise StreamNotStarted from exc
+        targets = fallback_targets(request, policy, options)
         stream = ChatStream(
             upstream, request, policy, allow_reset=allow_reset, grace=grace, persistent=resumable,
             on_finish=functools.partial(_finished, user, slot), on_retry=_retried,
+            fallbacks=targets, breaker=circuit.get_breaker() if targets else None,
         )
     except BaseException:
         slot.release()

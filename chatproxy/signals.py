@@ -9,7 +9,8 @@ Every signal is sent with ``sender=ChatStream`` (the class) and these keyword ar
     ``user`` is the requesting user (``AnonymousUser`` or ``None`` when there is none).
 
 ``stream_retry(stream, attempt, reason, delay)``
-    An attempt failed and attempt number ``attempt`` (2, 3, ...) starts after ``delay`` seconds.
+    An attempt failed and attempt number ``attempt`` (2, 3, ...) starts after ``delay`` seconds
+    (on the same target, or on the next fallback target: the ``retry`` event says which).
     ``reason`` is the ``retry`` event's reason: ``connect``, ``first_token``, ``stall``,
     ``upstream_error``, ``rate_limited`` or ``disconnected``.
 
@@ -17,8 +18,11 @@ Every signal is sent with ``sender=ChatStream`` (the class) and these keyword ar
     The stream ended (``done`` or ``error``). ``stats`` is its
     :class:`~chatproxy.core.StreamStats`: ``attempts``, ``retry_reasons`` (list),
     ``time_to_first_token`` (seconds or None), ``longest_gap``, ``chars_sent``, ``outcome``
-    (``"done"`` or the error code) and ``duration``. A :class:`~chatproxy.models.StreamRecord`
-    is written for it separately, whether or not anyone listens.
+    (``"done"`` or the error code), ``duration``, ``model`` (the model that answered, after a
+    fallback the fallback's; or the one tried last), ``target`` (its ``"upstream:model"``),
+    ``abandoned`` and ``circuits_opened`` (lists of ``"upstream:model"``: the targets given up for
+    the next one, the circuits this stream opened). A :class:`~chatproxy.models.StreamRecord` is
+    written for it separately, whether or not anyone listens.
 
 Delivery. The signals are sent from the event loop, right after the moment they describe, in a
 task of their own (:meth:`~django.dispatch.Signal.asend_robust`), so a receiver never delays or

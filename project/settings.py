@@ -27,6 +27,10 @@ Environment variables (all optional):
 ``CHATPROXY_LIMITS``              a JSON object merged into CHATPROXY["LIMITS"], e.g.
                                   '{"MAX_STREAMS_PER_USER": 2, "REQUESTS_PER_MINUTE": 30}'
 ``CHATPROXY_PROFILES``            a JSON object merged into CHATPROXY["PROFILES"], e.g. '{"REFRESH": 1}'
+``CHATPROXY_UPSTREAMS``           a JSON object: CHATPROXY["UPSTREAMS"] (named fallback providers)
+``CHATPROXY_FALLBACKS``           a JSON object: CHATPROXY["FALLBACKS"]; with the simulator the demo
+                                  falls back from gpt-4o-mini to gpt-4o unless this is set (even to {})
+``CHATPROXY_CIRCUIT``             a JSON object merged into CHATPROXY["CIRCUIT"], e.g. '{"FAILURES": 2}'
 ================================  ===================================================================
 """
 
@@ -240,3 +244,14 @@ if _limits:
 _profiles = _env_json_object("CHATPROXY_PROFILES")
 if _profiles:
     CHATPROXY["PROFILES"] = _profiles
+_upstreams = _env_json_object("CHATPROXY_UPSTREAMS")
+if _upstreams:
+    CHATPROXY["UPSTREAMS"] = _upstreams
+if "CHATPROXY_FALLBACKS" in os.environ:
+    CHATPROXY["FALLBACKS"] = _env_json_object("CHATPROXY_FALLBACKS")
+elif CHATPROXY_USES_SIMULATOR:
+    # The demo page's "primary down" fault makes gpt-4o-mini fail: watch gpt-4o answer instead.
+    CHATPROXY["FALLBACKS"] = {"gpt-4o-mini": ["gpt-4o"]}
+_circuit = _env_json_object("CHATPROXY_CIRCUIT")
+if _circuit:
+    CHATPROXY["CIRCUIT"] = _circuit

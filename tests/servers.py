@@ -21,8 +21,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def simulator_env(simulator_url: str, *, log_level: str = "WARNING", **chatproxy: object) -> dict[str, str]:
     """The sample project's environment as the demo runs it (DEBUG on) against the simulator at
-    ``simulator_url``; ``timeouts=``, ``resume=``, ``limits=`` become ``CHATPROXY_TIMEOUTS`` & co. (JSON)."""
-    env = {"CHATPROXY_SIMULATOR_URL": simulator_url, "DJANGO_DEBUG": "1", "DJANGO_LOG_LEVEL": log_level}
+    ``simulator_url``; ``timeouts=``, ``resume=``, ``limits=``, ``fallbacks=`` ... become ``CHATPROXY_TIMEOUTS``
+    & co. (JSON)."""
+    env = {"CHATPROXY_SIMULATOR_URL": simulator_url, "DJANGO_DEBUG": "1", "DJANGO_LOG_LEVEL": log_level,
+           "CHATPROXY_FALLBACKS": "{}"}  # no demo fallback: tests that want fallbacks name them (fallbacks=...)
     env.update({f"CHATPROXY_{key.upper()}": json.dumps(value) for key, value in chatproxy.items()})
     return env
 

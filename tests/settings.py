@@ -9,6 +9,7 @@ import os
 
 os.environ.pop("OPENAI_API_KEY", None)  # tests never reach the real API
 os.environ.setdefault("DJANGO_DEBUG", "1")
+os.environ.setdefault("CHATPROXY_FALLBACKS", "{}")  # not the demo's fallback: tests that want one configure it
 
 from project.settings import *  # noqa: F403
 

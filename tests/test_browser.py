@@ -67,6 +67,7 @@ UI_TIMEOUT_MS = 10_000
 STALL_MID_ANSWER = "Stall mid-answer"
 DIVERGENT_RESTART = "Divergent restart"
 LONG_ANSWER = "Long answer"
+PRIMARY_DOWN = "Primary down (a fallback model answers)"
 
 _unique = itertools.count(1)
 _run = secrets.token_hex(3)
@@ -84,7 +85,9 @@ def unique_message(topic: str) -> str:
 @pytest.fixture(scope="module")
 def app_server(simulator):
     """Daphne with this module's timeouts (STALL 1 s: a clear stall, yet no false alarm on a busy CI)."""
-    server = AppServer(simulator_env(simulator.base_url, timeouts=TIMEOUTS)).start()
+    # With the demo's fallback (as the sample project ships it with the simulator).
+    server = AppServer(simulator_env(simulator.base_url, timeouts=TIMEOUTS,
+                                     fallbacks={"gpt-4o-mini": ["gpt-4o"]})).start()
     yield server
     server.stop()
 
@@ -205,6 +208,18 @@ async def clean_answer(page, conversation: str | list[dict[str, str]]) -> str:
     return "".join(data["text"] for name, data in events if name == "delta")
 
 
+async def answered_with(page, topic: str, *, transport: str, fault: str) -> tuple[str, dict[str, list[dict]], str]:
+    """Ask a new question about ``topic`` with ``fault`` on ``transport``; once the answer is done:
+    the question, the watcher's {log, texts} and the answer shown."""
+    text = unique_message(topic)
+    await choose(page, transport=transport, fault=fault)
+    await send(page, text)
+    seen = await finished(page)
+    state, answer = await answer_state(page)
+    assert state == "done", seen["log"][-3:]
+    return text, seen, answer
+
+
 async def answer_state(page) -> tuple[str, str]:
     answer = page.locator(".msg.assistant").last
     return await answer.get_attribute("data-state"), await answer.text_content()
@@ -257,14 +272,8 @@ async def test_enter_streams_the_full_answer(page, transport):
 
 @pytest.mark.parametrize("transport", ["sse", "websocket"])
 async def test_stall_mid_answer_recovers_seamlessly(page, sim, transport):
-    text = unique_message("rivers")
-    await choose(page, transport=transport, fault=STALL_MID_ANSWER)
-    await send(page, text)
-    seen = await finished(page)
+    text, seen, answer = await answered_with(page, "rivers", transport=transport, fault=STALL_MID_ANSWER)
     log = seen["log"]
-
-    state, answer = await answer_state(page)
-    assert state == "done", log[-3:]
     assert any(e["state"] == "reconnecting" for e in log), "the reconnecting state was never shown"
     assert any(e["note"] == "Reconnecting…" for e in log)
     assert_no_reset(seen["texts"])
@@ -283,6 +292,17 @@ async def test_stall_mid_answer_recovers_seamlessly(page, sim, transport):
     assert TIMEOUTS["STALL"] * 1000 * 0.5 <= timing["gap_ms"] <= timing["first_text_to_resumed_ms"] < 6000
     upstream = [r for r in sim.requests() if r["faults"].get("stall_after")]
     assert [r["attempt"] for r in upstream] == [1, 2], upstream
+
+
+@pytest.mark.parametrize("transport", ["sse", "websocket"])
+async def test_primary_down_a_fallback_model_answers(page, sim, transport):
+    text, seen, answer = await answered_with(page, "deltas", transport=transport, fault=PRIMARY_DOWN)
+    assert any(e["note"] == "Switching to gpt-4o…" for e in seen["log"]), seen["log"]
+    assert answer == await clean_answer(page, text)  # the fallback's answer, exactly
+    await page.wait_for_function(
+        "document.getElementById('status').textContent.endsWith('answered by gpt-4o).')")
+    tried = [r["model"] for r in sim.requests() if "only" in r["faults"]]
+    assert tried == ["gpt-4o-mini"] * 3 + ["gpt-4o"], tried
 
 
 async def test_divergent_restart_replaces_the_partial_answer(page):

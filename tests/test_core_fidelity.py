@@ -50,7 +50,8 @@ async def test_a_streamed_tool_call_is_one_event_per_delta() -> None:
         {"index": 0, "id": None, "name": None, "arguments": ': "Paris"'},
         {"index": 0, "id": None, "name": None, "arguments": "}"},
     ]
-    assert run.last.data == {"finish_reason": "tool_calls", "attempts": 1, "usage": {"total_tokens": 9}}
+    assert run.last.data == {"finish_reason": "tool_calls", "attempts": 1, "usage": {"total_tokens": 9},
+                             "model": "gpt-4o-mini"}
     assert run.stream.stats.time_to_first_token == at(0.1)
 
 
@@ -170,5 +171,5 @@ async def test_a_stall_after_the_finish_chunk_ends_the_answer_instead_of_retryin
     events = [event async for event in stream]
     await stream.aclose()
     assert [e.name for e in events] == ["start", *["tool_call"] * 4, "done"]
-    assert events[-1].data == {"finish_reason": "tool_calls", "attempts": 1, "usage": None}
+    assert events[-1].data == {"finish_reason": "tool_calls", "attempts": 1, "usage": None, "model": "gpt-4o-mini"}
     assert upstream.unclosed() == []

@@ -111,7 +111,8 @@ def test_the_clock_is_virtual() -> None:
 async def test_healthy_answer() -> None:
     run = await play([say("Hello", " world", gap=0.1, usage={"total_tokens": 7})])
     assert run.names == ["start", "delta", "delta", "done"]
-    assert run.last.data == {"finish_reason": "stop", "attempts": 1, "usage": {"total_tokens": 7}}
+    assert run.last.data == {"finish_reason": "stop", "attempts": 1, "usage": {"total_tokens": 7},
+                             "model": "gpt-4o-mini"}
     assert run.events[0].data == {"stream_id": run.stream.stream_id, "model": "gpt-4o-mini", "profile": "settings"}
     assert run.times("delta") == [at(0.1), at(0.2)]
     stats = run.stream.stats

@@ -400,6 +400,18 @@ async def test_times_makes_only_the_first_attempts_fail(
     ]
 
 
+async def test_only_limits_the_faults_to_one_model(oai: openai.AsyncOpenAI, sim: SimulatorProcess) -> None:
+    msgs = user("Tell a story [[sim status=503 only=gpt-4o-m*]]")
+    with pytest.raises(openai.InternalServerError):
+        await oai.chat.completions.create(model=MODEL, messages=msgs, stream=True)
+    pieces, _ = await collect(await oai.chat.completions.create(model="gpt-4o", messages=msgs, stream=True))
+    clean = await oai.chat.completions.create(model="gpt-4o", messages=user("Tell a story"))
+    assert "".join(pieces) == clean.choices[0].message.content
+    log = sim.stats()["requests"]
+    assert [(r["model"], r["faults_applied"], r["outcome"]) for r in log[:2]] == [
+        (MODEL, True, "status"), ("gpt-4o", False, "complete")]
+
+
 async def test_times_with_mid_stream_reset_then_identical_retry(oai: openai.AsyncOpenAI) -> None:
     msgs = user("Explain tides [[sim reset_after=5 times=1]]")
     first: list[str] = []

@@ -41,7 +41,7 @@ async def test_headers_and_wire_format(client, sim):
     assert [e.id for e in events] == list(range(1, len(events) + 1))
     assert set(events[0].data) == {"stream_id", "model", "profile"}
     assert len(result.named("delta")) == 8 and result.text.strip()
-    assert set(events[-1].data) == {"finish_reason", "attempts", "usage"}
+    assert set(events[-1].data) == {"finish_reason", "attempts", "usage", "model"}
 
 
 async def test_first_bytes_leave_before_the_upstream_answers(client, sim):

@@ -177,6 +177,8 @@ class Faults:
     count: str = "all"  # what "after N" counts: every streamed unit, or tool-call "args" only
     tool_calls: int | None = None  # how many tool calls an answer with tools makes
     reasoning: int | None = None  # reasoning units before the answer (None: by model name)
+    only: str | None = None  # fault keys apply only to requests for a model matching this glob
+    no_prefill: bool = False  # a request ending with an assistant message (a prefill) is refused with 400
 
     def given(self) -> dict[str, Any]:
         """Only the fields that differ from the defaults (what the request log shows)."""
@@ -235,6 +237,8 @@ SHAPE_KEYS: tuple[str, ...] = (
     "count",
     "tool_calls",
     "reasoning",
+    "only",
+    "no_prefill",
 )
 
 
@@ -328,8 +332,10 @@ _PARSERS: dict[str, tuple[Any, str]] = {
     "count": (_count_mode, "count"),
     "tool_calls": (_calls, "tool_calls"),
     "reasoning": (_count, "reasoning"),
+    "only": (_name, "only"),
+    "no_prefill": (_flag, "no_prefill"),
 }
-_FLAGS = {"diverge", "refuse", "pings_only", "per_model"}
+_FLAGS = {"diverge", "refuse", "pings_only", "per_model", "no_prefill"}
 
 
 def parse_tokens(text: str) -> dict[str, str]:

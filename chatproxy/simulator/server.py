@@ -141,6 +141,15 @@ async def messages_handler(request: web.Request) -> web.StreamResponse:
     return await _handle(request, "messages")
 
 
+def _prefilled(body: Any) -> bool:
+    """Whether a Chat Completions body ends with an assistant message (a partial answer to continue)."""
+    messages = body.get("messages") if isinstance(body, dict) else None
+    if not isinstance(messages, list) or not messages:
+        return False
+    last = messages[-1]
+    return isinstance(last, dict) and last.get("role") == "assistant"
+
+
 async def _handle(request: web.Request, api: str) -> web.StreamResponse:
     state = request.app[STATE_KEY]
     state.mark(request, control=False)
@@ -189,6 +198,12 @@ async def _handle(request: web.Request, api: str) -> web.StreamResponse:
                 response = error_response(faults.status or 500, headers=headers)
             record.status = response.status
             return response
+        if faults.no_prefill and not anthropic and _prefilled(body):
+            # What api.openai.com answers to the continuation flag it does not know.
+            record.outcome, record.status, record.continuation = "status", 400, True
+            index = len(body["messages"]) - 1
+            return error_response(400, f"Additional properties are not allowed ('prefix' was unexpected) - "
+                                       f"'messages.{index}'", param="messages", code=None)
         headers = response_headers(record)
         if anthropic:
             if stream:

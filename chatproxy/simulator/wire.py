@@ -14,6 +14,7 @@ Only aiohttp, orjson (optional) and the stdlib.
 from __future__ import annotations
 
 import asyncio
+import fnmatch
 import itertools
 import socket
 import struct
@@ -218,7 +219,8 @@ def select_faults(state: SimState, record: RequestRecord, model: str, last_user_
     record.fingerprint = fingerprint(last_user_raw, model, faults)
     record.attempt = state.next_attempt(record.fingerprint)
     record.faults = faults.given()
-    record.faults_applied = faults.times is None or record.attempt <= faults.times
+    record.faults_applied = (faults.times is None or record.attempt <= faults.times) and (
+        faults.only is None or fnmatch.fnmatchcase(model, faults.only))
     return faults if record.faults_applied else faults.clean()
 
 

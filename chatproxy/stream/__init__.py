@@ -10,17 +10,19 @@
 * :mod:`~chatproxy.stream.answer`: the text the consumer has been given (since the last reset) and
   the only way text reaches the log.
 * :mod:`~chatproxy.stream.joiner`: joins a retry's text onto that answer (restart or continue).
-* :mod:`~chatproxy.stream.retry`: what to do after a failed attempt, as a value: ``Retry(delay)`` or
-  ``GiveUp(code)``; and the one mapping of an upstream failure to a final error code.
+* :mod:`~chatproxy.stream.retry`: what to do after a failed attempt, as a value: ``Retry(delay)``,
+  ``MoveOn(code)`` (the next target) or ``GiveUp(code)``; and the one mapping of an upstream
+  failure to a final error code.
 * :mod:`~chatproxy.stream.attempts`: the attempt runner. Plays one :class:`~chatproxy.stream.values.Target`
   (an upstream, the request to send it, the policy its attempts follow) until it answers or the
-  plan gives up.
+  plan moves on or gives up.
+* :mod:`~chatproxy.stream.targets`: the fallbacks. Plays the targets in order on one runner,
+  asking a circuit breaker (optional) once per target whether to skip it.
 
-Fallbacks plug in at the runner. Everything that spans the whole answer lives outside a target: the
-log and its sequence numbers, the watchdog's deadline (``DEADLINE`` covers every target) and
-keepalives, the answer already sent, the attempt count in ``StreamStats``. Everything a target
-decides comes from its own policy: first-token and stall limits, attempts, backoff, ``ON_PARTIAL``.
-So trying another target after a ``GiveUp`` is one more ``await runner.run(target)`` on the same
-runner; its first attempt joins onto what was sent exactly as a retry on the same target would.
-Today :class:`~chatproxy.core.ChatStream` runs a single target.
+Everything that spans the whole answer lives outside a target: the log and its sequence numbers,
+the watchdog's deadline (``DEADLINE`` covers every target) and keepalives, the answer already sent,
+the attempt count in ``StreamStats``. Everything a target decides comes from its own policy:
+first-token and stall limits, attempts, backoff, ``ON_PARTIAL``. So trying another target is one
+more ``await runner.run(target)`` on the same runner; its first attempt joins onto what was sent
+exactly as a retry on the same target would.
 """

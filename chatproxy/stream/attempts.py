@@ -19,15 +19,15 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from chatproxy.codes import ErrorCode
-from chatproxy.errors import StallTimeout, UpstreamError
+from chatproxy.errors import StallTimeout, UpstreamError, UpstreamStatusError
 from chatproxy.stream.answer import Answer
 from chatproxy.stream.events import EventLog
 from chatproxy.stream.joiner import Diverged, Joiner
-from chatproxy.stream.retry import GiveUp, Retry, plan_retry
+from chatproxy.stream.retry import GiveUp, MoveOn, Retry, plan_retry
 from chatproxy.stream.values import StreamStats, Target
 from chatproxy.stream.watchdog import Watchdog
 from chatproxy.upstream.base import UpstreamRequest
@@ -45,6 +45,12 @@ class Done:
     attempts: int
 
 
+def refuses_prefill(exc: UpstreamError) -> bool:
+    """Whether ``exc``, answering a continuation request, says the upstream does not take a prefill:
+    a request error (not the credentials, not a rate limit) about a request that was fine without it."""
+    return isinstance(exc, UpstreamStatusError) and not exc.retryable and exc.status not in (401, 403)
+
+
 class AttemptRunner:
     """Runs attempts for one stream; shared by every target the stream tries.
 
@@ -53,7 +59,8 @@ class AttemptRunner:
     ``on_retry(reason, attempt, delay)`` is called as each ``retry`` event is emitted.
     """
 
-    __slots__ = ("_allow_reset", "_answer", "_log", "_loop", "_on_retry", "_rng", "_stats", "_watchdog", "attempts")
+    __slots__ = ("_allow_reset", "_answer", "_log", "_loop", "_on_retry", "_rng", "_stats", "_watchdog", "attempts",
+                 "diverged", "last_reason")
 
     def __init__(
         self,
@@ -76,45 +83,70 @@ class AttemptRunner:
         self._allow_reset = allow_reset
         self._on_retry = on_retry
         self.attempts = 0
+        self.last_reason = ""
+        self.diverged = False  # the last run ended because a restart diverged where no reset can be sent
 
-    async def run(self, target: Target) -> Done | GiveUp:
-        """Attempt ``target`` until it answers (:class:`Done`) or the plan says :class:`GiveUp`."""
+    async def run(self, target: Target, *, fallback_left: bool = False) -> Done | MoveOn | GiveUp:
+        """Attempt ``target`` until it answers (:class:`Done`), or the plan says :class:`MoveOn`
+        (only while ``fallback_left``: another target may be tried) or :class:`GiveUp`.
+
+        ``last_reason`` is then the reason of the failure that ended the target; ``diverged`` says
+        whether it was a restart that diverged from the text sent (on a transport without ``reset``).
+
+        A ``continue`` target that refuses the prefilled request (a request error answering a
+        continuation) is restarted instead, at once, without using up one of its attempts; the
+        refusal is not the stream's error, so it never hides the failure that led to it.
+        """
         policy = target.policy
-        tries = 0
+        tries = stalls = 0
         while True:
             tries += 1
             self.attempts += 1
             self._stats.attempts = self.attempts
+            continuing = self._answer.length > 0 and policy.on_partial == "continue" and not self._answer.structured
             try:
                 finish_reason, usage = await self._attempt(target)
             except Diverged:
+                self.diverged = True
                 return GiveUp(ErrorCode.UPSTREAM_UNAVAILABLE)
             except UpstreamError as exc:
-                decision = plan_retry(
-                    exc, tries, policy,
-                    partial=self._answer.length > 0,
-                    deadline_expired=self._watchdog.expired == "deadline",
-                    now=self._loop.time(),
-                    deadline_at=self._watchdog.deadline_at,
-                    rng=self._rng,
-                )
-                if isinstance(decision, GiveUp):
+                self.last_reason = exc.reason
+                decision: Retry | MoveOn | GiveUp
+                if continuing and refuses_prefill(exc):
+                    policy = policy.with_options(on_partial="restart")
+                    target = replace(target, policy=policy)
+                    tries -= 1
+                    decision = Retry(0.0)
+                else:
+                    stalls += isinstance(exc, StallTimeout)
+                    decision = plan_retry(
+                        exc, tries, policy,
+                        partial=self._answer.length > 0,
+                        deadline_expired=self._watchdog.expired == "deadline",
+                        now=self._loop.time(),
+                        deadline_at=self._watchdog.deadline_at,
+                        rng=self._rng,
+                        fallback_left=fallback_left,
+                        stalls=stalls,
+                    )
+                if not isinstance(decision, Retry):
                     return decision
-                self._retry(exc.reason, decision, policy.max_attempts)
+                self.announce(exc.reason, decision.delay, policy.max_attempts)
                 if decision.delay > 0:
                     await asyncio.sleep(decision.delay)
                 continue
             return Done(finish_reason, usage, self.attempts)
 
-    def _retry(self, reason: str, decision: Retry, max_attempts: int) -> None:
+    def announce(self, reason: str, delay: float, max_attempts: int, fallback: str | None = None) -> None:
+        """Emit the ``retry`` event for the next attempt (``fallback``: it goes to that target)."""
         self._stats.retry_reasons.append(reason)
-        self._log.emit(
-            "retry",
-            {"attempt": self.attempts + 1, "max_attempts": max_attempts, "reason": reason,
-             "delay": round(decision.delay, 3)},
-        )
+        data: dict[str, Any] = {"attempt": self.attempts + 1, "max_attempts": max_attempts, "reason": reason,
+                                "delay": round(delay, 3)}
+        if fallback is not None:
+            data["fallback"] = fallback
+        self._log.emit("retry", data)
         if self._on_retry is not None:
-            self._on_retry(reason, self.attempts + 1, decision.delay)
+            self._on_retry(reason, self.attempts + 1, delay)
 
     def _request(self, target: Target) -> UpstreamRequest:
         policy = target.policy

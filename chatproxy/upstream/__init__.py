@@ -12,6 +12,7 @@ Public API:
   (SDK not installed, wrong generation installed, aiohttp extra missing, no API key for the
   official API) raises :class:`~chatproxy.errors.ConfigurationError` naming the pip command that
   fixes it. The SDK is imported here, lazily, so importing chatproxy never needs openai.
+* :func:`build_named_upstream` -- the same for one of ``CHATPROXY["UPSTREAMS"]`` (fallback providers).
 
 The helpers below the public API are shared by the adapter modules; they keep what reaches an
 exception message to class names, status codes and short error codes, never keys or bodies.
@@ -29,7 +30,10 @@ from typing import Any
 from chatproxy.errors import ConfigurationError
 from chatproxy.upstream.base import Upstream
 
-__all__ = ["HTTP_CLIENT_CHOICES", "SDK_CHOICES", "build_upstream", "detect_sdk", "preload", "resolve_sdk"]
+__all__ = [
+    "HTTP_CLIENT_CHOICES", "SDK_CHOICES", "build_named_upstream", "build_upstream", "detect_sdk", "preload",
+    "resolve_sdk",
+]
 
 SDK_CHOICES = ("auto", "current", "legacy", "none", "anthropic")
 HTTP_CLIENT_CHOICES = ("httpx", "aiohttp")
@@ -131,6 +135,25 @@ def build_upstream(
         fix = INSTALL_LEGACY if sdk == "legacy" else INSTALL_CURRENT
         raise ConfigurationError(f"openai {version} does not import ({type(exc).__name__}): {fix}") from exc
     return CurrentUpstream(http_client=http_client, base_url=base_url, api_key=api_key)
+
+
+def build_named_upstream(name: str, conf: Mapping[str, Any]) -> Upstream:
+    """The adapter for the upstream ``name`` of ``CHATPROXY["UPSTREAMS"]``, whose settings are ``conf``
+    (``BASE_URL``, ``API_KEY``, ``SDK``, ``HTTP_CLIENT``; the defaults of ``UPSTREAM`` where missing).
+
+    A named upstream is another provider: it never gets ``OPENAI_API_KEY`` (nor the SDK's key
+    defaults), only its own ``API_KEY``, and it needs a ``BASE_URL``. Without a key the server is
+    one of one's own and gets the placeholder. Raises :class:`ConfigurationError`.
+    """
+    base_url = conf.get("BASE_URL")
+    if not base_url:
+        raise ConfigurationError(f"UPSTREAMS[{name!r}] has no BASE_URL: name the provider's endpoint")
+    return build_upstream(
+        sdk=conf.get("SDK") or "auto",
+        http_client=conf.get("HTTP_CLIENT") or "httpx",
+        base_url=base_url,
+        api_key=conf.get("API_KEY") or PLACEHOLDER_API_KEY,
+    )
 
 
 def preload() -> None:

@@ -274,6 +274,7 @@ def worker_env(kind: str, tmp: Path, redis_port: int, redis_db: int, sim_url: st
         REDIS_URL=f"redis://{HOST}:{redis_port}/{redis_db}",
         CHATPROXY_SIMULATOR_URL=sim_url,
         CHATPROXY_TIMEOUTS=json.dumps(WORKER_TIMEOUTS),
+        CHATPROXY_FALLBACKS="{}",  # not the demo's fallback: each scenario counts the attempts on one model
         PYTHONUNBUFFERED="1",
         PYTHONPATH=str(ROOT),
     )

@@ -122,3 +122,29 @@ describe("AnswerView parts", () => {
     assert.equal(element.textContent, "");
   });
 });
+
+describe("AnswerView during a fallback", () => {
+  test("a retry to a fallback target says where the answer is going", () => {
+    const { element, status } = page();
+    const note = new Element("p", element.ownerDocument);
+    const view = new AnswerView(element, { note, status });
+    view.handle({ type: "start", data: { model: "gpt-4o-mini" } });
+    view.handle({ type: "retry", data: { attempt: 2, reason: "upstream_error", delay: 0, fallback: "gpt-4o" } });
+    assert.equal(note.textContent, "Switching to gpt-4o…");
+    assert.equal(element.dataset.state, "reconnecting");
+    view.handle({ type: "delta", data: { text: "Hello" } });
+    view.handle({ type: "done", data: { attempts: 2, model: "gpt-4o" } });
+    assert.equal(status.textContent, "Done (recovered after 2 attempts, answered by gpt-4o).");
+    assert.equal(view.text, "Hello");
+  });
+
+  test("a plain retry still reconnects, and the done line names no model", () => {
+    const { element, status } = page();
+    const note = new Element("p", element.ownerDocument);
+    const view = new AnswerView(element, { note, status });
+    view.handle({ type: "retry", data: { attempt: 2, reason: "stall", delay: 0.1 } });
+    assert.equal(note.textContent, "Reconnecting…");
+    view.handle({ type: "done", data: { attempts: 2, model: "gpt-4o-mini" } });
+    assert.equal(status.textContent, "Done (recovered after 2 attempts).");
+  });
+});

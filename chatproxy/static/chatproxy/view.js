@@ -46,6 +46,7 @@ export class AnswerView {
     this._clearParts();
     this.final = null;
     this._sawText = false;
+    this._fallback = null; // the target the last fallback went to, if any
     this._waitingNoted = false;
     this.setState("streaming");
     this._setStatus("Waiting for the answer…");
@@ -136,11 +137,17 @@ export class AnswerView {
         }
         break;
       case "retry":
-      case "resuming":
+        if (typeof data.fallback === "string") this._fallback = data.fallback;
+      // falls through
+      case "resuming": {
+        const note = event.type === "retry" && typeof data.fallback === "string"
+          ? `Switching to ${data.fallback}…`
+          : "Reconnecting…";
         this.setState("reconnecting");
-        this._setNote("Reconnecting…", "quiet");
-        this._setStatus("Reconnecting…");
+        this._setNote(note, "quiet");
+        this._setStatus(note);
         break;
+      }
       case "reset":
         this.textNode.data = "";
         this.element.replaceChildren(this.textNode);
@@ -156,7 +163,8 @@ export class AnswerView {
         delete this.element.dataset.errorCode;
         this._setNote(null);
         const attempts = Number(data.attempts);
-        this._setStatus(attempts > 1 ? `Done (recovered after ${attempts} attempts).` : "Done.");
+        const by = this._fallback && typeof data.model === "string" ? `, answered by ${data.model}` : "";
+        this._setStatus(attempts > 1 ? `Done (recovered after ${attempts} attempts${by}).` : "Done.");
         break;
       }
       case "error": {
