@@ -10,12 +10,18 @@ become the Responses API's typed events, each with a ``sequence_number`` that gr
     response.output_item.added, response.content_part.added    (with the first text)
     response.output_text.delta ...
     response.output_text.done, response.content_part.done, response.output_item.done
+    response.output_item.added                                  (a function_call, at a tool call)
+    response.function_call_arguments.delta ...
+    response.function_call_arguments.done, response.output_item.done
+    response.output_item.added, response.content_part.added    (a refusal: its own message item)
+    response.refusal.delta ..., response.refusal.done, response.content_part.done, ...
     response.completed | response.incomplete | (error, response.failed)
 
 Retries are invisible (an SSE comment keeps the connection warm meanwhile, as keepalives do); a
 restart that diverges from text already sent cannot be expressed, so it fails the response. Output
-items are opened as their content starts and closed before the next one opens, so items of other
-kinds (function calls) take their own ``output_index`` beside the message.
+items are opened as their content starts and closed before the next one opens, so each function
+call takes its own ``output_index`` beside the message. The stream's ``reasoning`` events are
+left out: a chat upstream's raw reasoning is not the summary a Responses reasoning item carries.
 
 Resume. A stored response (``store``, the default) is the stream's journal: ``GET
 /chat/v1/responses/<id>?stream=true&starting_after=N`` rebuilds the typed events from the
@@ -76,13 +82,18 @@ class ResponseEvents:
         self._error: dict[str, Any] | None = None
         self._incomplete: dict[str, Any] | None = None
         # The open message item: its id, output index and text so far.
-        self._message_id = "msg_" + response_id.removeprefix(ID_PREFIX)
+        self._message_id = ""
         self._message_index: int | None = None
         self._parts: list[str] = []
+        # The open function_call item (None when there is none), and every call's item by its index.
+        self._call: dict[str, Any] | None = None
+        self._calls: dict[int, dict[str, Any]] = {}
+        # The open refusal message item: its id, output index and text so far.
+        self._refusal: dict[str, Any] | None = None
         # Every text delta is these bytes around its sequence number, output index and JSON string.
         self._delta_prefix = b'event: response.output_text.delta\ndata: {"type":"response.output_text.delta",' \
                              b'"sequence_number":'
-        self._delta_head = b'"item_id":"' + self._message_id.encode() + b'","output_index":'
+        self._delta_head = b""
 
     # ------------------------------------------------------------------ typed events
 
@@ -100,6 +111,10 @@ class ResponseEvents:
             chunk = b'%s%d,%s%d,"content_index":0,"delta":%s,"logprobs":[]}\n\n' % (
                 self._delta_prefix, self.seq, self._delta_head, index, orjson.dumps(text))
             return opened + chunk if opened else chunk
+        if name == "tool_call":
+            return self._tool_call(event.data)  # type: ignore[arg-type]
+        if name == "refusal":
+            return self._refusal_delta(event.data)  # type: ignore[arg-type]
         if name in ("keepalive", "retry"):
             # A retry is invisible, but it restarted the stream's keepalive clock: keep the client warm.
             return sse.KEEPALIVE
@@ -111,7 +126,7 @@ class ResponseEvents:
         if name == "done":
             data = event.data or {}
             self.model = data.get("model") or self.model  # the model that answered (a fallback's)
-            closed = self._close_message("completed")
+            closed = self._close_open("completed")
             self._usage = _usage(data.get("usage"))
             reason = _INCOMPLETE.get(data.get("finish_reason") or "")
             if reason is None:
@@ -123,7 +138,7 @@ class ResponseEvents:
         if name == "error":
             code = final_code(event)
             message = friendly_message(code)
-            closed = self._close_message("incomplete")
+            closed = self._close_open("incomplete")
             self.status = "failed"
             self._error = {"code": str(code), "message": message}
             return (closed + self._event("error", {"code": str(code), "message": message, "param": None})
@@ -137,10 +152,24 @@ class ResponseEvents:
         data = orjson.dumps({"type": kind, "sequence_number": self.seq, **payload})
         return b"event: " + kind.encode() + b"\ndata: " + data + b"\n\n"
 
+    def _close_open(self, status: str) -> bytes:
+        """Close whichever item is open."""
+        return self._close_call(status) + self._close_refusal(status) + self._close_message(status)
+
+    def _new_message_id(self, index: int) -> str:
+        """The first message is "msg_" and the stream id, as a resume rebuilds it; a later one (text
+        after a tool call) also has its output index."""
+        suffix = self.id.removeprefix(ID_PREFIX)
+        return f"msg_{suffix}" if not any(i["type"] == "message" for i in self._output) else f"msg_{suffix}_{index}"
+
     def _open_message(self) -> bytes:
+        closed = self._close_call("completed") + self._close_refusal("completed")
         self._message_index = index = len(self._output)
+        self._message_id = self._new_message_id(index)
+        self._parts = []
+        self._delta_head = b'"item_id":"' + self._message_id.encode() + b'","output_index":'
         where = {"output_index": index}
-        return (self._event("response.output_item.added", {**where, "item": self._message_item("in_progress")})
+        return closed + (self._event("response.output_item.added", {**where, "item": self._message_item("in_progress")})
                 + self._event("response.content_part.added", {"item_id": self._message_id, **where,
                                                               "content_index": 0, "part": _text_part("")}))
 
@@ -157,6 +186,83 @@ class ResponseEvents:
                 + self._event("response.content_part.done", {**where, "part": _text_part(text)})
                 + self._event("response.output_item.done", {"output_index": index, "item": item}))
 
+    def _tool_call(self, data: dict[str, Any]) -> bytes:
+        """A ``tool_call`` event of choice 0: the head of a call closes the open item and opens a
+        ``function_call`` item; a piece of arguments is a ``function_call_arguments.delta``."""
+        if data.get("choice"):
+            return b""  # (a Responses request asks for one choice)
+        current = self._call
+        if current is not None and self._calls.get(data["index"]) is current and not data["arguments"] \
+                and (not current["call_id"] or not current["name"]):
+            # The rest of the open call's head (an upstream that sends its id and name apart).
+            current["call_id"] = current["call_id"] or data["id"] or ""
+            current["name"] = current["name"] or data["name"] or ""
+            return b""
+        if data["id"] is not None or data["name"] is not None:
+            closed = self._close_open("completed")
+            index = len(self._output)
+            opened = self._call = self._calls[data["index"]] = {
+                "id": f"fc_{self.id.removeprefix(ID_PREFIX)}_{index}", "type": "function_call",
+                "status": "in_progress", "call_id": data["id"] or "", "name": data["name"] or "",
+                "arguments": "", "output_index": index,
+            }
+            return closed + self._event("response.output_item.added",
+                                        {"output_index": index, "item": _call_item(opened)})
+        call = self._calls.get(data["index"])
+        if call is None:
+            return b""  # arguments without a head: nothing names the call they belong to
+        piece: str = data["arguments"]
+        call["arguments"] += piece
+        if call is not self._call:
+            return b""  # (a call already closed: chat upstreams send calls one after another)
+        return self._event("response.function_call_arguments.delta",
+                           {"item_id": call["id"], "output_index": call["output_index"], "delta": piece})
+
+    def _close_call(self, status: str) -> bytes:
+        call = self._call
+        if call is None:
+            return b""
+        self._call = None
+        call["status"] = status
+        self._output.append(call)
+        where = {"item_id": call["id"], "output_index": call["output_index"]}
+        return (self._event("response.function_call_arguments.done", {**where, "arguments": call["arguments"]})
+                + self._event("response.output_item.done",
+                              {"output_index": call["output_index"], "item": _call_item(call)}))
+
+    def _refusal_delta(self, data: dict[str, Any]) -> bytes:
+        """A ``refusal`` event of choice 0: a message item whose content is one ``refusal`` part
+        (opened at the first piece, as text opens its own), then ``response.refusal.delta``."""
+        if data.get("choice"):
+            return b""
+        opened = b""
+        refusal = self._refusal
+        if refusal is None:
+            opened = self._close_open("completed")
+            index = len(self._output)
+            refusal = self._refusal = {"id": self._new_message_id(index), "output_index": index, "text": ""}
+            opened += (self._event("response.output_item.added",
+                                   {"output_index": index, "item": _refusal_item(refusal, "in_progress")})
+                       + self._event("response.content_part.added",
+                                     {"item_id": refusal["id"], "output_index": index, "content_index": 0,
+                                      "part": {"type": "refusal", "refusal": ""}}))
+        piece: str = data["text"]
+        refusal["text"] += piece
+        return opened + self._event("response.refusal.delta", {"item_id": refusal["id"], "content_index": 0,
+                                                               "output_index": refusal["output_index"], "delta": piece})
+
+    def _close_refusal(self, status: str) -> bytes:
+        refusal = self._refusal
+        if refusal is None:
+            return b""
+        self._refusal = None
+        item = _refusal_item(refusal, status)
+        self._output.append(item)
+        where = {"item_id": refusal["id"], "output_index": refusal["output_index"], "content_index": 0}
+        return (self._event("response.refusal.done", {**where, "refusal": refusal["text"]})
+                + self._event("response.content_part.done", {**where, "part": item["content"][0]})
+                + self._event("response.output_item.done", {"output_index": refusal["output_index"], "item": item}))
+
     def _message_item(self, status: str) -> dict[str, Any]:
         content = [_text_part("".join(self._parts))] if status != "in_progress" or self._parts else []
         return {"id": self._message_id, "type": "message", "status": status, "role": "assistant", "content": content}
@@ -164,9 +270,13 @@ class ResponseEvents:
     # ------------------------------------------------------------------ the response object
 
     def response(self) -> dict[str, Any]:
-        output = list(self._output)
+        output = [_call_item(item) if item["type"] == "function_call" else item for item in self._output]
         if self._message_index is not None:
             output.append(self._message_item("in_progress"))
+        if self._call is not None:
+            output.append(_call_item(self._call))
+        if self._refusal is not None:
+            output.append(_refusal_item(self._refusal, "in_progress"))
         return {
             "id": self.id,
             "object": "response",
@@ -183,6 +293,17 @@ class ResponseEvents:
             "usage": self._usage,
             "metadata": {},
         }
+
+
+def _refusal_item(refusal: dict[str, Any], status: str) -> dict[str, Any]:
+    """The message item of a refusal (no content while it opens, as a text message's)."""
+    content = [{"type": "refusal", "refusal": refusal["text"]}] if status != "in_progress" or refusal["text"] else []
+    return {"id": refusal["id"], "type": "message", "status": status, "role": "assistant", "content": content}
+
+
+def _call_item(call: dict[str, Any]) -> dict[str, Any]:
+    """A ``function_call`` output item (the kept state less its output index)."""
+    return {key: value for key, value in call.items() if key != "output_index"}
 
 
 def _text_part(text: str) -> dict[str, Any]:

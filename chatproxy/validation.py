@@ -421,16 +421,18 @@ def parse_openai_request(body: Any) -> tuple[ChatRequest, bool, bool]:
 #: Accepted and not sent on: they change neither the answer nor its shape here.
 RESPONSES_IGNORED = frozenset({
     "metadata", "user", "safety_identifier", "prompt_cache_key", "prompt_cache_retention", "service_tier",
-    "parallel_tool_calls", "truncation", "include", "stream_options", "reasoning", "max_tool_calls",
+    "truncation", "include", "stream_options", "reasoning", "max_tool_calls",
 })
 #: Known parameters this endpoint cannot honour yet: a 400 naming them.
 RESPONSES_REFUSED = frozenset({"previous_response_id", "conversation", "prompt", "top_logprobs"})
 RESPONSES_FIELDS = frozenset({
     "model", "input", "instructions", "max_output_tokens", "temperature", "top_p", "stream", "background",
-    "store", "text", "tools", "tool_choice",
+    "store", "text", "tools", "tool_choice", "parallel_tool_calls",
 }) | RESPONSES_IGNORED | RESPONSES_REFUSED
 #: Content part types that carry plain text, in input messages.
 _RESPONSES_TEXT_PARTS = frozenset({"input_text", "output_text", "text"})
+#: The fields of a Responses function tool.
+_RESPONSES_TOOL_FIELDS = frozenset({"type", "name", "description", "parameters", "strict"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -452,18 +454,18 @@ def _flag(body: Mapping[str, Any], name: str, default: bool) -> bool:
     return value
 
 
-def _item_text(content: Any, where: str) -> str:
+def _item_text(content: Any, where: str, field: str = "content") -> str:
     """An input message's content (a string, or a list of text parts) as one string."""
     if isinstance(content, str):
         return content
     if not isinstance(content, list):
-        raise InvalidRequest(f"{where}.content must be a string or a list of content parts.", param=where)
+        raise InvalidRequest(f"{where}.{field} must be a string or a list of content parts.", param=where)
     texts = []
     for index, part in enumerate(content):
         kind = part.get("type") if isinstance(part, dict) else None
         if kind not in _RESPONSES_TEXT_PARTS or not isinstance(part.get("text"), str):
             raise InvalidRequest(
-                f"{where}.content[{index}] must be a text part ({{'type': 'input_text', 'text': str}}); "
+                f"{where}.{field}[{index}] must be a text part ({{'type': 'input_text', 'text': str}}); "
                 "other part types are not supported here.",
                 param=where,
             )
@@ -472,7 +474,11 @@ def _item_text(content: Any, where: str) -> str:
 
 
 def _input_messages(body: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """``instructions`` and ``input`` as chat messages (roles and caps are checked afterwards)."""
+    """``instructions`` and ``input`` as chat messages (roles and caps are checked afterwards).
+
+    ``function_call`` items become the ``tool_calls`` of an assistant message (the one just before
+    them, when the previous item was the assistant's), ``function_call_output`` items ``tool``
+    messages: the shapes a Chat Completions upstream knows."""
     messages: list[dict[str, Any]] = []
     instructions = body.get("instructions")
     if instructions is not None:
@@ -491,14 +497,88 @@ def _input_messages(body: Mapping[str, Any]) -> list[dict[str, Any]]:
         kind = item.get("type", "message")
         if kind == "reasoning":
             continue  # a reasoning item sent back: meant for the model that wrote it, not for a chat upstream
+        if kind == "function_call":
+            _add_call(messages, item, where)
+            continue
+        if kind == "function_call_output":
+            call_id = item.get("call_id")
+            if not isinstance(call_id, str) or not call_id:
+                raise InvalidRequest(f"{where}.call_id must be the call_id of the function_call it answers.",
+                                     param=where)
+            output = item.get("output")
+            text = output if isinstance(output, str) else _item_text(output, where, "output")
+            messages.append({"role": "tool", "tool_call_id": call_id, "content": text})
+            continue
         if kind != "message":
-            raise InvalidRequest(f"{where}: items of type {str(kind)[:40]!r} are not supported here; "
-                                 "send messages ({'role', 'content'}).", param=where)
+            raise InvalidRequest(f"{where}: items of type {str(kind)[:40]!r} are not supported here; send "
+                                 "messages, function_call and function_call_output items.", param=where)
         role = item.get("role")
         if role not in ("user", "system", "developer", "assistant"):
             raise InvalidRequest(f"{where}.role must be one of: user, system, developer, assistant.", param=where)
         messages.append({"role": role, "content": _item_text(item.get("content"), where)})
     return messages
+
+
+def _add_call(messages: list[dict[str, Any]], item: Mapping[str, Any], where: str) -> None:
+    """A ``function_call`` input item as a tool call of the assistant message it belongs to."""
+    call_id, name, arguments = item.get("call_id"), item.get("name"), item.get("arguments")
+    if not (isinstance(call_id, str) and call_id and isinstance(name, str) and isinstance(arguments, str)):
+        raise InvalidRequest(f"{where} must be {{'type': 'function_call', 'call_id': str, 'name': str, "
+                             "'arguments': str}.", param=where)
+    call = {"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}
+    last = messages[-1] if messages else None
+    if last is not None and last["role"] == "assistant":
+        last.setdefault("tool_calls", []).append(call)
+        if not last["content"]:
+            last["content"] = None  # an assistant message that only calls tools has no content
+    else:
+        messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
+
+
+def _responses_tools(body: Mapping[str, Any]) -> dict[str, Any]:
+    """``tools``, ``tool_choice`` and ``parallel_tool_calls`` in Chat Completions' shapes.
+
+    A Responses function tool is flat (``{"type": "function", "name", "description", "parameters",
+    "strict"}``); Chat Completions nests the same fields under ``function``. Only function tools
+    can be called through a chat upstream: the built-in tools (web search, file search ...) are a
+    400. ``parallel_tool_calls`` without tools changes nothing and is not sent."""
+    raw = body.get("tools")
+    params: dict[str, Any] = {}
+    if raw is not None and raw != []:
+        if not isinstance(raw, list):
+            raise InvalidRequest("'tools' must be a list of function tools.", param="tools")
+        tools = []
+        for number, tool in enumerate(raw):
+            if not isinstance(tool, dict) or tool.get("type") != "function":
+                kind = tool.get("type") if isinstance(tool, dict) else None
+                raise InvalidRequest(f"tools[{number}]: only function tools ({{'type': 'function', 'name', "
+                                     f"'parameters'}}) are supported here, not {str(kind)[:40]!r}.",
+                                     param=f"tools[{number}]")
+            unknown = sorted(set(tool) - _RESPONSES_TOOL_FIELDS)
+            if unknown:
+                raise InvalidRequest(f"tools[{number}]: unknown field '{str(unknown[0])[:40]}'.",
+                                     param=f"tools[{number}]")
+            function = {key: tool[key] for key in ("name", "description", "parameters", "strict")
+                        if tool.get(key) is not None}
+            tools.append({"type": "function", "function": function})
+        params["tools"] = _tools(tools)
+    choice = body.get("tool_choice")
+    if choice is not None:
+        if isinstance(choice, dict) and choice.get("type") == "function":
+            choice = {"type": "function", "function": {"name": choice.get("name")}}
+        if "tools" not in params:
+            if choice not in ("auto", "none"):
+                raise InvalidRequest("'tool_choice' needs 'tools'.", param="tool_choice")
+        else:
+            try:
+                params["tool_choice"] = _tool_choice(choice)
+            except InvalidRequest:
+                raise InvalidRequest("'tool_choice' must be 'none', 'auto', 'required' or "
+                                     "{'type': 'function', 'name': str}.", param="tool_choice") from None
+    parallel = _flag(body, "parallel_tool_calls", True)
+    if "tools" in params and body.get("parallel_tool_calls") is not None:
+        params["parallel_tool_calls"] = parallel
+    return params
 
 
 def parse_responses_request(body: Any) -> ResponsesRequest:
@@ -512,10 +592,6 @@ def parse_responses_request(body: Any) -> ResponsesRequest:
     for name in sorted(RESPONSES_REFUSED):
         if body.get(name) is not None:
             raise InvalidRequest(f"'{name}' is not supported by this endpoint.", param=name)
-    if body.get("tools"):
-        raise InvalidRequest("'tools' is not supported by this endpoint yet.", param="tools")
-    if body.get("tool_choice") not in (None, "auto", "none"):
-        raise InvalidRequest("'tool_choice' must be 'auto' or 'none' without tools.", param="tool_choice")
     text = body.get("text")
     if text is not None:
         form = text.get("format") if isinstance(text, dict) else None
@@ -527,6 +603,7 @@ def parse_responses_request(body: Any) -> ResponsesRequest:
         params["max_tokens"] = _number(body, "max_output_tokens", 1, 1_000_000, integer=True)
     if body.get("top_p") is not None:
         params["top_p"] = _number(body, "top_p", 0, 1, integer=False)
+    params.update(_responses_tools(body))
     background = _flag(body, "background", False)
     store = _flag(body, "store", True)
     if background and not store:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import itertools
+import json
 import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -20,7 +21,7 @@ import pytest
 from chatproxy import errors
 from chatproxy.conf import Policy
 from chatproxy.core import ChatRequest, ChatStream
-from chatproxy.simulator.text import answer_tokens
+from chatproxy.simulator.text import answer_tokens, rng_for, word_tokens
 from chatproxy.upstream import build_upstream
 from chatproxy.upstream.base import Upstream, UpstreamRequest
 from tests.servers import AppServer, simulator_env
@@ -80,12 +81,85 @@ async def test_text_stop_reason_and_usage(upstream: Upstream, sim: Any) -> None:
     assert record["outcome"] == "complete"
 
 
-async def test_max_tokens_is_length_and_thinking_stays_out_of_the_text(upstream: Upstream) -> None:
+def split(items: list[Any]) -> tuple[str, str, list[dict[str, str]]]:
+    """(text, reasoning, tool calls) of what an adapter yielded: text as ``str``, the rest as choices."""
+    text, reasoning, calls = "", "", {}
+    for item in items:
+        if type(item) is str:
+            text += item
+            continue
+        (choice,) = item
+        assert choice["index"] == 0
+        delta = choice["delta"]
+        reasoning += delta.get("reasoning_content") or ""
+        for piece in delta.get("tool_calls") or ():
+            call = calls.setdefault(piece["index"], {"id": "", "name": "", "arguments": ""})
+            call["id"] += piece.get("id") or ""
+            call["name"] += piece.get("function", {}).get("name") or ""
+            call["arguments"] += piece.get("function", {}).get("arguments") or ""
+    return text, reasoning, [calls[k] for k in sorted(calls)]
+
+
+async def test_thinking_is_reasoning_and_max_tokens_is_length(upstream: Upstream) -> None:
     messages = question("reasoning=6")
-    texts, stream, error = await read_all(upstream, make_request(messages))
-    assert error is None and "".join(texts) == expected(messages)
+    items, stream, error = await read_all(upstream, make_request(messages))
+    text, reasoning, calls = split(items)
+    assert error is None and text == expected(messages) and not calls
+    assert reasoning == "".join(word_tokens(rng_for(messages, None, 0, ["reasoning", None]), 6))
+    assert [type(item) for item in items[:6]] == [list] * 6 and all(type(item) is str for item in items[6:])
     texts, stream, error = await read_all(upstream, make_request(question(), max_tokens=5))
     assert error is None and len(texts) == 5 and stream.finish_reason == "length"
+
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "The current weather in a city.",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"},
+                                                    "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}},
+                   "required": ["city", "unit"]}}}
+TIME = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}}}
+
+
+def weather(directive: str = "") -> list[dict[str, Any]]:
+    base = f"What is the weather in Oslo? #{next(_unique)}"
+    return [{"role": "user", "content": f"{base} [[sim {directive}]]" if directive else base}]
+
+
+async def test_tool_use_blocks_are_streamed_tool_calls(upstream: Upstream, sim: Any) -> None:
+    messages = weather("tool_calls=2")
+    items, stream, error = await read_all(upstream, make_request(messages, tools=[WEATHER, TIME]))
+    assert error is None and stream.finish_reason == "tool_calls"
+    text, _, calls = split(items)
+    assert text == "" and [c["name"] for c in calls] == ["get_weather", "get_time"]
+    assert all(c["id"].startswith("toolu_") for c in calls)
+    assert json.loads(calls[0]["arguments"]).keys() == {"city", "unit"} and json.loads(calls[1]["arguments"]) == {}
+    # The head carries the id and name with empty arguments, as Chat Completions streams it.
+    head = items[0][0]["delta"]["tool_calls"][0]
+    assert head == {"index": 0, "id": calls[0]["id"], "type": "function",
+                    "function": {"name": "get_weather", "arguments": ""}}
+    # A forced tool and no parallel calls are the Messages API's tool_choice (one tool_use at most).
+    items, stream, error = await read_all(upstream, make_request(
+        messages, tools=[WEATHER, TIME], tool_choice={"type": "function", "function": {"name": "get_time"}},
+        parallel_tool_calls=False))
+    assert error is None and [c["name"] for c in split(items)[2]] == ["get_time"]
+    assert {r["api"] for r in sim.stats()["requests"] if r["status"] is not None} == {"messages"}
+
+
+async def test_a_tool_round_trip_through_the_adapter(upstream: Upstream) -> None:
+    messages = weather()
+    items, _, _ = await read_all(upstream, make_request(messages, tools=[WEATHER]))
+    (call,) = split(items)[2]
+    follow_up = [*messages,
+                 {"role": "assistant", "content": None, "tool_calls": [
+                     {"id": call["id"], "type": "function",
+                      "function": {"name": call["name"], "arguments": call["arguments"]}}]},
+                 {"role": "tool", "tool_call_id": call["id"], "content": '{"temp": 21}'}]
+    items, stream, error = await read_all(upstream, make_request(follow_up, tools=[WEATHER]))
+    assert error is None and stream.finish_reason == "stop"
+    assert split(items)[0].startswith('get_weather returned {"temp": 21}.')
+    # Arguments that are not a JSON object cannot be a tool_use block: a clear, final error.
+    follow_up[1]["tool_calls"][0]["function"]["arguments"] = "[1, 2"
+    _, _, error = await read_all(upstream, make_request(follow_up, tools=[WEATHER]))
+    assert isinstance(error, errors.UpstreamStatusError) and error.status == 400 and not error.retryable
 
 
 async def test_pings_are_not_text(upstream: Upstream) -> None:
@@ -251,6 +325,104 @@ async def test_every_way_in_answers_exactly_from_a_messages_upstream(claude_serv
     await sim.await_until(lambda s: s["active_requests"] == 0, timeout=2.0)
     answered = [r for r in sim.stats()["requests"] if r["status"] is not None]
     assert len(answered) == 6 and {r["api"] for r in answered} == {"messages"}
+
+
+@pytest.fixture
+async def claude_client(claude_server: AppServer) -> AsyncIterator[Any]:
+    """The current openai client on the live server with the Messages upstream (chat completions)."""
+    openai = pytest.importorskip("openai")
+    if not hasattr(openai, "AsyncOpenAI"):
+        pytest.skip("needs the current openai client")
+    from tests.fixtures_servers import new_api_key
+
+    key = new_api_key(claude_server, f"claude{next(_unique)}")
+    client = openai.AsyncOpenAI(base_url=f"{claude_server.url}/chat/v1", api_key=key, max_retries=0, timeout=10)
+    yield client
+    await client.close()
+
+
+async def chat_chunks(client: Any, **kwargs: Any) -> list[dict[str, Any]]:
+    stream = await client.chat.completions.create(model="claude-sim", stream=True, **kwargs)
+    return [chunk.model_dump(exclude_unset=True) async for chunk in stream]
+
+
+def streamed(chunks: list[dict[str, Any]]) -> tuple[str, str, list[dict[str, str]], list[str]]:
+    """(content, reasoning_content, tool calls, finish reasons) of a chat completions stream."""
+    choices = [c for chunk in chunks for c in chunk.get("choices") or []]
+    items = [[{"index": 0, "delta": c["delta"]}] for c in choices if c.get("delta")]
+    text = "".join(c["delta"].get("content") or "" for c in choices if c.get("delta"))
+    _, reasoning, calls = split(items)
+    return text, reasoning, calls, [c["finish_reason"] for c in choices if c.get("finish_reason")]
+
+
+async def direct_chat(sim: Any, **kwargs: Any) -> Any:
+    """The simulator's own Chat Completions answer (the same plan the Messages API streams)."""
+    import openai
+
+    async with openai.AsyncOpenAI(base_url=sim.base_url, api_key="sk-direct", max_retries=0) as direct:
+        return await direct.chat.completions.create(model="claude-sim", **kwargs)
+
+
+async def test_a_streamed_tool_call_from_a_messages_upstream_is_exact(claude_client: Any, sim: Any) -> None:
+    messages = weather()
+    _, _, calls, reasons = streamed(await chat_chunks(claude_client, messages=messages, tools=[WEATHER, TIME]))
+    (expected,) = (await direct_chat(sim, messages=messages, tools=[WEATHER, TIME])).choices[0].message.tool_calls
+    # The same call: the Messages API's ids are toolu_ where Chat Completions' are call_.
+    assert calls == [{"id": expected.id.replace("call_", "toolu_", 1), "name": "get_weather",
+                      "arguments": expected.function.arguments}]
+    assert reasons == ["tool_calls"]
+
+
+async def test_a_stall_inside_input_json_deltas_stays_invisible(claude_client: Any, sim: Any) -> None:
+    messages = weather("count=args stall_after=2 stall=30 times=1")
+    clean = [{"role": "user", "content": messages[0]["content"].split(" [[sim")[0]}]  # the same question
+    _, _, calls, reasons = streamed(await chat_chunks(claude_client, messages=messages, tools=[WEATHER]))
+    (direct,) = (await direct_chat(sim, messages=clean, tools=[WEATHER])).choices[0].message.tool_calls
+    assert calls == [{"id": direct.id.replace("call_", "toolu_", 1), "name": "get_weather",
+                      "arguments": direct.function.arguments}] and reasons == ["tool_calls"]
+    attempts = [r for r in sim.requests() if r["faults"]]
+    assert [r["attempt"] for r in attempts] == [1, 2] and attempts[0]["outcome"] == "client_disconnected"
+
+
+async def test_a_tool_round_trip_through_a_messages_upstream(claude_client: Any, sim: Any) -> None:
+    messages = weather()
+    first = await claude_client.chat.completions.create(model="claude-sim", messages=messages, tools=[WEATHER])
+    assert first.choices[0].finish_reason == "tool_calls" and first.choices[0].message.content is None
+    (call,) = first.choices[0].message.tool_calls
+    follow_up = [*messages,
+                 {"role": "assistant", "content": None, "tool_calls": [call.model_dump(exclude_none=True)]},
+                 {"role": "tool", "tool_call_id": call.id, "content": '{"temp": 21}'}]
+    text, _, calls, reasons = streamed(await chat_chunks(claude_client, messages=follow_up, tools=[WEATHER]))
+    expected = await direct_chat(sim, messages=follow_up, tools=[WEATHER])
+    assert text.startswith('get_weather returned {"temp": 21}.') and text == expected.choices[0].message.content
+    assert not calls and reasons == ["stop"]
+
+
+async def test_thinking_longer_than_first_token_is_progress(claude_client: Any, sim: Any) -> None:
+    from tests.fixtures_servers import LIVE_TIMEOUTS
+
+    gap = 0.2  # below STALL; the thinking alone lasts longer than FIRST_TOKEN
+    assert 8 * gap > LIVE_TIMEOUTS["FIRST_TOKEN"] and gap < LIVE_TIMEOUTS["STALL"]
+    messages = question(f"reasoning=8 gap={gap}", chunks=3)
+    text, reasoning, _, reasons = streamed(await chat_chunks(claude_client, messages=messages))
+    assert text == expected(messages, chunks=3) and reasons == ["stop"]
+    assert reasoning == "".join(word_tokens(rng_for(messages, None, 0, ["reasoning", None]), 8))
+    answered = [r for r in sim.stats()["requests"] if r["status"] is not None]
+    assert [r["attempt"] for r in answered] == [1] and answered[0]["outcome"] == "complete"
+
+
+async def test_the_responses_way_in_calls_tools_on_a_messages_upstream(claude_client: Any, sim: Any) -> None:
+    messages = weather()
+    flat = {"type": "function", **WEATHER["function"]}  # the Responses API's function tool shape
+    response = await claude_client.responses.create(model="claude-sim", input=messages[0]["content"], tools=[flat])
+    (direct,) = (await direct_chat(sim, messages=messages, tools=[WEATHER])).choices[0].message.tool_calls
+    (item,) = response.output
+    assert item.type == "function_call" and item.name == "get_weather"
+    assert (item.call_id, item.arguments) == (direct.id.replace("call_", "toolu_", 1), direct.function.arguments)
+    # The thinking of a Messages upstream is left out of a Responses answer; the text is exact.
+    thoughtful = question("reasoning=4", chunks=5)
+    answer = await claude_client.responses.create(model="claude-sim", input=thoughtful[0]["content"])
+    assert [o.type for o in answer.output] == ["message"] and answer.output_text == expected(thoughtful, 5)
 
 
 @pytest.mark.skip(reason="needs helper fallback's UPSTREAMS (issue 15); the lead adds it after merging")

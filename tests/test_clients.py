@@ -7,7 +7,8 @@ simulator's own answer to the same conversation, asked directly with the same cl
 
 * the official ``openai`` Node SDK and the Vercel AI SDK (``ai`` + ``@ai-sdk/openai-compatible``):
   the scripts in ``tests/clients/`` (pinned in its package-lock.json; ``npm ci`` there installs
-  them), run with node;
+  them), run with node; the Node SDK's Responses API (``responses.create`` with function tools)
+  too;
 * LangChain's ``ChatOpenAI`` with ``bind_tools`` (``langchain-openai``, requirements-test.txt).
 """
 
@@ -40,8 +41,8 @@ SCENARIOS = [
 ]
 
 
-@pytest.mark.parametrize("script", ["openai_node.mjs", "vercel_ai.mjs"])
-def test_javascript_clients(script: str, daphne: Any, api_key: str, sim: Any) -> None:
+def _run_node(script: str, daphne: Any, api_key: str, sim: Any) -> subprocess.CompletedProcess[str]:
+    """Run one client script against chatproxy and the simulator; it must exit 0."""
     node = shutil.which("node")
     if node is None or not (CLIENTS / "node_modules").is_dir():
         pytest.fail("node and tests/clients/node_modules are needed: run `npm ci` in tests/clients")
@@ -50,7 +51,24 @@ def test_javascript_clients(script: str, daphne: Any, api_key: str, sim: Any) ->
     done = subprocess.run([node, script], cwd=CLIENTS, env=env, capture_output=True, text=True, timeout=60,
                           check=False)
     assert done.returncode == 0, done.stdout + done.stderr
+    return done
+
+
+@pytest.mark.parametrize("script", ["openai_node.mjs", "vercel_ai.mjs"])
+def test_javascript_clients(script: str, daphne: Any, api_key: str, sim: Any) -> None:
+    done = _run_node(script, daphne, api_key, sim)
     assert done.stdout.split("\n")[:-1] == [f"ok {name}" for name in SCENARIOS]
+    stalled = [r for r in sim.requests() if r["faults"].get("stall_after") == 2]
+    assert [r["attempt"] for r in stalled] == [1, 2], "the stall scenario did not make two attempts"
+
+
+def test_openai_node_responses_function_calls(daphne: Any, api_key: str, sim: Any) -> None:
+    """The Node SDK's ``responses.create`` with function tools: the same tool call the simulator
+    makes, a ``function_call_output`` round trip, and a stall inside the arguments it never sees."""
+    done = _run_node("openai_node_responses.mjs", daphne, api_key, sim)
+    assert done.stdout.split("\n")[:-1] == [f"ok {name}" for name in (
+        "streamed function call", "function call output round trip",
+        "stall in the middle of function-call arguments stays invisible")]
     stalled = [r for r in sim.requests() if r["faults"].get("stall_after") == 2]
     assert [r["attempt"] for r in stalled] == [1, 2], "the stall scenario did not make two attempts"
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 from typing import Any
 
 import aiohttp
@@ -18,6 +19,19 @@ if not hasattr(openai, "AsyncOpenAI"):  # the legacy virtualenv has openai 0.27.
     pytest.skip("needs the current openai client", allow_module_level=True)
 
 _unique = itertools.count()
+#: A function tool in the Responses API's flat shape, and the same tool as Chat Completions has it.
+WEATHER = {
+    "type": "function", "name": "get_weather", "description": "The current weather in a city.",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"},
+                                                    "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}},
+                   "required": ["city", "unit"]},
+    "strict": True,
+}
+TIME = {"type": "function", "name": "get_time", "parameters": {"type": "object", "properties": {}}}
+
+
+def chat_tool(tool: dict[str, Any]) -> dict[str, Any]:
+    return {"type": "function", "function": {k: v for k, v in tool.items() if k != "type"}}
 #: Generous bound on any one exchange here: a hang fails the test instead of blocking the suite.
 BOUND = 10.0
 
@@ -241,9 +255,15 @@ async def test_stored_false_is_not_kept(oai: Any, sim: Any) -> None:
 
 @pytest.mark.parametrize(("fields", "param"), [
     ({"frobnicate": 1}, "frobnicate"),
-    ({"tools": [{"type": "function", "name": "f", "parameters": {"type": "object"}}]}, "tools"),
+    ({"tools": [{"type": "web_search"}]}, "tools[0]"),
+    ({"tools": [{"type": "function", "name": "f g", "parameters": {"type": "object"}}]}, "tools[0].function.name"),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools[0]"),  # the Chat Completions shape
+    ({"tool_choice": "required"}, "tool_choice"),
+    ({"tools": [WEATHER], "tool_choice": {"type": "function"}}, "tool_choice"),
     ({"previous_response_id": "resp_x"}, "previous_response_id"),
-    ({"input": [{"type": "function_call_output", "call_id": "c", "output": "x"}]}, "input[0]"),
+    ({"input": [{"type": "function_call_output", "output": "x"}]}, "input[0]"),
+    ({"input": [{"type": "function_call", "call_id": "c", "name": "f"}]}, "input[0]"),
+    ({"input": [{"type": "file_search_call", "id": "x"}]}, "input[0]"),
     ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]}, "input[0]"),
     ({"input": []}, "input"),
     ({"temperature": 3}, "temperature"),
@@ -323,3 +343,208 @@ async def test_a_stream_relayed_elsewhere_stops_after_its_relayed_client_leaves(
     await sim.await_until(lambda s: s["active_requests"] == 0, timeout=LIVE_RESUME["GRACE"] + 2.0)
     (record,) = [r for r in sim.stats()["requests"] if r["status"] is not None]
     assert record["outcome"] == "client_disconnected"
+
+
+# ---------------------------------------------------------------------------------- tool calls
+
+def weather_question(directive: str = "") -> tuple[str, str]:
+    """(a unique weather question with the fault, the same question without it)."""
+    base = f"What is the weather in Paris today? #{next(_unique)}"
+    return (f"{base} [[sim {directive}]]" if directive else base), base
+
+
+async def direct_calls(sim: Any, messages: list[dict[str, Any]], tools: list[dict[str, Any]],
+                       **params: Any) -> list[dict[str, str]]:
+    """The tool calls the simulator itself makes for ``messages`` (asked over Chat Completions)."""
+    async with openai.AsyncOpenAI(base_url=sim.base_url, api_key="sk-direct", max_retries=0) as direct:
+        completion = await direct.chat.completions.create(model="gpt-4o-mini", messages=messages,
+                                                          tools=[chat_tool(t) for t in tools], **params)
+    return [{"call_id": c.id, "name": c.function.name, "arguments": c.function.arguments}
+            for c in completion.choices[0].message.tool_calls]
+
+
+def calls_of(output: list[Any]) -> list[dict[str, str]]:
+    return [{"call_id": item.call_id, "name": item.name, "arguments": item.arguments}
+            for item in output if item.type == "function_call"]
+
+
+def streamed_calls(events: list[Any]) -> list[dict[str, str]]:
+    """The function calls put together from the events alone (added + argument deltas)."""
+    items: dict[str, dict[str, str]] = {}
+    for event in events:
+        if event.type == "response.output_item.added" and event.item.type == "function_call":
+            assert event.item.arguments == "" and event.item.status == "in_progress"
+            items[event.item.id] = {"call_id": event.item.call_id, "name": event.item.name, "arguments": ""}
+        elif event.type == "response.function_call_arguments.delta":
+            items[event.item_id]["arguments"] += event.delta
+        elif event.type == "response.function_call_arguments.done":
+            assert event.arguments == items[event.item_id]["arguments"]
+    return list(items.values())
+
+
+async def test_a_streamed_tool_call_is_a_function_call_item(oai: Any, sim: Any) -> None:
+    question, clean = weather_question()
+    events = await collect(await oai.responses.create(model="gpt-4o-mini", input=question, stream=True,
+                                                      tools=[WEATHER, TIME]))
+    expected = await direct_calls(sim, [{"role": "user", "content": clean}], [WEATHER, TIME])
+    assert streamed_calls(events) == expected and expected[0]["name"] == "get_weather"
+    assert_numbered(events)
+    kinds = [e.type for e in events if e.type != "response.function_call_arguments.delta"]
+    assert kinds == ["response.created", "response.in_progress", "response.output_item.added",
+                     "response.function_call_arguments.done", "response.output_item.done", "response.completed"]
+    assert sum(e.type == "response.function_call_arguments.delta" for e in events) > 3
+    final = events[-1].response
+    assert final.status == "completed" and calls_of(final.output) == expected
+    assert final.output[0].status == "completed" and final.output[0].id == events[2].item.id
+
+
+async def test_parallel_calls_and_text_take_their_own_output_items(oai: Any, sim: Any) -> None:
+    question, clean = weather_question()
+    events = await collect(await oai.responses.create(model="gpt-4o-mini", input=question, stream=True,
+                                                      tools=[WEATHER, TIME], parallel_tool_calls=True))
+    expected = await direct_calls(sim, [{"role": "user", "content": clean}], [WEATHER, TIME],
+                                  parallel_tool_calls=True)
+    assert streamed_calls(events) == expected and [c["name"] for c in expected] == ["get_weather", "get_time"]
+    assert_numbered(events)
+    added = [(e.output_index, e.item.type) for e in events if e.type == "response.output_item.added"]
+    done = [(e.output_index, e.item.type) for e in events if e.type == "response.output_item.done"]
+    assert added == done == [(0, "function_call"), (1, "function_call")]
+    # Each item is done before the next one is added.
+    order = [e.type for e in events if e.type.startswith("response.output_item.")]
+    assert order == ["response.output_item.added", "response.output_item.done"] * 2
+
+
+async def test_a_tool_round_trip_non_streamed_and_retrieved(oai: Any, sim: Any) -> None:
+    question, _ = weather_question()
+    first = await oai.responses.create(model="gpt-4o-mini", input=question, tools=[WEATHER])
+    (call,) = calls_of(first.output)
+    assert call["name"] == "get_weather" and set(json.loads(call["arguments"])) == {"city", "unit"}
+    assert calls_of((await oai.responses.retrieve(first.id)).output) == [call]
+    follow_up = [{"role": "user", "content": question}, *[item.model_dump() for item in first.output],
+                 {"type": "function_call_output", "call_id": call["call_id"], "output": '{"temp": 21}'}]
+    second = await oai.responses.create(model="gpt-4o-mini", input=follow_up, tools=[WEATHER])
+    assert second.output_text.startswith('get_weather returned {"temp": 21}.')
+    async with openai.AsyncOpenAI(base_url=sim.base_url, api_key="sk-direct", max_retries=0) as direct:
+        expected = await direct.chat.completions.create(model="gpt-4o-mini", tools=[chat_tool(WEATHER)], messages=[
+            {"role": "user", "content": question},
+            {"role": "assistant", "content": None, "tool_calls": [
+                {"id": call["call_id"], "type": "function",
+                 "function": {"name": call["name"], "arguments": call["arguments"]}}]},
+            {"role": "tool", "tool_call_id": call["call_id"], "content": '{"temp": 21}'}])
+    assert second.output_text == expected.choices[0].message.content
+
+
+async def test_the_stream_helper_with_tools_and_a_forced_choice(oai: Any, sim: Any) -> None:
+    question, clean = weather_question()
+    choice = {"type": "function", "name": "get_time"}
+    async with oai.responses.stream(model="gpt-4o-mini", input=question, tools=[WEATHER, TIME],
+                                    tool_choice=choice) as stream:
+        async with asyncio.timeout(BOUND):
+            done = [e async for e in stream if e.type == "response.function_call_arguments.done"]
+            final = await stream.get_final_response()
+    expected = await direct_calls(sim, [{"role": "user", "content": clean}], [WEATHER, TIME],
+                                  tool_choice={"type": "function", "function": {"name": "get_time"}})
+    assert calls_of(final.output) == expected and expected[0]["name"] == "get_time"
+    assert [e.arguments for e in done] == [expected[0]["arguments"]]
+
+
+async def test_a_stall_inside_tool_call_arguments_stays_invisible(oai: Any, sim: Any) -> None:
+    question, clean = weather_question("count=args stall_after=2 stall=30 times=1")
+    events = await collect(await oai.responses.create(model="gpt-4o-mini", input=question, stream=True,
+                                                      tools=[WEATHER]))
+    attempts = [r for r in sim.requests() if r["faults"]]
+    assert [r["attempt"] for r in attempts] == [1, 2] and attempts[0]["outcome"] == "client_disconnected"
+    assert streamed_calls(events) == await direct_calls(sim, [{"role": "user", "content": clean}], [WEATHER])
+    assert_numbered(events)
+    assert events[-1].type == "response.completed"
+    assert [e.type for e in events].count("response.output_item.added") == 1  # the call was not opened twice
+
+
+async def test_a_resumed_tool_call_stream_replays_the_same_events(oai: Any, sim: Any) -> None:
+    question, _ = weather_question("gap=0.02")
+    first = await collect(await oai.responses.create(model="gpt-4o-mini", input=question, stream=True,
+                                                     tools=[WEATHER, TIME], parallel_tool_calls=True), stop_after=6)
+    rest = await collect(await oai.responses.retrieve(first[0].response.id, stream=True, starting_after=6))
+    events = first + rest
+    assert_numbered(events)
+    assert events[-1].type == "response.completed"
+    replay = await collect(await oai.responses.retrieve(first[0].response.id, stream=True))
+    assert [e.model_dump() for e in replay] == [e.model_dump() for e in events]
+    assert len(streamed_calls(events)) == 2
+
+
+# ------------------------------------------------------------ the fold alone (no server)
+
+def fold(*stream: tuple[str, dict[str, Any] | None]) -> tuple[list[dict[str, Any]], Any]:
+    """The typed events (parsed) that ``stream``'s events become, and the fold."""
+    from chatproxy.core import Event
+    from chatproxy.openai_responses import ResponseEvents
+
+    wire = ResponseEvents("resp_abc", model="m", created_at=1.0)
+    body = b"".join(wire.encode(Event(seq, name, data)) for seq, (name, data) in enumerate(stream, 1))
+    events = [json.loads(block.split(b"\ndata: ", 1)[1]) for block in body.split(b"\n\n") if b"\ndata: " in block]
+    return events, wire
+
+
+def head(index: int, call_id: str, name: str) -> tuple[str, dict[str, Any]]:
+    return "tool_call", {"index": index, "id": call_id, "name": name, "arguments": ""}
+
+
+def args(index: int, piece: str) -> tuple[str, dict[str, Any]]:
+    return "tool_call", {"index": index, "id": None, "name": None, "arguments": piece}
+
+
+def test_text_then_a_call_then_text_are_three_items_in_order() -> None:
+    events, wire = fold(("start", {}), ("delta", {"text": "Let me look."}), head(0, "call_1", "get_weather"),
+                        args(0, '{"city":'), args(0, '"Oslo"}'), ("delta", {"text": "Done."}),
+                        ("done", {"finish_reason": "stop"}))
+    assert [e["sequence_number"] for e in events] == list(range(1, len(events) + 1))
+    items = [(e["type"], e["output_index"], e["item"]["type"]) for e in events
+             if e["type"].startswith("response.output_item")]
+    assert items == [("response.output_item.added", 0, "message"), ("response.output_item.done", 0, "message"),
+                     ("response.output_item.added", 1, "function_call"),
+                     ("response.output_item.done", 1, "function_call"),
+                     ("response.output_item.added", 2, "message"), ("response.output_item.done", 2, "message")]
+    output = wire.response()["output"]
+    assert [o["id"] for o in output] == ["msg_abc", "fc_abc_1", "msg_abc_2"]
+    assert output[1] == {"id": "fc_abc_1", "type": "function_call", "status": "completed", "call_id": "call_1",
+                         "name": "get_weather", "arguments": '{"city":"Oslo"}'}
+    assert output[0]["content"][0]["text"] == "Let me look." and output[2]["content"][0]["text"] == "Done."
+    deltas = [e for e in events if e["type"] == "response.output_text.delta"]
+    assert [(d["item_id"], d["output_index"]) for d in deltas] == [("msg_abc", 0), ("msg_abc_2", 2)]
+
+
+def test_a_failure_inside_a_call_leaves_it_incomplete() -> None:
+    events, wire = fold(("start", {}), head(0, "call_1", "f"), args(0, '{"a"'), ("error", {"code": "upstream_timeout"}))
+    assert [e["type"] for e in events[-4:]] == ["response.function_call_arguments.done", "response.output_item.done",
+                                                "error", "response.failed"]
+    (item,) = wire.response()["output"]
+    assert item["status"] == "incomplete" and item["arguments"] == '{"a"'
+
+
+def test_a_head_in_two_pieces_and_late_arguments_of_a_closed_call() -> None:
+    events, wire = fold(("start", {}), ("tool_call", {"index": 0, "id": "call_1", "name": None, "arguments": ""}),
+                        ("tool_call", {"index": 0, "id": None, "name": "f", "arguments": ""}), args(0, "{"),
+                        head(1, "call_2", "g"), args(0, "}"), args(1, "{}"), ("done", {"finish_reason": "tool_calls"}))
+    assert [e["type"] for e in events].count("response.output_item.added") == 2
+    first, second = wire.response()["output"]
+    assert (first["call_id"], first["name"], first["arguments"]) == ("call_1", "f", "{}")
+    assert (second["call_id"], second["name"], second["arguments"]) == ("call_2", "g", "{}")
+    assert wire.status == "completed"
+
+
+async def test_a_refusal_is_a_message_with_a_refusal_part(oai: Any, sim: Any) -> None:
+    from chatproxy.simulator.answers import REFUSAL_TEXT
+
+    question, _ = ask("refuse")
+    events = await collect(await oai.responses.create(model="gpt-4o-mini", input=question, stream=True))
+    assert_numbered(events)
+    assert "".join(e.delta for e in events if e.type == "response.refusal.delta") == REFUSAL_TEXT
+    kinds = [e.type for e in events if e.type != "response.refusal.delta"]
+    assert kinds == ["response.created", "response.in_progress", "response.output_item.added",
+                     "response.content_part.added", "response.refusal.done", "response.content_part.done",
+                     "response.output_item.done", "response.completed"]
+    (item,) = events[-1].response.output
+    assert item.type == "message" and [(c.type, c.refusal) for c in item.content] == [("refusal", REFUSAL_TEXT)]
+    whole = await oai.responses.create(model="gpt-4o-mini", input=question)
+    assert [c.refusal for c in whole.output[0].content] == [REFUSAL_TEXT] and whole.output_text == ""

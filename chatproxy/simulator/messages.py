@@ -11,7 +11,9 @@ with its error types (``invalid_request_error``, ``authentication_error``, ``not
 The request is converted to the OpenAI-shaped conversation :mod:`.answers` plans from (``system``
 becomes a leading system message, ``tool_result`` blocks become ``tool`` messages, ``tool_use``
 blocks assistant ``tool_calls``), so **the same conversation gets the same text over both APIs**.
-``thinking: {"type": "enabled"}`` (or the ``reasoning=N`` directive) adds a thinking block.
+``thinking: {"type": "enabled"}`` (or the ``reasoning=N`` directive) adds a thinking block. With
+``tools`` an answer is one ``tool_use`` block (``tool_calls=N``: N of them, unless ``tool_choice``
+has ``disable_parallel_tool_use: true``, which allows one).
 
 A stream is ``message_start``; per block ``content_block_start``, ``content_block_delta``
 (``thinking_delta`` then a ``signature_delta``, ``text_delta``, or ``input_json_delta`` for a
@@ -24,6 +26,7 @@ sends an in-band ``event: error`` with an ``overloaded_error`` after the 200.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import time
@@ -178,10 +181,11 @@ def _convert(body: Mapping[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
-def _tools(body: Mapping[str, Any]) -> tuple[tuple[ToolSpec, ...], str, str | None]:
+def _tools(body: Mapping[str, Any]) -> tuple[tuple[ToolSpec, ...], str, str | None, bool]:
+    """(tools, the tool choice in Chat Completions' terms, the forced tool, one call at most)."""
     raw = body.get("tools")
     if raw is None:
-        return (), "none", None
+        return (), "none", None, False
     if not isinstance(raw, list):
         raise MessagesError(400, "tools: Input should be a valid list")
     specs = []
@@ -202,7 +206,10 @@ def _tools(body: Mapping[str, Any]) -> tuple[tuple[ToolSpec, ...], str, str | No
     name = choice.get("name") if kind == "tool" else None
     if kind == "tool" and name not in {s.name for s in specs}:
         raise MessagesError(400, f"tool_choice.name: tool '{name}' is not in 'tools'")
-    return tuple(specs), mapping[kind], name
+    single = choice.get("disable_parallel_tool_use", False)
+    if not isinstance(single, bool):
+        raise MessagesError(400, "tool_choice.disable_parallel_tool_use: Input should be a valid boolean")
+    return tuple(specs), mapping[kind], name, single
 
 
 def parse_messages(body: Any, record: RequestRecord, state: SimState, header: str | None) -> tuple[AnswerRequest, bool]:
@@ -218,7 +225,7 @@ def parse_messages(body: Any, record: RequestRecord, state: SimState, header: st
     if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
         raise MessagesError(400, "max_tokens: Input should be a valid integer greater than or equal to 1")
     messages = _convert(body)
-    tools, tool_choice, forced = _tools(body)
+    tools, tool_choice, forced, single = _tools(body)
     thinking = body.get("thinking")
     thinking_on = isinstance(thinking, dict) and thinking.get("type") == "enabled"
     last_user = next((m for m in reversed(messages) if m["role"] == "user"), None)
@@ -227,6 +234,8 @@ def parse_messages(body: Any, record: RequestRecord, state: SimState, header: st
         faults = select_faults(state, record, model, last_user_raw, header)
     except DirectiveError as exc:
         raise MessagesError(400, f"Simulator directive error: {exc}") from None
+    if single and faults.tool_calls:
+        faults = dataclasses.replace(faults, tool_calls=1)  # at most one tool_use block, as the real API
     reasoning = faults.reasoning if faults.reasoning is not None else (_DEFAULT_THINKING if thinking_on else 0)
     answer = AnswerRequest(
         model=model,
