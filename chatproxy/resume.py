@@ -35,6 +35,7 @@ channel layer, re-reading the store whenever a seq gap shows a batch was missed.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import math
@@ -144,6 +145,40 @@ class _Tracked:
     flushed_at: float = 0.0  # monotonic time of the last batch write
 
 
+class _InProcessExpiry:
+    """The journal's keys in an in-process cache, deleted once their TTL has passed.
+
+    Django's ``LocMemCache`` drops an expired entry only when that key is read again or when the
+    cache is full (``MAX_ENTRIES``, then in LRU order, live streams' events included): left to it, the
+    journal's batches of finished streams would pile up to ``MAX_ENTRIES`` and the process grow with
+    them. Each write is noted with its expiry (the latest one per key: a rewritten meta lives on);
+    :meth:`sweep` deletes what is due, a deque head check when nothing is.
+    """
+
+    def __init__(self) -> None:
+        self._due: dict[str, float] = {}
+        self._queue: collections.deque[tuple[float, list[str]]] = collections.deque()
+
+    def wrote(self, keys: list[str], ttl: float) -> None:
+        due = time.time() + ttl
+        for key in keys:
+            self._due[key] = due
+        self._queue.append((due, keys))
+
+    def sweep(self, cache: Any) -> None:
+        now = time.time()
+        queue, latest = self._queue, self._due
+        expired: list[str] = []
+        while queue and queue[0][0] <= now:
+            due, keys = queue.popleft()
+            for key in keys:
+                if latest.get(key) == due:
+                    del latest[key]
+                    expired.append(key)
+        if expired:
+            cache.delete_many(expired)
+
+
 class Journal:
     """This process's writer of stream events to the store (one per event loop)."""
 
@@ -151,6 +186,7 @@ class Journal:
         self.tracked: dict[str, _Tracked] = {}
         self._task: asyncio.Task[None] | None = None
         self._next_control = 0.0
+        self.expiry = _InProcessExpiry()
 
     def track(self, stream: ChatStream, owner: str) -> None:
         meta = {
@@ -232,9 +268,13 @@ class Journal:
                 writers.append(tracked)
             elif finished:
                 ended.append(tracked)
+        cache = _cache()
+        if cachecalls.in_process(cache):
+            self.expiry.sweep(cache)
         if writes:
-            cache = _cache()
             await cachecalls.run(cache, cache.set_many, writes, ttl)  # raises while the cache is down
+            if cachecalls.in_process(cache):
+                self.expiry.wrote(list(writes), ttl)
             for tracked in writers:
                 tracked.unsent.clear()
                 tracked.stream.mark_persisted(tracked.unsent_seq)
@@ -306,6 +346,8 @@ async def track(stream: ChatStream, user: Any) -> None:
         tracked.meta_written = -math.inf
     else:
         _outage().ok()
+        if cachecalls.in_process(cache):
+            j.expiry.wrote([meta_key(stream.stream_id)], _ttl())
 
 
 async def _cache_call(func: Any, *args: Any) -> Any:
