@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
+from typing import Any
 
-from chatproxy.core import KEEPALIVE, ChatStream, Event
+from chatproxy.conf import Policy
+from chatproxy.core import KEEPALIVE, ChatRequest, ChatStream, Event
+from chatproxy.upstream.base import Upstream
 
 
 class Run:
@@ -48,3 +52,17 @@ def assert_well_formed(events: Sequence[Event]) -> None:
     assert [n for n in names if n in ("done", "error")] == [names[-1]], names
     assert [e.seq for e in events if e.name != "keepalive"] == list(range(1, len(names) - names.count("keepalive") + 1))
     assert all(e is KEEPALIVE for e in events if e.name == "keepalive")
+
+
+async def play(upstream: Upstream, request: ChatRequest, policy: Policy, *, within: float | None = None,
+               **kwargs: Any) -> Run:
+    """Run a :class:`ChatStream` of ``request`` to its end on the running loop (within ``within``
+    seconds if given), closed, its events checked by :func:`assert_well_formed`."""
+    stream = ChatStream(upstream, request, policy, **kwargs).start()
+    loop = asyncio.get_running_loop()
+    async with asyncio.timeout(within):
+        timed = [(loop.time(), event) async for event in stream]
+    await stream.aclose()
+    run = Run(timed, stream)
+    assert_well_formed(run.events)
+    return run

@@ -8,7 +8,6 @@ Chat Completions and Responses ways in.
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import itertools
 import json
@@ -20,13 +19,13 @@ import pytest
 
 from chatproxy import errors
 from chatproxy.conf import Policy
-from chatproxy.core import ChatRequest, ChatStream
+from chatproxy.core import ChatRequest
 from chatproxy.simulator.text import answer_tokens, rng_for, word_tokens
 from chatproxy.upstream import build_upstream
 from chatproxy.upstream.base import Upstream, UpstreamRequest
 from tests.servers import AppServer, simulator_env
 from tests.sseclient import read_sse
-from tests.streamrun import Run, assert_well_formed
+from tests.streamrun import Run, play
 from tests.test_adapters import run as read_all
 
 pytestmark = pytest.mark.upstream
@@ -219,14 +218,7 @@ def test_checks_accept_it_and_name_its_key(monkeypatch: pytest.MonkeyPatch) -> N
 
 
 async def run(upstream: Upstream, messages: list[dict[str, Any]], policy: Policy = POLICY) -> Run:
-    stream = ChatStream(upstream, ChatRequest(model="claude-sim", messages=messages), policy).start()
-    loop = asyncio.get_running_loop()
-    async with asyncio.timeout(15):
-        timed = [(loop.time(), event) async for event in stream]
-    await stream.aclose()
-    result = Run(timed, stream)
-    assert_well_formed(result.events)
-    return result
+    return await play(upstream, ChatRequest(model="claude-sim", messages=messages), policy, within=15)
 
 
 async def test_a_pings_only_stream_is_a_first_token_stall(upstream: Upstream, sim: Any) -> None:

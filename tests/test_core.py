@@ -6,7 +6,6 @@ with openai 0.27.x. Timeouts are tenths of a second; margins hold on a loaded 2-
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 
 import pytest
@@ -14,7 +13,7 @@ import pytest
 from chatproxy.conf import Policy
 from chatproxy.core import ChatRequest, ChatStream
 from chatproxy.upstream import build_upstream
-from tests.streamrun import Run, assert_well_formed
+from tests.streamrun import Run, play
 
 pytestmark = pytest.mark.upstream
 
@@ -52,13 +51,7 @@ def ask(directive: str = "", text: str = "Tell me about rivers") -> ChatRequest:
 
 
 async def run(upstream, request: ChatRequest, policy: Policy = FAST, **kwargs) -> Run:
-    stream = ChatStream(upstream, request, policy, **kwargs).start()
-    loop = asyncio.get_running_loop()
-    timed = [(loop.time(), event) async for event in stream]
-    await stream.aclose()
-    run = Run(timed, stream)
-    assert_well_formed(run.events)
-    return run
+    return await play(upstream, request, policy, **kwargs)
 
 
 async def clean_text(upstream, request: ChatRequest) -> str:

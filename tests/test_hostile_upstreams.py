@@ -11,7 +11,6 @@ must not make the relay hold it: the Python memory allocated while relaying stay
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import tracemalloc
 from collections.abc import AsyncIterator
@@ -21,12 +20,12 @@ import pytest
 
 from chatproxy.codes import ErrorCode
 from chatproxy.conf import Policy
-from chatproxy.core import ChatRequest, ChatStream
+from chatproxy.core import ChatRequest
 from chatproxy.simulator.text import answer_tokens
 from chatproxy.upstream import build_upstream, detect_sdk
 from chatproxy.upstream.base import Upstream
 from chatproxy.upstream.sse import _MAX_EVENT_BYTES as MAX_EVENT_BYTES  # the documented line cap
-from tests.streamrun import Run, assert_well_formed
+from tests.streamrun import Run, play
 
 pytestmark = pytest.mark.upstream
 
@@ -61,14 +60,7 @@ def ask(directive: str) -> tuple[ChatRequest, str]:
 
 
 async def relay(upstream: Upstream, request: ChatRequest) -> Run:
-    stream = ChatStream(upstream, request, POLICY).start()
-    loop = asyncio.get_running_loop()
-    async with asyncio.timeout(25):
-        timed = [(loop.time(), event) async for event in stream]
-    await stream.aclose()
-    run = Run(timed, stream)
-    assert_well_formed(run.events)
-    return run
+    return await play(upstream, request, POLICY, within=25)
 
 
 RECOVERED = [
