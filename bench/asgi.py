@@ -114,10 +114,10 @@ async def application(scope, receive, send):  # type: ignore[no-redef,no-untyped
         import json as _json
 
         from chatproxy.conf import get_config
-        from chatproxy.upstream import detect_sdk
+        from chatproxy.upstream import resolve_sdk
 
         upstream = get_config()["UPSTREAM"]
-        sdk = detect_sdk() if upstream["SDK"] == "auto" else upstream["SDK"]
+        sdk = resolve_sdk(upstream["SDK"])
         body = _json.dumps({"sdk": sdk, "http_client": upstream["HTTP_CLIENT"],
                             "openai": importlib.metadata.version("openai"),
                             "tasks": len(asyncio.all_tasks())}).encode()

@@ -5,8 +5,13 @@ Public API:
 * :func:`detect_sdk` -- which openai generation is installed: ``"current"`` (openai >= 1),
   ``"legacy"`` (openai 0.27 / 0.28) or ``None`` (not installed, or too old). It reads package
   metadata only; nothing is imported.
-* :func:`resolve_sdk` -- the adapter ``UPSTREAM.SDK`` stands for: ``"auto"`` is the installed
-  generation, or ``"none"`` (no SDK: plain aiohttp, a hard dependency) when no usable openai is installed.
+* :func:`resolve_sdk` -- the adapter ``UPSTREAM.SDK`` stands for. ``"auto"`` is ``"none"`` (no SDK: the
+  API over plain aiohttp, a hard dependency) unless the legacy generation is installed, then
+  ``"legacy"``: the SDK-less adapter sends the request the current SDK sends and reads the same
+  environment (``OPENAI_API_KEY``, ``OPENAI_BASE_URL``, ``OPENAI_ORG_ID``, ``OPENAI_PROJECT_ID``, the
+  proxy variables), so the current SDK would only add CPU per chunk; openai 0.27 projects configure
+  the module itself in code (``openai.api_key``, ``api_base``, ``organization``, ``proxy``), which
+  only the legacy adapter honours. ``"current"`` drives the current SDK.
 * :func:`build_upstream` -- the :class:`~chatproxy.upstream.base.Upstream` for the settings
   ``UPSTREAM.SDK`` / ``HTTP_CLIENT`` / ``BASE_URL`` / ``API_KEY``. A choice that cannot work here
   (SDK not installed, wrong generation installed, aiohttp extra missing, no API key for the
@@ -74,9 +79,14 @@ def detect_sdk() -> str | None:
     return _generation(version) if version else None
 
 
+def _auto(installed: str | None) -> str:
+    return "legacy" if installed == "legacy" else "none"
+
+
 def resolve_sdk(sdk: str) -> str:
-    """``sdk`` with ``"auto"`` replaced by what it picks: :func:`detect_sdk`'s answer, else ``"none"``."""
-    return (detect_sdk() or "none") if sdk == "auto" else sdk
+    """``sdk`` with ``"auto"`` replaced by what it picks: ``"legacy"`` with openai 0.27 / 0.28
+    installed, else ``"none"`` (the module docstring says why)."""
+    return _auto(detect_sdk()) if sdk == "auto" else sdk
 
 
 def build_upstream(
@@ -88,8 +98,8 @@ def build_upstream(
 ) -> Upstream:
     """The adapter for ``sdk`` (``"none"``: no SDK, the API over aiohttp directly, see
     :mod:`chatproxy.upstream.raw`; ``"anthropic"``: Anthropic's Messages API over aiohttp, see
-    :mod:`chatproxy.upstream.anthropic`; ``"auto"``: the installed openai generation, else ``"none"``, so
-    a plain ``pip install chatproxy`` works with aiohttp alone).
+    :mod:`chatproxy.upstream.anthropic`; ``"auto"``: ``"legacy"`` with openai 0.27 / 0.28 installed, else
+    ``"none"``, see :func:`resolve_sdk`).
 
     ``http_client`` picks the current SDK's transport (``"httpx"``: the SDK default,
     ``"aiohttp"``: ``openai.DefaultAioHttpClient``); the legacy SDK and ``"none"`` always use aiohttp.
@@ -105,7 +115,7 @@ def build_upstream(
     version = _openai_version()
     installed = _generation(version) if version else None
     if sdk == "auto":
-        sdk = installed or "none"
+        sdk = _auto(installed)
     if sdk == "anthropic":  # Anthropic's Messages API over aiohttp (no SDK)
         try:
             from chatproxy.upstream.anthropic import AnthropicUpstream
