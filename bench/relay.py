@@ -65,6 +65,8 @@ CONFIGS: dict[str, tuple[str, dict[str, str]]] = {
     "uvicorn, h11": ("uvicorn", {"BENCH_HTTP": "h11"}),
     "uvicorn, gc not frozen": ("uvicorn", {**UVICORN, "BENCH_GC_UNFREEZE": "1"}),
     "daphne, no journal": ("daphne", {"BENCH_NO_JOURNAL": "1"}),
+    "daphne, gc 10000,50,100": ("daphne", {"BENCH_GC_THRESHOLD": "10000,50,100"}),
+    "daphne, gc 700,10,100": ("daphne", {"BENCH_GC_THRESHOLD": "700,10,100"}),
 }
 DEFAULT_CONFIGS = [
     "floor", "daphne", "uvicorn", "floor, uvloop", "uvicorn, uvloop",
