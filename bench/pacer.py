@@ -130,12 +130,17 @@ async def models(request: web.Request) -> web.Response:
     return web.json_response({"object": "list", "data": [{"id": "gpt-4o-mini", "object": "model"}]})
 
 
-async def serve(host: str, port: int) -> None:
+def make_app() -> web.Application:
     app = web.Application()
     app["stats"] = Stats()
     app.router.add_post("/v1/chat/completions", completions)
     app.router.add_get("/v1/models", models)
     app.router.add_get("/stats", stats_handler)
+    return app
+
+
+async def serve(host: str, port: int) -> None:
+    app = make_app()
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=0.1)
     await runner.setup()
     site = web.TCPSite(runner, host, port, backlog=4096)

@@ -38,6 +38,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import math
 import random
 import re
 import subprocess
@@ -219,13 +220,16 @@ def arrivals(start: float, stop: float, rate: float, poisson: bool, rng: random.
              phase: float = 0.0) -> list[float]:
     """Scheduled start times in ``[start, stop)`` at ``rate`` per second: evenly spaced (offset by
     ``phase`` gaps) or a Poisson process."""
-    times: list[float] = []
     if rate <= 0:
-        return times
-    t = start + (rng.expovariate(rate) if poisson else phase / rate)
+        return []
+    if not poisson:  # computed, not accumulated: summing float gaps drifts
+        count = math.ceil(round((stop - start) * rate - phase, 9))
+        return [start + (i + phase) / rate for i in range(max(0, count))]
+    times: list[float] = []
+    t = start + rng.expovariate(rate)
     while t < stop:
         times.append(t)
-        t += rng.expovariate(rate) if poisson else 1.0 / rate
+        t += rng.expovariate(rate)
     return times
 
 
