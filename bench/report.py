@@ -304,6 +304,12 @@ def _admission_table(out: dict[str, Any]) -> list[str]:
     return table(out["admission"])
 
 
+def _ttfb_tables(out: dict[str, Any]) -> list[str]:
+    from bench.ttfb import table
+
+    return table(out["ttfb"])
+
+
 def _workers_tables(out: dict[str, Any]) -> list[str]:
     lines = ["| configuration | streams | delivered | added p50 / p99 ms | workers' CPU us per chunk | "
              "Redis calls per stream-second | Redis CPU us per stream-second | errors |",
@@ -386,6 +392,7 @@ def markdown(out: dict[str, Any], png_name: str) -> str:
         ("admission", "## 7. Admission (one thread, per new stream; O(1) cache calls whatever the limit)",
          _admission_table),
         ("fallback", "## 10. Fallbacks: what they cost the stream core", _fallback_table),
+        ("ttfb", "## 11. A new stream: time to first byte and first token (open loop, new streams/s)", _ttfb_tables),
     ]
     for part, title, tables in sections:
         if out.get(part):

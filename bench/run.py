@@ -18,6 +18,9 @@ Parts (``--parts``, default all):
                   default parts);
 * ``open``     -- what opening a stream costs: CPU per new stream and OS threads per open stream,
                   DirectStreams versus Django's handler (bench/relay.py; not in the default parts).
+* ``ttfb``     -- the latency a new stream adds (time to first byte, to first token) at 50 new streams/s,
+                  open loop, and the CPU per new stream: floor, Daphne and uvicorn interleaved
+                  (bench/ttfb.py).
 * ``fallback`` -- what fallbacks cost: the stream core's CPU per chunk and per stream with none,
                   with fallbacks configured, and answered by a fallback (bench/fallback.py). The
                   relay part's ``uvicorn, fallbacks`` row is the same under a real server.
@@ -57,8 +60,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a ~2 minute smoke run")
-    parser.add_argument("--parts", help="comma-separated (default relay,idle,stall,adapters,admission,"
-                                        "profile,memprofile; quick: the first five; also: workers, soak, open, "
+    parser.add_argument("--parts", help="comma-separated (default relay,idle,stall,adapters,admission,ttfb,"
+                                        "profile,memprofile; quick: the first six; also: workers, soak, open, "
                                         "fallback)")
     parser.add_argument("--levels", help="concurrent streams, comma-separated (default 100,200,400; quick: 100)")
     parser.add_argument("--configs", type=lambda text: [c.strip() for c in text.split(";")],
@@ -83,6 +86,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--workers-streams", default="600",
                         help="concurrent streams of the workers part, comma-separated (default 600)")
     parser.add_argument("--workers-kinds", default="daphne,uvicorn", help="server kinds of the workers part")
+    parser.add_argument("--ttfb-rate", type=float, default=50.0, help="new streams per second of the ttfb part")
+    parser.add_argument("--ttfb-direct-rate", type=float, default=10.0,
+                        help="new streams per second straight to the pacer in the ttfb part (its baseline)")
+    parser.add_argument("--ttfb-arrivals", choices=("even", "poisson"), default="even",
+                        help="ttfb arrivals: evenly spaced (default) or a Poisson process")
+    parser.add_argument("--ttfb-chunks", type=int, default=20, help="chunks per stream of the ttfb part (at --rate)")
+    parser.add_argument("--ttfb-measure", type=float, help="seconds per ttfb window (default 5; quick 3)")
+    parser.add_argument("--ttfb-repeats", type=int, help="ttfb windows per configuration, interleaved (default 2; "
+                                                         "quick 1)")
     parser.add_argument("--soak-minutes", type=float, default=30.0)
     parser.add_argument("--soak-streams", type=int, default=200)
     parser.add_argument("--soak-config", default="daphne", help="server configuration of the soak (default daphne)")
@@ -112,7 +124,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.setup_chunks = 0
     args.idle_streams = args.idle_streams or (100 if quick else 400)
     args.stall_runs = args.stall_runs or (3 if quick else 12)
-    default_parts = "relay,idle,stall,adapters,admission" + ("" if quick else ",profile,memprofile")
+    args.ttfb_measure = args.ttfb_measure or (3.0 if quick else 5.0)
+    args.ttfb_repeats = args.ttfb_repeats or (1 if quick else 2)
+    default_parts = "relay,idle,stall,adapters,admission,ttfb" + ("" if quick else ",profile,memprofile")
     args.parts = [x.strip() for x in (args.parts or default_parts).split(",")]
     args.gap = 1.0 / args.rate
     args.spread = 2.0
@@ -235,6 +249,12 @@ def part_open(args: argparse.Namespace, pacer: procs.Pacer, dbs: procs.Databases
             log(f"  {row['ms_per_stream'] or 0:.2f} ms CPU per new stream ({row['streams_per_s']:.0f} streams/s), "
                 f"{row['threads_per_open_stream']:.2f} threads per open stream, other load "
                 f"{row['other_load_cores']:.2f} cores" + (f", errors {row['errors']}" if row["errors"] else ""))
+
+
+def part_ttfb(args: argparse.Namespace, pacer: procs.Pacer, dbs: procs.Databases, out: dict[str, Any]) -> None:
+    from bench import ttfb
+
+    out["ttfb"] = ttfb.run(args, pacer, dbs, log, quiet=lambda ours: _quiet(args, ours))
 
 
 def part_fallback(args: argparse.Namespace, out: dict[str, Any]) -> None:
@@ -457,6 +477,8 @@ def main(argv: list[str] | None = None) -> None:
                     part_open(args, pacer, dbs, out)
                 elif part == "fallback":
                     part_fallback(args, out)
+                elif part == "ttfb":
+                    part_ttfb(args, pacer, dbs, out)
                 else:
                     raise SystemExit(f"unknown part {part!r}")
             except Exception:
