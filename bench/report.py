@@ -12,6 +12,12 @@ TARGET_P99_MS = 50.0
 TARGET_IDLE_KIB = 64.0
 TARGET_STALL_OVERHEAD = 0.5
 HELD_DELIVERED = 0.98
+# The path users get (Daphne, SDK "auto", journal on) and uvicorn: tighter ratios to the floor, and
+# the peak memory per concurrent stream of the default path; across workers, p99 added at 600 streams.
+TARGET_RATIO_BY_CONFIG = {"daphne": 1.6, "uvicorn": 1.3}
+TARGET_PEAK_KIB = {"daphne": 48.0}
+TARGET_WORKERS_P99_MS = 100.0
+TARGET_WORKERS_STREAMS = 600
 
 
 def _f(value: Any, digits: int = 0, suffix: str = "") -> str:
@@ -67,6 +73,18 @@ def targets(out: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
             rows.append((f"≤ {TARGET_RATIO:g}× the floor ({base}), same run: **{config}**",
                          ", ".join(f"{ratio:.2f}× ({r['users']})" for r, ratio in ratios),
                          all(ratio <= TARGET_RATIO for _, ratio in ratios)))
+        tight = TARGET_RATIO_BY_CONFIG.get(config)
+        wide = [(r, ratio) for r, ratio in ratios if r["users"] >= 200]
+        if tight is not None and wide:
+            rows.append((f"≤ {tight:g}× the floor at 200 and 400 streams: **{config}**",
+                         ", ".join(f"{ratio:.2f}× ({r['users']})" for r, ratio in wide),
+                         all(ratio <= tight for _, ratio in wide)))
+        peak = TARGET_PEAK_KIB.get(config)
+        judged = [r["peak_kib_per_stream"] <= peak for r in mine if r["users"] >= 200] if peak is not None else []
+        if peak is not None:
+            rows.append((f"≤ {peak:g} KiB peak per concurrent stream: **{config}**",
+                         ", ".join(f"{_f(r['peak_kib_per_stream'])} ({r['users']})" for r in mine),
+                         all(judged) if judged else None))
     top = max((r["users"] for r in chatproxy), default=None)
     if top is not None:
         for config in configs:
@@ -82,6 +100,14 @@ def targets(out: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
         rows.append((f"≤ {TARGET_IDLE_KIB:g} KiB per idle stream: **{r['config']}**",
                      f"{_f(r['kib_per_idle_stream'], 1)} KiB ({r['held']} streams)",
                      r["kib_per_idle_stream"] <= TARGET_IDLE_KIB))
+    for r in out.get("workers") or []:
+        if r["users"] >= TARGET_WORKERS_STREAMS:
+            rows.append((f"{r['users']} streams across workers, all delivered, p99 added < "
+                         f"{TARGET_WORKERS_P99_MS:g} ms: **{r['config']}**",
+                         f"delivered {(r['delivered'] or 0):.1%}, p99 added {_f(r['added_p99_ms'], 1)} ms, "
+                         f"errors {sum(r['errors'].values())}",
+                         (r["delivered"] or 0) >= HELD_DELIVERED and not r["errors"]
+                         and r["added_p99_ms"] is not None and r["added_p99_ms"] < TARGET_WORKERS_P99_MS))
     stall = out.get("stall") or {}
     for r in stall.get("chatproxy", []):
         over = (r.get("overhead") or {}).get("max")
