@@ -45,15 +45,8 @@ from django.utils.module_loading import import_string
 
 from chatproxy import conf, fallbacks, policy, profiles
 from chatproxy.limits import WHEN_CACHE_DOWN_CHOICES
-from chatproxy.upstream import (
-    HTTP_CLIENT_CHOICES,
-    INSTALL_AIOHTTP,
-    INSTALL_CURRENT,
-    INSTALL_LEGACY,
-    SDK_CHOICES,
-    detect_sdk,
-    resolve_sdk,
-)
+from chatproxy.upstream import HTTP_CLIENT_CHOICES, SDK_CHOICES, detect_sdk, resolve_sdk
+from chatproxy.upstream.common import INSTALL_AIOHTTP, INSTALL_CURRENT, INSTALL_LEGACY
 
 SECTIONS = {key: conf.DEFAULTS[key] for key in conf.SECTIONS}
 PER_PROCESS_CACHES = (

@@ -52,8 +52,8 @@ import orjson
 
 import chatproxy
 from chatproxy.errors import ConfigurationError, RateLimited, UpstreamDisconnected, UpstreamError, UpstreamStatusError
-from chatproxy.upstream import PLACEHOLDER_API_KEY, error_code
 from chatproxy.upstream.base import Item, PerLoop, UpstreamRequest
+from chatproxy.upstream.common import PLACEHOLDER_API_KEY, error_code
 from chatproxy.upstream.raw import RawStream, RawUpstream, _new_session, _proxy_for
 from chatproxy.upstream.sse import EventSplitter
 

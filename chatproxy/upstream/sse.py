@@ -25,8 +25,8 @@ from typing import Any
 import orjson
 
 from chatproxy.errors import UpstreamDisconnected, UpstreamError, UpstreamStatusError
-from chatproxy.upstream import error_code
 from chatproxy.upstream.base import BodyStream, Item
+from chatproxy.upstream.common import error_code
 
 __all__ = ["EventSplitter", "SSEStream"]
 
