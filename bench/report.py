@@ -349,7 +349,28 @@ def _workers_tables(out: dict[str, Any]) -> list[str]:
     for r in out["workers"]:
         top = ", ".join(f"{name} {n:.2f}" for name, n in list(r["redis_by_command"].items())[:8])
         lines.append(f"| {r['config']} | {r['users']} | {top} |")
+    lines += ["", f"Capacity from these counts (docs/deploy.md, \"Scaling past one machine\"): each core kept "
+              f"at {SCALING_UTILISATION:.0%} busy, streams of 20 chunks/s:", "",
+              "| configuration | streams | streams per worker core | streams per Redis core | "
+              "Redis commands/s at that load | worker cores one Redis core serves |", "|---|--:|--:|--:|--:|--:|"]
+    for r in out["workers"]:
+        per_core = scaling(r)
+        lines.append(f"| {r['config']} | {r['users']} | {_f(per_core['worker'])} | {_f(per_core['redis'])} | "
+                     f"{_f(per_core['redis_commands_per_s'])} | {_f(per_core['workers_per_redis'], 1)} |")
     return lines
+
+
+SCALING_UTILISATION = 0.7  # the share of a core one plans to use: headroom for bursts and GC pauses
+
+
+def scaling(r: dict[str, Any], chunks_per_s: float = 20.0) -> dict[str, float | None]:
+    """Streams one worker core and one Redis core carry, from a workers run's per-chunk and
+    per-stream-second costs (Redis runs commands on one thread: one core is its ceiling)."""
+    worker = SCALING_UTILISATION * 1e6 / (r["us_per_chunk"] * chunks_per_s) if r.get("us_per_chunk") else None
+    redis = SCALING_UTILISATION * 1e6 / r["redis_cpu_us_per_stream_s"] if r.get("redis_cpu_us_per_stream_s") else None
+    return {"worker": worker, "redis": redis,
+            "redis_commands_per_s": redis * r["redis_calls_per_stream_s"] if redis else None,
+            "workers_per_redis": redis / worker if redis and worker else None}
 
 
 def _soak_tables(out: dict[str, Any]) -> list[str]:
