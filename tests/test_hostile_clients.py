@@ -23,10 +23,14 @@ any of these connections.
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import errno
 import http.client
+import importlib.util
+import re
 import resource
+import select
 import selectors
 import socket
 import statistics
@@ -40,7 +44,7 @@ import psutil
 import pytest
 
 from chatproxy.simulator.process import SimulatorProcess
-from tests.e2e.stack import HOST, Proc, port_open, start_nginx, wait_until, write_nginx_conf
+from tests.e2e.stack import HOST, Proc, free_port, port_open, read_from, size, start_nginx, wait_until, write_nginx_conf
 from tests.servers import AppServer, simulator_env
 from tests.test_operations import TIMEOUTS, assert_complete, chat, sse_post
 
@@ -69,6 +73,8 @@ IDLE_SOCKETS = 5000
 IDLE_SOCKET_RSS_BOUND = 16 * 1024
 
 FRONTS = ("daphne", "uvicorn", "nginx-daphne", "nginx-uvicorn")
+#: uvicorn's ``--limit-concurrency`` for the worker that has one.
+CONCURRENCY_LIMIT = 20
 
 
 @dataclass
@@ -79,6 +85,16 @@ class Front:
     port: int
     worker: AppServer
     nginx: Proc | None = None
+    access_log: Path | None = None  # nginx's, for this front
+
+    def logged(self, since: int) -> collections.Counter[str]:
+        """The statuses nginx logged for this front after byte ``since`` of its access log."""
+        if self.access_log is None:
+            return collections.Counter()
+        return collections.Counter(re.findall(r" status=(\d+) ", read_from(self.access_log, since)))
+
+    def log_size(self) -> int:
+        return size(self.access_log) if self.access_log is not None else 0
 
     @property
     def url(self) -> str:
@@ -223,41 +239,39 @@ def raise_nofile() -> tuple[int, int]:
 
 @pytest.fixture(scope="module")
 def fronts(module_simulator: SimulatorProcess, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Front]]:
-    """A Daphne and a uvicorn worker (``--timeout-keep-alive`` short), and nginx in front of each."""
+    """A Daphne and a uvicorn worker (``--timeout-keep-alive`` short), a uvicorn worker with
+    ``--limit-concurrency``, and nginx in front of each: ``fronts["daphne"]`` is the Daphne worker
+    reached directly, ``fronts["nginx-daphne"]`` the same worker through nginx, and so on."""
     limits = raise_nofile()
     env = simulator_env(module_simulator.base_url, timeouts=TIMEOUTS, limits={"MAX_STREAMS_PER_USER": 100})
-    daphne = AppServer(env, server="daphne", backlog=4096)
-    uvicorn = AppServer(env, server="uvicorn", backlog=4096, args=["--timeout-keep-alive", f"{UVICORN_KEEP_ALIVE:g}"])
+    workers = {
+        "daphne": AppServer(env, server="daphne", backlog=4096),
+        "uvicorn": AppServer(env, server="uvicorn", backlog=4096,
+                             args=["--timeout-keep-alive", f"{UVICORN_KEEP_ALIVE:g}"]),
+        "uvicorn-limited": AppServer(env, server="uvicorn", args=["--limit-concurrency", str(CONCURRENCY_LIMIT)]),
+    }
     nginx: Proc | None = None
     try:
-        with concurrent.futures.ThreadPoolExecutor(2) as pool:
-            list(pool.map(AppServer.start, (daphne, uvicorn)))
+        with concurrent.futures.ThreadPoolExecutor(len(workers)) as pool:
+            list(pool.map(AppServer.start, workers.values()))
         tmp: Path = tmp_path_factory.mktemp("hostile-nginx")
-        ports = {"daphne": free_port(), "uvicorn": free_port()}
-        conf = write_nginx_conf(tmp, {"daphne": (ports["daphne"], [daphne.port]),
-                                      "uvicorn": (ports["uvicorn"], [uvicorn.port])},
+        ports = {name: free_port() for name in workers}
+        conf = write_nginx_conf(tmp, {name: (ports[name], [worker.port]) for name, worker in workers.items()},
                                 worker_connections=3 * IDLE_SOCKETS, http_extra=NGINX_CLIENT_TIMEOUTS)
         nginx = start_nginx(tmp, conf)
         for port in ports.values():
             wait_until(lambda p=port: port_open(p), "nginx", [nginx], timeout=15)
-        yield {
-            "daphne": Front("daphne", daphne.port, daphne),
-            "uvicorn": Front("uvicorn", uvicorn.port, uvicorn),
-            "nginx-daphne": Front("nginx-daphne", ports["daphne"], daphne, nginx),
-            "nginx-uvicorn": Front("nginx-uvicorn", ports["uvicorn"], uvicorn, nginx),
-        }
+        found = {name: Front(name, worker.port, worker) for name, worker in workers.items()}
+        for name, worker in workers.items():
+            log = tmp / f"nginx-{name}-access.log"
+            found[f"nginx-{name}"] = Front(f"nginx-{name}", ports[name], worker, nginx, log)
+        yield found
     finally:
         if nginx is not None:
             nginx.stop()
-        daphne.stop()
-        uvicorn.stop()
+        for worker in workers.values():
+            worker.stop()
         resource.setrlimit(resource.RLIMIT_NOFILE, limits)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        return int(sock.getsockname()[1])
 
 
 async def normal_stream(front: Front) -> float:
@@ -282,6 +296,62 @@ def kept_alive(front: Front, count: int, herd: Herd) -> None:
         assert not response.will_close
         assert conn.sock is not None
         herd.adopt(conn.sock)
+
+
+def wait_for(check: Callable[[], bool], what: str, timeout: float = 10.0) -> float:
+    """Poll ``check`` every 20 ms until it holds; returns how long that took."""
+    began = time.monotonic()
+    while not check():
+        assert time.monotonic() - began < timeout, f"{what}: not after {timeout} s"
+        time.sleep(0.02)
+    return time.monotonic() - began
+
+
+def holding(process: psutil.Process, fds: int) -> Callable[[], bool]:
+    """Whether ``process`` has ``fds`` descriptors open (it accepted the connections counted in)."""
+    return lambda: bool(process.num_fds() >= fds)
+
+
+@pytest.mark.parametrize("name", FRONTS)
+async def test_thousands_of_idle_sockets(name: str, fronts: dict[str, Front]) -> None:
+    """5,000 connections that send nothing: the process holding them (the worker, or nginx)
+    accepts them all at a bounded cost per socket (one file descriptor, a few KiB), a normal
+    client meanwhile gets its stream promptly and exactly, and afterwards they are closed by
+    nginx's ``client_header_timeout``, or, held by the worker (which has no deadline for a
+    request that never comes), released once the clients close them, nothing left behind."""
+    front = fronts[name]
+    holder = front.holder
+    fds, rss = holder.num_fds(), holder.memory_info().rss
+    worker_fds = front.worker_fds()
+    herd = Herd("idle", front.port)
+    try:
+        opened_in = await asyncio.to_thread(wait_for, lambda: bool(herd.open(IDLE_SOCKETS)), "opening")
+        accepted_in = await asyncio.to_thread(wait_for, holding(holder, fds + IDLE_SOCKETS), f"{name} accepting them")
+        fds_each = (holder.num_fds() - fds) / IDLE_SOCKETS
+        rss_each = (holder.memory_info().rss - rss) / IDLE_SOCKETS
+        first_byte = await normal_stream(front)
+        held_by_worker = front.worker_fds() - worker_fds
+        herd.poll()
+        closed_during_stream = len(herd.closed)
+        if front.nginx is not None:
+            await asyncio.to_thread(wait_for, herd.all_closed, "nginx closing them", NGINX_HEADER_TIMEOUT + 5)
+    finally:
+        herd.close()
+    released_in = await asyncio.to_thread(wait_for, lambda: holder.num_fds() <= fds + 5, f"{name} releasing them")
+    print(f"\n{name}: {IDLE_SOCKETS} idle sockets opened in {opened_in:.2f} s, accepted {accepted_in:.2f} s later; "
+          f"{fds_each:.2f} fds and {rss_each / 1024:.1f} KiB RSS each in {holder.name()} (pid {holder.pid}); "
+          f"normal stream's first byte after {first_byte:.3f} s; worker fds +{held_by_worker}; "
+          f"{herd.summary()}; fds back {released_in:.2f} s after the herd closed")
+    assert first_byte < FIRST_BYTE_BOUND
+    assert fds_each < 1.05  # one descriptor per connection
+    assert rss_each < IDLE_SOCKET_RSS_BOUND, f"{rss_each / 1024:.1f} KiB per idle socket"
+    assert closed_during_stream == 0  # the stream ran while all of them were connected
+    if front.nginx is None:
+        assert herd.still_open == IDLE_SOCKETS, herd.summary()  # the worker closes none of them itself
+    else:
+        assert held_by_worker < 10, held_by_worker  # nginx alone holds them
+        times = [c.after for c in herd.closed.values()]
+        assert min(times) >= NGINX_HEADER_TIMEOUT - 0.1 and max(times) < NGINX_HEADER_TIMEOUT + 3, herd.summary()
 
 
 SLOWLORIS = 200
@@ -313,6 +383,7 @@ async def test_slow_clients_leave_a_normal_stream_alone(name: str, fronts: dict[
     behind nginx the worker holds none of their connections."""
     front = fronts[name]
     worker_fds = front.worker_fds()
+    log_from = front.log_size()
     herds = {"kept alive": Herd("kept alive", front.port)}
     await asyncio.to_thread(kept_alive, front, KEPT_ALIVE, herds["kept alive"])
     herds |= {
@@ -342,7 +413,9 @@ async def test_slow_clients_leave_a_normal_stream_alone(name: str, fronts: dict[
     finally:
         for herd in herds.values():
             herd.close()
-    print(f"\n{name}: normal stream's first byte after {first_byte:.3f} s; worker fds +{held_by_worker}")
+    await asyncio.sleep(0.2)  # nginx's access log lines for the last closes
+    print(f"\n{name}: normal stream's first byte after {first_byte:.3f} s; worker fds +{held_by_worker}; "
+          f"nginx logged {dict(front.logged(log_from))}")
     for herd in herds.values():
         print("   ", herd.summary())
     assert first_byte < FIRST_BYTE_BOUND
@@ -356,57 +429,86 @@ async def test_slow_clients_leave_a_normal_stream_alone(name: str, fronts: dict[
         assert min(times) >= timeout - 0.1 and max(times) < timeout + 1.5, herd.summary()
         assert all(c.got == b"" for c in herd.closed.values()), herd.summary()  # closed without an answer
     if front.nginx is not None:
-        # nginx absorbs them: the worker held the normal stream's connection at most
-        assert held_by_worker < 5, held_by_worker
+        # nginx absorbs them: the worker held the normal stream's connections at most
+        assert held_by_worker < 10, held_by_worker
+        # 408 in nginx's access log for each request it timed out (an idle connection, no request, is not logged)
+        assert front.logged(log_from)["408"] == SLOWLORIS + STALLED_BODY, front.logged(log_from)
 
 
-def wait_for(check: Callable[[], bool], what: str, timeout: float = 10.0) -> float:
-    """Poll ``check`` every 20 ms until it holds; returns how long that took."""
-    began = time.monotonic()
-    while not check():
-        assert time.monotonic() - began < timeout, f"{what}: not after {timeout} s"
-        time.sleep(0.02)
-    return time.monotonic() - began
+HEADER_FLOOD = 16 * 1024 * 1024  # bytes of one header line
+#: uvicorn parses HTTP with httptools when it is installed (uvicorn[standard]), else with h11.
+UVICORN_PARSER = "httptools" if importlib.util.find_spec("httptools") else "h11"
+
+
+def flood_header(port: int) -> tuple[int, bytes]:
+    """A request head whose one header line grows to :data:`HEADER_FLOOD` bytes and never ends:
+    how many bytes went out before the other end closed (all of them if it never did), and what
+    it answered (nothing if its answer was lost to the reset its close sent)."""
+    with socket.create_connection((HOST, port), timeout=5) as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Flood: ")
+        sent = 0
+        try:
+            while sent < HEADER_FLOOD:
+                sent += sock.send(b"a" * 65536)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        try:
+            readable, _, _ = select.select([sock], [], [], 0.5)
+            return sent, sock.recv(4096) if readable else b""
+        except ConnectionResetError:
+            return sent, b""
 
 
 @pytest.mark.parametrize("name", FRONTS)
-async def test_thousands_of_idle_sockets(name: str, fronts: dict[str, Front]) -> None:
-    """5,000 connections that send nothing: the process holding them (the worker, or nginx)
-    accepts them all at a bounded cost per socket (one file descriptor, a few KiB), a normal
-    client meanwhile gets its stream promptly and exactly, and afterwards they are closed by
-    nginx's ``client_header_timeout``, or, held by the worker (which has no deadline for a
-    request that never comes), released once the clients close them, nothing left behind."""
+async def test_a_header_that_never_ends(name: str, fronts: dict[str, Front]) -> None:
+    """A slowloris variant that grows instead of waiting: one header line of 16 MiB, unfinished.
+    Daphne (Twisted: 16 KiB for the request line and headers) and nginx
+    (``large_client_header_buffers``, 8 KiB a line, then it reads and drops the rest) refuse it
+    with 400 at a bounded cost; so does uvicorn with h11 (``--h11-max-incomplete-event-size``, 16 KiB); uvicorn with
+    httptools has no limit and keeps all of it in memory while the connection lasts. The worker
+    behind nginx never sees it."""
     front = fronts[name]
     holder = front.holder
-    fds, rss = holder.num_fds(), holder.memory_info().rss
-    worker_fds = front.worker_fds()
-    herd = Herd("idle", front.port)
-    try:
-        opened_in = await asyncio.to_thread(wait_for, lambda: bool(herd.open(IDLE_SOCKETS)), "opening")
-        accepted_in = await asyncio.to_thread(
-            wait_for, lambda: holder.num_fds() >= fds + IDLE_SOCKETS, f"{name} accepting them")
-        fds_each = (holder.num_fds() - fds) / IDLE_SOCKETS
-        rss_each = (holder.memory_info().rss - rss) / IDLE_SOCKETS
-        first_byte = await normal_stream(front)
-        held_by_worker = front.worker_fds() - worker_fds
-        herd.poll()
-        closed_during_stream = len(herd.closed)
-        if front.nginx is not None:
-            await asyncio.to_thread(wait_for, herd.all_closed, "nginx closing them", NGINX_HEADER_TIMEOUT + 5)
-    finally:
-        herd.close()
-    released_in = await asyncio.to_thread(wait_for, lambda: holder.num_fds() <= fds + 5, f"{name} releasing them")
-    print(f"\n{name}: {IDLE_SOCKETS} idle sockets opened in {opened_in:.2f} s, accepted {accepted_in:.2f} s later; "
-          f"{fds_each:.2f} fds and {rss_each / 1024:.1f} KiB RSS each in {holder.name()} (pid {holder.pid}); "
-          f"normal stream's first byte after {first_byte:.3f} s; worker fds +{held_by_worker}; "
-          f"{herd.summary()}; fds back {released_in:.2f} s after the herd closed")
-    assert first_byte < FIRST_BYTE_BOUND
-    assert fds_each < 1.05  # one descriptor per connection
-    assert rss_each < IDLE_SOCKET_RSS_BOUND, f"{rss_each / 1024:.1f} KiB per idle socket"
-    assert closed_during_stream == 0  # the stream ran while all of them were connected
+    rss, worker_fds = holder.memory_info().rss, front.worker_fds()
+    sent, answer = await asyncio.to_thread(flood_header, front.port)
+    grown = holder.memory_info().rss - rss
+    status = answer.split(b"\r\n", 1)[0].decode(errors="replace") or "nothing"
+    print(f"\n{name}: {sent / 2**20:.1f} MiB of one header line sent, answered {status!r}, "
+          f"{holder.name()} RSS {grown / 2**20:+.1f} MiB (uvicorn's parser: {UVICORN_PARSER})")
+    if name == "uvicorn" and UVICORN_PARSER == "httptools":
+        assert sent == HEADER_FLOOD and answer == b""  # taken whole, no answer
+        assert grown > HEADER_FLOOD / 2, grown  # and held in the worker's memory
+        return
+    assert grown < 2**20, grown  # refused: a bounded cost
     if front.nginx is None:
-        assert herd.still_open == IDLE_SOCKETS, herd.summary()  # the worker closes none of them itself
+        assert sent < HEADER_FLOOD  # closed long before its end (the 400 may be lost to the reset)
+        assert answer == b"" or answer.startswith(b"HTTP/1.1 400 "), answer[:200]
     else:
-        assert held_by_worker < 5, held_by_worker  # nginx alone holds them
-        times = [c.after for c in herd.closed.values()]
-        assert min(times) >= NGINX_HEADER_TIMEOUT - 0.1 and max(times) < NGINX_HEADER_TIMEOUT + 3, herd.summary()
+        # 400 at once; the rest is read and dropped (nginx's lingering close) before nginx closes
+        assert answer.startswith(b"HTTP/1.1 400 "), answer[:200]
+        assert front.worker_fds() - worker_fds < 10
+
+
+async def test_idle_sockets_count_against_uvicorns_concurrency_limit(fronts: dict[str, Front]) -> None:
+    """uvicorn's ``--limit-concurrency N`` answers 503 once N connections are open, idle ones
+    included: N idle sockets straight at the worker shut every normal client out. Behind nginx
+    (which holds idle clients itself and opens a worker connection per request) the same idle
+    sockets cost the worker nothing, and the limit bounds only real requests."""
+    results = {}
+    for name in ("uvicorn-limited", "nginx-uvicorn-limited"):
+        front = fronts[name]
+        holder = front.holder
+        fds = holder.num_fds()
+        herd = Herd("idle", front.port).open(CONCURRENCY_LIMIT + 5)
+        try:
+            await asyncio.to_thread(wait_for, holding(holder, fds + CONCURRENCY_LIMIT + 5), f"{name} accepting them")
+            body, expected = chat(5, gap=0.0)
+            async with aiohttp.ClientSession(front.url) as session:
+                results[name] = await sse_post(session, body)
+        finally:
+            herd.close()
+    print(f"\nwith {CONCURRENCY_LIMIT + 5} idle sockets: " + ", ".join(
+        f"{name} answers {result.status} {result.body[:40]!r}" for name, result in results.items()))
+    assert results["uvicorn-limited"].status == 503
+    assert b"Service Unavailable" in results["uvicorn-limited"].body
+    assert_complete(results["nginx-uvicorn-limited"], expected)
