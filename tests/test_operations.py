@@ -35,6 +35,7 @@ from tests.e2e.stack import (
     start_simulator,
     wait_until,
 )
+from tests.fixtures_servers import new_api_key
 from tests.servers import AppServer, simulator_env
 from tests.sseclient import SSEResponse, parse_block, read_sse
 
@@ -476,11 +477,13 @@ async def read_events_until(response: aiohttp.ClientResponse, seen: list[tuple[i
 async def test_stopping_worker_lets_its_streams_finish_for_a_resume_elsewhere(
     server: str, redis: Redis, module_simulator, tmp_path: Path
 ) -> None:
-    """Two workers sharing Redis and the database; SIGTERM to the one running six streams. Their
-    clients lose the connection (Daphne) or not (uvicorn waits for them): either way each answer
-    ends exactly, read from the stopping worker or resumed on the other one with ``Last-Event-ID``,
-    because the stopping worker keeps generating them (``RESUME.DRAIN``) before it exits cleanly.
-    Regression: Daphne stopped them at once, and a resume elsewhere ended in an error."""
+    """Two workers sharing Redis and the database; SIGTERM to the one running six streams. Each
+    answer ends exactly, read from the stopping worker to its end: uvicorn waits for the open
+    connections, and under Daphne the responses in flight run on through its shutdown
+    (``RESUME.DRAIN``) before the worker exits cleanly. A client cut off anyway would resume on the
+    other worker with ``Last-Event-ID`` (the stopping worker keeps generating into the journal);
+    none needs to. Regressions: Daphne stopped them at once, and a resume elsewhere ended in an
+    error; later, Daphne cut every client and each resumed elsewhere."""
     env = {**simulator_env(module_simulator.base_url, timeouts=TIMEOUTS, limits={"MAX_STREAMS_PER_USER": 50},
                            resume={"GRACE": 10.0, "DRAIN": 15.0, "TTL": 60}),
            "REDIS_URL": redis.url, "DJANGO_DB_PATH": str(tmp_path / "shared.sqlite3")}
@@ -490,6 +493,7 @@ async def test_stopping_worker_lets_its_streams_finish_for_a_resume_elsewhere(
         async with aiohttp.ClientSession() as session:
             plans = [chat(60, gap=0.05) for _ in range(DRAINED)]  # 3 s answers
             seen: list[list[tuple[int, str, dict[str, Any]]]] = [[] for _ in plans]
+            resumed: list[int] = []
             responses = [await session.post(f"{stopping.url}/chat/stream/", json=body) for body, _ in plans]
             await asyncio.gather(*(read_events_until(r, s, 3) for r, s in zip(responses, seen, strict=True)))
             assert stopping.proc is not None
@@ -502,6 +506,7 @@ async def test_stopping_worker_lets_its_streams_finish_for_a_resume_elsewhere(
                 responses[index].close()
                 if seen[index][-1][1] in ("done", "error"):
                     return
+                resumed.append(index)
                 stream_id = seen[index][0][2]["stream_id"]
                 last = seen[index][-1][0]
                 async with session.get(f"{other.url}/chat/stream/{stream_id}/",
@@ -520,6 +525,95 @@ async def test_stopping_worker_lets_its_streams_finish_for_a_resume_elsewhere(
         assert [seq for seq, _, _ in events] == list(range(1, len(events) + 1))  # no gap, no repeat
         assert events[-1][1] == "done", events[-3:]
         assert "".join(data["text"] for _, name, data in events if name == "delta") == expected
+    assert resumed == []  # every answer was read whole from the stopping worker
     assert drained_in < 15.0
     noise = [line for line in log.splitlines() if any(marker in line for marker in SHUTDOWN_NOISE)]
     assert not noise, log[-3000:]
+
+
+async def openai_answers(base_url: str, key: str, plans: list[tuple[dict[str, object], str]]) -> list[str]:
+    """The answers the current openai client reads from ``base_url`` for ``plans``, in turn: chat
+    completions streamed, chat completions ``stream=False``, a Responses API ``responses.create`` (not
+    stored: no stream of them is resumable)."""
+    import openai
+
+    client = openai.AsyncOpenAI(base_url=f"{base_url}/chat/v1", api_key=key, max_retries=0, timeout=20)
+
+    async def ask(index: int, body: dict[str, object]) -> str:
+        messages: Any = body["messages"]
+        kind = index % 3
+        if kind == 0:
+            stream = await client.chat.completions.create(model="sim-1", messages=messages, stream=True)
+            return "".join([chunk.choices[0].delta.content or "" async for chunk in stream if chunk.choices])
+        if kind == 1:
+            completion = await client.chat.completions.create(model="sim-1", messages=messages)
+            return completion.choices[0].message.content or ""
+        response = await client.responses.create(model="sim-1", input=messages, store=False)
+        return response.output_text
+
+    try:
+        return await asyncio.gather(*(ask(i, body) for i, (body, _) in enumerate(plans)))
+    finally:
+        await client.close()
+
+
+async def late_request(url: str, key: str) -> tuple[int, str | None, Any] | None:
+    """A chat completion asked of a stopping worker: its status, ``Retry-After`` and JSON body, or
+    None when nothing answers within a second."""
+    body, _ = chat(3)
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=1.0)) as session:
+            async with session.post(f"{url}/chat/v1/chat/completions", json={"model": "sim-1", **body},
+                                    headers={"Authorization": f"Bearer {key}"}) as response:
+                return response.status, response.headers.get("Retry-After"), await response.json()
+    except TimeoutError:
+        return None
+
+
+@pytest.mark.parametrize("server", SERVERS)
+async def test_stopping_worker_finishes_openai_answers_on_their_connections(server: str, module_simulator) -> None:
+    """SIGTERM to a worker while the openai client reads six 3 s answers from it (chat completions
+    streamed and not, the Responses API): none is resumable, so each must end on the connection
+    it started on. Every one is read whole and exact from the stopping worker, the worker exits
+    within ``RESUME.DRAIN`` with every upstream connection closed and nothing on stderr. A new
+    request meanwhile: Daphne, still listening, refuses it with 503 and ``Retry-After``; uvicorn no
+    longer accepts connections. Regression: Daphne cancelled them at once (the client saw the
+    connection close)."""
+    drain = 10.0
+    env = simulator_env(module_simulator.base_url, timeouts=TIMEOUTS, limits={"MAX_STREAMS_PER_USER": 50},
+                        resume={"GRACE": 0.5, "DRAIN": drain, "TTL": 60})
+    app = AppServer(env, server=server, capture_stderr=True).start()
+    assert app.proc is not None
+    try:
+        key = new_api_key(app, f"ops{next(_unique)}")
+        module_simulator.reset()
+        plans = [chat(60, gap=0.05) for _ in range(DRAINED)]
+        answers = asyncio.ensure_future(openai_answers(app.url, key, plans))
+        try:
+            await module_simulator.await_until(lambda s: s["active_requests"] == DRAINED, timeout=10)
+        except AssertionError:
+            answers.cancel()
+            raise
+        await asyncio.sleep(0.3)  # some words of each answer are out
+        app.proc.send_signal(signal.SIGTERM)
+        stopped_at = time.monotonic()
+        await asyncio.sleep(0.3)
+        late = await late_request(app.url, key)
+        got = await asyncio.wait_for(answers, 15)
+        await asyncio.to_thread(app.proc.wait, drain + 5)
+        stopped_in = time.monotonic() - stopped_at
+    finally:
+        log = app.log()
+        app.stop()
+    assert got == [expected for _, expected in plans]
+    if server == "daphne":  # still listening while it drains: a new answer is refused, try again elsewhere
+        assert late is not None and late[0] == 503 and late[1] == "1", late
+        assert late[2]["error"]["code"] == "unavailable", late
+    else:  # uvicorn stopped accepting: the connection waits in the listening socket's backlog (shared here)
+        assert late is None, late
+    print(f"{server}: stopped in {stopped_in:.2f} s; a new request during the drain: {late}")
+    assert stopped_in < drain
+    noise = [line for line in log.splitlines() if any(marker in line for marker in SHUTDOWN_NOISE)]
+    assert not noise, log[-3000:]
+    stats = await module_simulator.await_until(lambda s: s["active_requests"] == 0 and s["open_connections"] == 0)
+    assert all(r["outcome"] == "complete" for r in stats["requests"]), [r["outcome"] for r in stats["requests"]]
