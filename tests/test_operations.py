@@ -617,3 +617,44 @@ async def test_stopping_worker_finishes_openai_answers_on_their_connections(serv
     assert not noise, log[-3000:]
     stats = await module_simulator.await_until(lambda s: s["active_requests"] == 0 and s["open_connections"] == 0)
     assert all(r["outcome"] == "complete" for r in stats["requests"]), [r["outcome"] for r in stats["requests"]]
+
+
+async def test_drain_bounds_what_a_stopping_daphne_worker_waits_for(module_simulator) -> None:
+    """Answers longer than ``RESUME.DRAIN``: the stopping Daphne worker waits that long for them,
+    then cuts them (the client sees its connection close before the answer's end), and still exits
+    cleanly with every upstream connection closed."""
+    import openai
+
+    drain = 1.0
+    env = simulator_env(module_simulator.base_url, timeouts=TIMEOUTS, resume={"GRACE": 0.5, "DRAIN": drain, "TTL": 60})
+    app = AppServer(env, server="daphne", capture_stderr=True).start()
+    assert app.proc is not None
+    try:
+        key = new_api_key(app, f"ops{next(_unique)}")
+        client = openai.AsyncOpenAI(base_url=f"{app.url}/chat/v1", api_key=key, max_retries=0, timeout=20)
+        body, expected = chat(120, gap=0.05)  # 6 s
+        received = ""
+        stopped_at: float | None = None
+        try:
+            stream = await client.chat.completions.create(model="sim-1", messages=body["messages"], stream=True)
+            with pytest.raises(openai.APIError):  # the connection closes before the answer's end
+                async for chunk in stream:
+                    received += (chunk.choices[0].delta.content or "") if chunk.choices else ""
+                    if received and stopped_at is None:
+                        app.proc.send_signal(signal.SIGTERM)
+                        stopped_at = time.monotonic()
+        finally:
+            await client.close()
+        await asyncio.to_thread(app.proc.wait, 10)
+        assert stopped_at is not None
+        stopped_in = time.monotonic() - stopped_at
+    finally:
+        log = app.log()
+        app.stop()
+    assert received and expected.startswith(received) and received != expected
+    print(f"stopped in {stopped_in:.2f} s with RESUME.DRAIN {drain} s")
+    assert drain <= stopped_in < drain + 2.0
+    noise = [line for line in log.splitlines() if any(marker in line for marker in SHUTDOWN_NOISE)]
+    assert not noise, log[-3000:]
+    assert "still running after RESUME.DRAIN" in log, log[-3000:]
+    await module_simulator.await_until(lambda s: s["active_requests"] == 0 and s["open_connections"] == 0)
