@@ -12,9 +12,9 @@ resumes on another worker from the journal); then it closes the adapter's sessio
 (uvicorn, Hypercorn: route ``"lifespan"`` to :class:`chatproxy.asgi.Lifespan`; uvicorn first waits
 for open connections itself), and under Daphne, which does not, through a Twisted reactor
 "before shutdown" trigger (:func:`hook_reactor_shutdown`): it tells :mod:`chatproxy.inflight` that
-the server is stopping, and the reactor closes the connections and stops only once :func:`shut_down`
-is done. Left open, aiohttp reports each session as an ``Unclosed client session`` (and its
-connector fails in ``__del__``) while the interpreter exits.
+the server is stopping, stops listening for new connections, and the reactor closes the open
+connections and stops only once :func:`shut_down` is done. Left open, aiohttp reports each session
+as an ``Unclosed client session`` (and its connector fails in ``__del__``) while the interpreter exits.
 """
 
 from __future__ import annotations
@@ -134,11 +134,27 @@ def hook_reactor_shutdown(loop: asyncio.AbstractEventLoop) -> None:
 
     def stop() -> Any:
         inflight.begin(loop)
+        _stop_listening(reactor)
         return defer.Deferred.fromFuture(loop.create_task(shut_down()))
 
     with contextlib.suppress(Exception):  # a reactor that is already shutting down takes no trigger
         reactor.addSystemEventTrigger("before", "shutdown", stop)
         _reactor_hooked.add(loop)
+
+
+def _stop_listening(reactor: Any) -> None:
+    """Close the reactor's listening ports (Daphne's) as the drain begins, as uvicorn does: the
+    reactor would close them only once the drain is over. A new connection is then refused (a
+    proxy sends it to another worker), or waits for another process that listens on the same
+    socket (one passed in with ``--fd``, systemd socket activation)."""
+    from twisted.internet.interfaces import IListeningPort
+
+    for reader in reactor.getReaders():
+        if IListeningPort.providedBy(reader):
+            try:
+                reader.stopListening()
+            except Exception:  # the server is stopping anyway: its listening port closes with the reactor
+                logger.warning("chatproxy could not stop listening on %r", reader, exc_info=True)
 
 
 def forget_upstreams(**kwargs: Any) -> None:
