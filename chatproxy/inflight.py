@@ -22,8 +22,8 @@ the response when it reads ``http.disconnect``, and the stream closes its upstre
 Under Daphne :func:`begin` runs inside the reactor's shutdown trigger, in the same pass as
 Daphne's own cancelling one, before any cancelled request runs again (a cancellation is delivered
 when the task next runs), so every request sees the server stopping by then. While it is stopping
-:func:`stopping` is true and the stream-opening requests that still arrive (Daphne keeps listening
-until the before phase is over) are refused with ``503`` by the caller.
+:func:`stopping` is true and the stream-opening requests that still arrive (on connections already
+open: the shutdown trigger also closes Daphne's listening ports) are refused with ``503`` by the caller.
 """
 
 from __future__ import annotations
