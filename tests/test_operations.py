@@ -667,3 +667,42 @@ async def test_drain_bounds_what_a_stopping_daphne_worker_waits_for(module_simul
     assert not noise, log[-3000:]
     assert "still running after RESUME.DRAIN" in log, log[-3000:]
     await module_simulator.await_until(lambda s: s["active_requests"] == 0 and s["open_connections"] == 0)
+
+
+@pytest.mark.parametrize("server", SERVERS)
+async def test_a_client_that_leaves_during_the_drain_is_not_waited_for(server: str, module_simulator) -> None:
+    """A client leaves its 6 s answer while the worker drains: its upstream request is closed at
+    once (as for any departed client), and the worker exits without waiting for the answer's end."""
+    import openai
+
+    env = simulator_env(module_simulator.base_url, timeouts=TIMEOUTS, resume={"GRACE": 0.5, "DRAIN": 10.0, "TTL": 60})
+    app = AppServer(env, server=server, capture_stderr=True).start()
+    assert app.proc is not None
+    try:
+        key = new_api_key(app, f"ops{next(_unique)}")
+        module_simulator.reset()
+        client = openai.AsyncOpenAI(base_url=f"{app.url}/chat/v1", api_key=key, max_retries=0, timeout=20)
+        body, _ = chat(120, gap=0.05)  # 6 s
+        try:
+            stream = await client.chat.completions.create(model="sim-1", messages=body["messages"], stream=True)
+            async for chunk in stream:
+                if chunk.choices and chunk.choices[0].delta.content:
+                    break
+            app.proc.send_signal(signal.SIGTERM)
+            stopped_at = time.monotonic()
+            await asyncio.sleep(0.5)  # the drain has begun
+            await stream.close()  # the client leaves
+        finally:
+            await client.close()
+        await asyncio.to_thread(app.proc.wait, 10)
+        stopped_in = time.monotonic() - stopped_at
+    finally:
+        log = app.log()
+        app.stop()
+    print(f"{server}: stopped {stopped_in:.2f} s after the signal, its client gone after 0.5 s")
+    assert stopped_in < 2.5  # not the answer's 6 s
+    stats = await module_simulator.await_until(lambda s: s["active_requests"] == 0 and s["open_connections"] == 0)
+    assert [r["outcome"] for r in stats["requests"]] == ["client_disconnected"], stats["requests"]
+    assert stats["requests"][0]["chunks"] < 60
+    noise = [line for line in log.splitlines() if any(marker in line for marker in SHUTDOWN_NOISE)]
+    assert not noise, log[-3000:]
