@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
@@ -46,6 +47,7 @@ from django.utils import translation
 from django.utils.deprecation import MiddlewareMixin
 from django.utils.module_loading import import_string
 
+from chatproxy import inflight
 from chatproxy.codes import ErrorCode
 from chatproxy.responses import asgi_refusal
 from chatproxy.validation import max_body_bytes
@@ -102,10 +104,12 @@ class RequestSizeGuard:
         match = _match(scope)
         if match is None:
             return await self.app(scope, receive, send)
-        route = match.url_name or ""
+        return await self.serve(match, scope, receive, send)
 
+    async def serve(self, match: ResolverMatch, scope: Scope, receive: Receive, send: Send) -> None:
+        """Check the body of a chatproxy POST (see the module), then :meth:`dispatch` it."""
         limit = max_body_bytes()
-        openai_shape = route.startswith("openai")
+        openai_shape = _openai_shaped(match)
         length = _header(scope, b"content-length")
         if length is not None:
             if not (length.isdigit() and len(length) <= 19):
@@ -147,12 +151,18 @@ class RequestSizeGuard:
         return await self.app_for(match)(scope, replay, send)
 
 
+def _openai_shaped(match: ResolverMatch) -> bool:
+    """Whether the endpoint answers errors in OpenAI's shape."""
+    return (match.url_name or "").startswith("openai")
+
+
 def _too_large(limit: int) -> str:
     return f"The request body is too large (limit {limit} bytes)."
 
 
-async def _refuse(send: Send, status: int, message: str, openai_shape: bool, code: str = ErrorCode.BAD_REQUEST) -> None:
-    await asgi_refusal(send, ErrorCode.of(code), message, status=status, openai_shape=openai_shape)
+async def _refuse(send: Send, status: int, message: str, openai_shape: bool, code: str = ErrorCode.BAD_REQUEST,
+                  headers: list[tuple[bytes, bytes]] | None = None) -> None:
+    await asgi_refusal(send, ErrorCode.of(code), message, status=status, openai_shape=openai_shape, headers=headers)
 
 
 #: The url_names :class:`DirectStreams` serves with :class:`DirectHandler`: the POST endpoints
@@ -430,6 +440,25 @@ class DirectStreams(RequestSizeGuard):
 
     def app_for(self, match: ResolverMatch) -> ASGIApp:
         return self.streams if match.url_name in DIRECT_ROUTES else self.app
+
+    async def serve(self, match: ResolverMatch, scope: Scope, receive: Receive, send: Send) -> None:
+        """A stream-opening POST runs to its end when the server stops (:func:`chatproxy.inflight.serve`),
+        and is refused with ``503`` (``Retry-After``) once it is stopping: no new answer starts there."""
+        if match.url_name not in DIRECT_ROUTES:
+            return await super().serve(match, scope, receive, send)
+        from chatproxy.service import hook_reactor_shutdown
+
+        hook_reactor_shutdown(asyncio.get_running_loop())  # before a shutdown can cancel this request
+        if inflight.stopping():
+            return await _refuse(send, 503, STOPPING_MESSAGE, _openai_shaped(match), ErrorCode.UNAVAILABLE,
+                                 headers=[(b"retry-after", STOPPING_RETRY_AFTER)])
+        return await inflight.serve(functools.partial(super().serve, match), scope, receive, send)
+
+
+#: What a stream-opening request that reaches a stopping server is told, and when to try again
+#: (seconds: behind a proxy the next try reaches another worker).
+STOPPING_MESSAGE = "This server is restarting. Please try again in a moment."
+STOPPING_RETRY_AFTER = b"1"
 
 
 class Lifespan:

@@ -48,8 +48,8 @@ DEFAULTS: dict[str, Any] = {
         "WHEN_CACHE_DOWN": "allow",
         "WS_FRAMES_PER_SECOND": 20,  # frames one WebSocket may send per second, else closed (4008); None: no cap
     },
-    # DRAIN: seconds a stopping worker keeps generating its resumable streams (their clients
-    # resume on another worker), before it closes its upstream sessions
+    # DRAIN: seconds a stopping worker lets its answers in flight finish on their connections (and
+    # keeps generating its resumable streams for a resume elsewhere), before it closes its upstream sessions
     "RESUME": {"CACHE": "default", "TTL": 600, "GRACE": 30.0, "DRAIN": 30.0},
     "RECORDS": {
         "ENABLED": True,  # False: write no stream records

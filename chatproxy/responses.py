@@ -94,10 +94,11 @@ def websocket_error(code: ErrorCode, **fields: Any) -> str:
 
 
 async def asgi_refusal(
-    send: Send, code: ErrorCode, message: str | None = None, *, status: int | None = None, openai_shape: bool
+    send: Send, code: ErrorCode, message: str | None = None, *, status: int | None = None, openai_shape: bool,
+    headers: list[tuple[bytes, bytes]] | None = None,
 ) -> None:
-    """Answer ``status`` with the endpoint's error JSON straight over ASGI, closing the connection
-    (the unread rest of the request body must not be taken for another request)."""
+    """Answer ``status`` with the endpoint's error JSON straight over ASGI (and ``headers``), closing
+    the connection (the unread rest of the request body must not be taken for another request)."""
     body = orjson.dumps(_openai_body(code, message, None) if openai_shape else _native_body(code, message))
     await send({
         "type": "http.response.start",
@@ -106,6 +107,7 @@ async def asgi_refusal(
             (b"content-type", b"application/json"),
             (b"content-length", str(len(body)).encode()),
             (b"connection", b"close"),
+            *(headers or ()),
         ],
     })
     await send({"type": "http.response.body", "body": body})

@@ -4,15 +4,17 @@ Adapters hold connection pools bound to one event loop, so one adapter is kept p
 (Daphne and uvicorn run one loop per process; tests may run several in turn). The cache is
 dropped when ``CHATPROXY`` changes.
 
-When the server stops, :func:`shut_down` first lets the resumable streams still running finish
-(:func:`drain`, at most ``RESUME.DRAIN`` seconds: their clients, cut off by the stop, resume on
-another worker from the journal), then closes the adapter's sessions (:func:`close_upstreams`).
-It runs through the ASGI lifespan protocol where the server speaks it (uvicorn, Hypercorn: route
-``"lifespan"`` to :class:`chatproxy.asgi.Lifespan`; uvicorn first waits for open connections
-itself), and under Daphne, which does not, through a Twisted reactor shutdown trigger registered
-with the loop's first adapter (Daphne cancels every response at once; the trigger delays the
-reactor's stop). Left open, aiohttp reports each session as an ``Unclosed client session`` (and its
-connector fails in ``__del__``) while the interpreter exits.
+When the server stops, :func:`shut_down` first lets the answers in flight finish (:func:`drain`,
+at most ``RESUME.DRAIN`` seconds in all): the responses being sent, on their own connections
+(:mod:`chatproxy.inflight`), and the resumable streams still running (a client cut off anyway
+resumes on another worker from the journal); then it closes the adapter's sessions
+(:func:`close_upstreams`). It runs through the ASGI lifespan protocol where the server speaks it
+(uvicorn, Hypercorn: route ``"lifespan"`` to :class:`chatproxy.asgi.Lifespan`; uvicorn first waits
+for open connections itself), and under Daphne, which does not, through a Twisted reactor
+"before shutdown" trigger (:func:`hook_reactor_shutdown`): it tells :mod:`chatproxy.inflight` that
+the server is stopping, stops listening for new connections, and the reactor closes the open
+connections and stops only once :func:`shut_down` is done. Left open, aiohttp reports each session
+as an ``Unclosed client session`` (and its connector fails in ``__del__``) while the interpreter exits.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import weakref
 from dataclasses import replace
 from typing import Any
 
-from chatproxy import circuit, fallbacks, limits, profiles, records, signals
+from chatproxy import circuit, fallbacks, inflight, limits, profiles, records, signals
 from chatproxy.codes import ErrorCode
 from chatproxy.conf import Policy, get_config, upstream_settings
 from chatproxy.core import ChatRequest, ChatStream, Subscription, Target
@@ -56,7 +58,7 @@ def get_upstream(name: str = DEFAULT_UPSTREAM) -> Upstream:
     adapters = _upstreams.get(loop)
     if adapters is None:
         adapters = _upstreams[loop] = {}
-        _close_at_reactor_shutdown(loop)
+        hook_reactor_shutdown(loop)
     upstream = adapters.get(name)
     if upstream is None:
         conf = upstream_settings(name)
@@ -70,25 +72,31 @@ def get_upstream(name: str = DEFAULT_UPSTREAM) -> Upstream:
 
 
 async def drain(seconds: float) -> int:
-    """Wait (at most ``seconds``) until this loop's resumable streams have ended and the journal
-    has written them out; returns how many were still running at the start."""
+    """Wait (at most ``seconds`` in all) until this loop's responses in flight have been sent
+    (:func:`chatproxy.inflight.finish`, which then cancels the late ones) and its resumable streams
+    have ended and been written out; returns how many responses and streams were running."""
     from chatproxy import resume
 
     journal = resume.journal()
-    running = len(journal.tracked)
-    if running:
-        logger.warning("chatproxy: stopping; letting %d stream(s) finish (RESUME.DRAIN %.0f s)", running, seconds)
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(seconds):
-                await journal.idle()
-        if journal.tracked:
-            logger.warning("chatproxy: %d stream(s) still running after RESUME.DRAIN; stopping them",
-                           len(journal.tracked))
-    return running
+    responses, streams = inflight.in_flight(), len(journal.tracked)
+    if not (responses or streams):
+        return 0
+    logger.warning("chatproxy: stopping; letting %d response(s) and %d resumable stream(s) finish "
+                   "(RESUME.DRAIN %.0f s)", responses, streams, seconds)
+    deadline = asyncio.get_running_loop().time() + seconds
+    _, cut = await inflight.finish(seconds)
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout_at(deadline):
+            await journal.idle()
+    if cut or journal.tracked:
+        logger.warning("chatproxy: %d response(s) and %d stream(s) still running after RESUME.DRAIN; "
+                       "stopping them", cut, len(journal.tracked))
+    return responses + streams
 
 
 async def shut_down() -> None:
-    """At server shutdown: :func:`drain` the resumable streams, then :func:`close_upstreams`."""
+    """At server shutdown: :func:`drain` the answers in flight, then :func:`close_upstreams`."""
+    inflight.begin()
     await drain(float(get_config()["RESUME"].get("DRAIN", 0.0)))
     await close_upstreams()
 
@@ -109,23 +117,44 @@ async def close_upstreams() -> None:
 _reactor_hooked: weakref.WeakSet[asyncio.AbstractEventLoop] = weakref.WeakSet()
 
 
-def _close_at_reactor_shutdown(loop: asyncio.AbstractEventLoop) -> None:
-    """Under Daphne (a Twisted reactor running ``loop``): close the upstreams when the reactor shuts
-    down, before it stops the loop. Nothing elsewhere: lifespan servers use :class:`chatproxy.asgi.Lifespan`."""
+def hook_reactor_shutdown(loop: asyncio.AbstractEventLoop) -> None:
+    """Under Daphne (a Twisted reactor running ``loop``): at the reactor's shutdown, tell
+    :mod:`chatproxy.inflight` the server is stopping (at once, in the trigger itself) and run
+    :func:`shut_down` before the reactor closes the connections and stops the loop. Once per loop;
+    nothing elsewhere: lifespan servers use :class:`chatproxy.asgi.Lifespan`."""
+    if loop in _reactor_hooked:
+        return
     module = sys.modules.get("twisted.internet.reactor")
-    if module is None or loop in _reactor_hooked:
+    if module is None:
         return
     reactor: Any = module
     if not (getattr(reactor, "running", False) and getattr(reactor, "_asyncioEventloop", None) is loop):
         return
     from twisted.internet import defer
 
-    def close() -> Any:
+    def stop() -> Any:
+        inflight.begin(loop)
+        _stop_listening(reactor)
         return defer.Deferred.fromFuture(loop.create_task(shut_down()))
 
     with contextlib.suppress(Exception):  # a reactor that is already shutting down takes no trigger
-        reactor.addSystemEventTrigger("before", "shutdown", close)
+        reactor.addSystemEventTrigger("before", "shutdown", stop)
         _reactor_hooked.add(loop)
+
+
+def _stop_listening(reactor: Any) -> None:
+    """Close the reactor's listening ports (Daphne's) as the drain begins, as uvicorn does: the
+    reactor would close them only once the drain is over. A new connection is then refused (a
+    proxy sends it to another worker), or waits for another process that listens on the same
+    socket (one passed in with ``--fd``, systemd socket activation)."""
+    from twisted.internet.interfaces import IListeningPort
+
+    for reader in reactor.getReaders():
+        if IListeningPort.providedBy(reader):
+            try:
+                reader.stopListening()
+            except Exception:  # the server is stopping anyway: its listening port closes with the reactor
+                logger.warning("chatproxy could not stop listening on %r", reader, exc_info=True)
 
 
 def forget_upstreams(**kwargs: Any) -> None:

@@ -35,6 +35,7 @@ from tests.e2e.stack import (
     start_simulator,
     wait_until,
 )
+from tests.fixtures_servers import new_api_key
 from tests.servers import AppServer, simulator_env
 from tests.sseclient import SSEResponse, parse_block, read_sse
 
@@ -480,11 +481,13 @@ async def read_events_until(response: aiohttp.ClientResponse, seen: list[tuple[i
 async def test_stopping_worker_lets_its_streams_finish_for_a_resume_elsewhere(
     server: str, redis: Redis, module_simulator, tmp_path: Path
 ) -> None:
-    """Two workers sharing Redis and the database; SIGTERM to the one running six streams. Their
-    clients lose the connection (Daphne) or not (uvicorn waits for them): either way each answer
-    ends exactly, read from the stopping worker or resumed on the other one with ``Last-Event-ID``,
-    because the stopping worker keeps generating them (``RESUME.DRAIN``) before it exits cleanly.
-    Regression: Daphne stopped them at once, and a resume elsewhere ended in an error."""
+    """Two workers sharing Redis and the database; SIGTERM to the one running six streams. Each
+    answer ends exactly, read from the stopping worker to its end: uvicorn waits for the open
+    connections, and under Daphne the responses in flight run on through its shutdown
+    (``RESUME.DRAIN``) before the worker exits cleanly. A client cut off anyway would resume on the
+    other worker with ``Last-Event-ID`` (the stopping worker keeps generating into the journal);
+    none needs to. Regressions: Daphne stopped them at once, and a resume elsewhere ended in an
+    error; later, Daphne cut every client and each resumed elsewhere."""
     env = {**simulator_env(module_simulator.base_url, timeouts=TIMEOUTS, limits={"MAX_STREAMS_PER_USER": 50},
                            resume={"GRACE": 10.0, "DRAIN": 15.0, "TTL": 60}),
            "REDIS_URL": redis.url, "DJANGO_DB_PATH": str(tmp_path / "shared.sqlite3")}
@@ -494,6 +497,7 @@ async def test_stopping_worker_lets_its_streams_finish_for_a_resume_elsewhere(
         async with aiohttp.ClientSession() as session:
             plans = [chat(60, gap=0.05) for _ in range(DRAINED)]  # 3 s answers
             seen: list[list[tuple[int, str, dict[str, Any]]]] = [[] for _ in plans]
+            resumed: list[int] = []
             responses = [await session.post(f"{stopping.url}/chat/stream/", json=body) for body, _ in plans]
             await asyncio.gather(*(read_events_until(r, s, 3) for r, s in zip(responses, seen, strict=True)))
             assert stopping.proc is not None
@@ -506,6 +510,7 @@ async def test_stopping_worker_lets_its_streams_finish_for_a_resume_elsewhere(
                 responses[index].close()
                 if seen[index][-1][1] in ("done", "error"):
                     return
+                resumed.append(index)
                 stream_id = seen[index][0][2]["stream_id"]
                 last = seen[index][-1][0]
                 async with session.get(f"{other.url}/chat/stream/{stream_id}/",
@@ -524,6 +529,184 @@ async def test_stopping_worker_lets_its_streams_finish_for_a_resume_elsewhere(
         assert [seq for seq, _, _ in events] == list(range(1, len(events) + 1))  # no gap, no repeat
         assert events[-1][1] == "done", events[-3:]
         assert "".join(data["text"] for _, name, data in events if name == "delta") == expected
+    assert resumed == []  # every answer was read whole from the stopping worker
     assert drained_in < 15.0
+    noise = [line for line in log.splitlines() if any(marker in line for marker in SHUTDOWN_NOISE)]
+    assert not noise, log[-3000:]
+
+
+async def openai_answers(base_url: str, key: str, plans: list[tuple[dict[str, object], str]]) -> list[str]:
+    """The answers the current openai client reads from ``base_url`` for ``plans``, in turn: chat
+    completions streamed, chat completions ``stream=False``, a Responses API ``responses.create`` (not
+    stored: no stream of them is resumable)."""
+    import openai
+
+    client = openai.AsyncOpenAI(base_url=f"{base_url}/chat/v1", api_key=key, max_retries=0, timeout=20)
+
+    async def ask(index: int, body: dict[str, object]) -> str:
+        messages: Any = body["messages"]
+        kind = index % 3
+        if kind == 0:
+            stream = await client.chat.completions.create(model="sim-1", messages=messages, stream=True)
+            return "".join([chunk.choices[0].delta.content or "" async for chunk in stream if chunk.choices])
+        if kind == 1:
+            completion = await client.chat.completions.create(model="sim-1", messages=messages)
+            return completion.choices[0].message.content or ""
+        response = await client.responses.create(model="sim-1", input=messages, store=False)
+        return response.output_text
+
+    try:
+        return await asyncio.gather(*(ask(i, body) for i, (body, _) in enumerate(plans)))
+    finally:
+        await client.close()
+
+
+async def late_request(session: aiohttp.ClientSession, url: str, key: str) -> tuple[int, str | None, Any] | str:
+    """A chat completion asked of a stopping worker: its status, ``Retry-After`` and JSON body, or
+    what went wrong ("no answer" within a second, or the error's class name)."""
+    body, _ = chat(3)
+    try:
+        async with asyncio.timeout(1.0):
+            async with session.post(f"{url}/chat/v1/chat/completions", json={"model": "sim-1", **body},
+                                    headers={"Authorization": f"Bearer {key}"}) as response:
+                return response.status, response.headers.get("Retry-After"), await response.json()
+    except TimeoutError:
+        return "no answer"
+    except aiohttp.ClientError as exc:
+        return type(exc).__name__
+
+
+@pytest.mark.parametrize("server", SERVERS)
+async def test_stopping_worker_finishes_openai_answers_on_their_connections(server: str, module_simulator) -> None:
+    """SIGTERM to a worker while the openai client reads six 3 s answers from it (chat completions
+    streamed and not, the Responses API): none is resumable, so each must end on the connection
+    it started on. Every one is read whole and exact from the stopping worker, the worker exits
+    within ``RESUME.DRAIN`` with every upstream connection closed and nothing on stderr. Meanwhile
+    no new connection is accepted, and a new answer asked on a connection already open is refused
+    (Daphne: 503 with ``Retry-After``). Regression: Daphne cancelled them at once (the client saw
+    the connection close)."""
+    drain = 10.0
+    env = simulator_env(module_simulator.base_url, timeouts=TIMEOUTS, limits={"MAX_STREAMS_PER_USER": 50},
+                        resume={"GRACE": 0.5, "DRAIN": drain, "TTL": 60})
+    app = AppServer(env, server=server, capture_stderr=True).start()
+    assert app.proc is not None
+    try:
+        key = new_api_key(app, f"ops{next(_unique)}")
+        module_simulator.reset()
+        plans = [chat(60, gap=0.05) for _ in range(DRAINED)]
+        answers = asyncio.ensure_future(openai_answers(app.url, key, plans))
+        try:
+            await module_simulator.await_until(lambda s: s["active_requests"] == DRAINED, timeout=10)
+        except AssertionError:
+            answers.cancel()
+            raise
+        await asyncio.sleep(0.3)  # some words of each answer are out
+        async with aiohttp.ClientSession() as kept, aiohttp.ClientSession() as fresh:
+            async with kept.get(f"{app.url}/chat/v1/models", headers={"Authorization": f"Bearer {key}"}) as response:
+                assert response.status == 200  # its connection stays open (keep-alive)
+            app.proc.send_signal(signal.SIGTERM)
+            stopped_at = time.monotonic()
+            await asyncio.sleep(0.3)
+            on_new_connection = await late_request(fresh, app.url, key)
+            on_kept_connection = await late_request(kept, app.url, key)
+        got = await asyncio.wait_for(answers, 15)
+        await asyncio.to_thread(app.proc.wait, drain + 5)
+        stopped_in = time.monotonic() - stopped_at
+    finally:
+        log = app.log()
+        app.stop()
+    assert got == [expected for _, expected in plans]
+    print(f"{server}: stopped in {stopped_in:.2f} s; during the drain, a request on a new connection: "
+          f"{on_new_connection}; on a kept-alive one: {on_kept_connection}")
+    # Neither server accepts connections any more: this one waits in the listening socket's backlog
+    # (shared with this test; a socket of the server's own refuses it).
+    assert on_new_connection == "no answer"
+    if server == "daphne":  # an open connection is still served: a new answer is refused there
+        assert not isinstance(on_kept_connection, str), on_kept_connection
+        assert on_kept_connection[:2] == (503, "1"), on_kept_connection
+        assert on_kept_connection[2]["error"]["code"] == "unavailable", on_kept_connection
+    assert stopped_in < drain
+    noise = [line for line in log.splitlines() if any(marker in line for marker in SHUTDOWN_NOISE)]
+    assert not noise, log[-3000:]
+    stats = await module_simulator.await_until(lambda s: s["active_requests"] == 0 and s["open_connections"] == 0)
+    assert all(r["outcome"] == "complete" for r in stats["requests"]), [r["outcome"] for r in stats["requests"]]
+
+
+async def test_drain_bounds_what_a_stopping_daphne_worker_waits_for(module_simulator) -> None:
+    """Answers longer than ``RESUME.DRAIN``: the stopping Daphne worker waits that long for them,
+    then cuts them (the client sees its connection close before the answer's end), and still exits
+    cleanly with every upstream connection closed."""
+    import openai
+
+    drain = 1.0
+    env = simulator_env(module_simulator.base_url, timeouts=TIMEOUTS, resume={"GRACE": 0.5, "DRAIN": drain, "TTL": 60})
+    app = AppServer(env, server="daphne", capture_stderr=True).start()
+    assert app.proc is not None
+    try:
+        key = new_api_key(app, f"ops{next(_unique)}")
+        client = openai.AsyncOpenAI(base_url=f"{app.url}/chat/v1", api_key=key, max_retries=0, timeout=20)
+        body, expected = chat(120, gap=0.05)  # 6 s
+        received = ""
+        stopped_at: float | None = None
+        try:
+            stream = await client.chat.completions.create(model="sim-1", messages=body["messages"], stream=True)
+            with pytest.raises(openai.APIError):  # the connection closes before the answer's end
+                async for chunk in stream:
+                    received += (chunk.choices[0].delta.content or "") if chunk.choices else ""
+                    if received and stopped_at is None:
+                        app.proc.send_signal(signal.SIGTERM)
+                        stopped_at = time.monotonic()
+        finally:
+            await client.close()
+        await asyncio.to_thread(app.proc.wait, 10)
+        assert stopped_at is not None
+        stopped_in = time.monotonic() - stopped_at
+    finally:
+        log = app.log()
+        app.stop()
+    assert received and expected.startswith(received) and received != expected
+    print(f"stopped in {stopped_in:.2f} s with RESUME.DRAIN {drain} s")
+    assert drain <= stopped_in < drain + 2.0
+    noise = [line for line in log.splitlines() if any(marker in line for marker in SHUTDOWN_NOISE)]
+    assert not noise, log[-3000:]
+    assert "still running after RESUME.DRAIN" in log, log[-3000:]
+    await module_simulator.await_until(lambda s: s["active_requests"] == 0 and s["open_connections"] == 0)
+
+
+@pytest.mark.parametrize("server", SERVERS)
+async def test_a_client_that_leaves_during_the_drain_is_not_waited_for(server: str, module_simulator) -> None:
+    """A client leaves its 6 s answer while the worker drains: its upstream request is closed at
+    once (as for any departed client), and the worker exits without waiting for the answer's end."""
+    import openai
+
+    env = simulator_env(module_simulator.base_url, timeouts=TIMEOUTS, resume={"GRACE": 0.5, "DRAIN": 10.0, "TTL": 60})
+    app = AppServer(env, server=server, capture_stderr=True).start()
+    assert app.proc is not None
+    try:
+        key = new_api_key(app, f"ops{next(_unique)}")
+        module_simulator.reset()
+        client = openai.AsyncOpenAI(base_url=f"{app.url}/chat/v1", api_key=key, max_retries=0, timeout=20)
+        body, _ = chat(120, gap=0.05)  # 6 s
+        try:
+            stream = await client.chat.completions.create(model="sim-1", messages=body["messages"], stream=True)
+            async for chunk in stream:
+                if chunk.choices and chunk.choices[0].delta.content:
+                    break
+            app.proc.send_signal(signal.SIGTERM)
+            stopped_at = time.monotonic()
+            await asyncio.sleep(0.5)  # the drain has begun
+            await stream.close()  # the client leaves
+        finally:
+            await client.close()
+        await asyncio.to_thread(app.proc.wait, 10)
+        stopped_in = time.monotonic() - stopped_at
+    finally:
+        log = app.log()
+        app.stop()
+    print(f"{server}: stopped {stopped_in:.2f} s after the signal, its client gone after 0.5 s")
+    assert stopped_in < 2.5  # not the answer's 6 s
+    stats = await module_simulator.await_until(lambda s: s["active_requests"] == 0 and s["open_connections"] == 0)
+    assert [r["outcome"] for r in stats["requests"]] == ["client_disconnected"], stats["requests"]
+    assert stats["requests"][0]["chunks"] < 60
     noise = [line for line in log.splitlines() if any(marker in line for marker in SHUTDOWN_NOISE)]
     assert not noise, log[-3000:]
