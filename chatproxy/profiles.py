@@ -61,9 +61,11 @@ import contextlib
 import fnmatch
 import logging
 import math
+import threading
 import time
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -348,12 +350,40 @@ async def _check(now: float) -> Snapshot:
     version = await _aread_version()
     if _stale(version, now):
         try:
-            rows = [row async for row in _query()]
+            rows = await asyncio.get_running_loop().run_in_executor(_reader(), _read_rows)
         except Exception as exc:
             _snapshot = _failed(version, now, exc)
         else:
             _snapshot = _loaded(version, rows, now)
     return _snapshot
+
+
+_reader_pool: ThreadPoolExecutor | None = None
+_reader_lock = threading.Lock()
+
+
+def _reader() -> ThreadPoolExecutor:
+    """The thread the event loop's profile reads run in, with a database connection of its own.
+
+    Not the async ORM's: that is asgiref's one thread-sensitive thread, which every request also
+    needs (Django's ``request_started`` / ``request_finished`` receivers run there), so a read
+    waiting for a locked or unreachable database would hold every stream opening meanwhile.
+    """
+    global _reader_pool
+    with _reader_lock:
+        if _reader_pool is None:
+            _reader_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chatproxy-profiles")
+        return _reader_pool
+
+
+def _read_rows() -> list[dict[str, Any]]:
+    from django.db import connections
+
+    try:
+        return list(_query())
+    except Exception:
+        connections[_query().db].close()  # a connection the database dropped is replaced next time
+        raise
 
 
 async def _aread_version() -> str | None:
