@@ -17,8 +17,11 @@ journal wrote it out (``INFO`` itself is not counted):
   (``GET /chat/stream/<id>/``): B replays from the store and tails live over the channel layer,
   while the original client keeps reading A.
 
-Commands per stream = calls / K; per stream-second = calls / (K x N x G). The counts depend on
-the journal's intervals, not on the machine's speed (within a flush or two).
+Commands per stream = calls / K; per stream-second = calls / (K x N x G). The ``quiet`` counts
+depend on the journal's intervals, not on the machine's speed (within a flush or two). The
+``resumed`` ones depend on how many flushes worker A makes in time (at most one per
+``FLUSH_INTERVAL`` while a stream is listened to, each batch also published on the channel layer):
+on a loaded machine fewer, larger batches, so fewer commands.
 """
 
 from __future__ import annotations

@@ -320,6 +320,12 @@ def _workers_tables(out: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _redisops_table(out: dict[str, Any]) -> list[str]:
+    from bench import redisops
+
+    return redisops.table(out["redisops"])
+
+
 def _soak_tables(out: dict[str, Any]) -> list[str]:
     lines = ["| configuration | streams | minutes | delivered | errors | when | RSS MiB | fds | threads | "
              "asyncio tasks |", "|---|--:|--:|--:|--:|---|--:|--:|--:|--:|"]
@@ -386,6 +392,8 @@ def markdown(out: dict[str, Any], png_name: str) -> str:
         ("admission", "## 7. Admission (one thread, per new stream; O(1) cache calls whatever the limit)",
          _admission_table),
         ("fallback", "## 10. Fallbacks: what they cost the stream core", _fallback_table),
+        ("redisops", "## 11. Redis commands per stream (journal, admission, circuit, channel layer)",
+         _redisops_table),
     ]
     for part, title, tables in sections:
         if out.get(part):

@@ -70,7 +70,7 @@ async def test_a_flush_costs_one_command_per_key_written(stats: redis.Redis) -> 
         assert [e.name async for e in stream][-1] == "done"
     await asyncio.wait_for(resume.journal().idle(), 5)
     counted = calls(stats)
-    keys = stats.keys("site:3:chatproxy:s:*")
+    keys: list[bytes] = stats.keys("site:3:chatproxy:s:*")  # type: ignore[assignment]
     batches = [key for key in keys if key.rsplit(b":", 1)[-1].isdigit()]
     assert len(keys) - len(batches) == STREAMS and len(batches) >= STREAMS  # a meta and a batch or more each
     writes = {name: n for name, n in counted.items() if name != "mget"}  # mget: the listen/cancel flags
