@@ -1,11 +1,11 @@
 """Part ``redisops``: the Redis commands a stream costs, counted on real workers.
 
 ``python -m bench.redisops [--streams K] [--chunks N] [--gap G] [--json]`` (or ``python -m bench
---parts redisops``): a ``redis-server`` of its own, the paced upstream (:mod:`bench.pacer`) and two
+--parts redisops``): a ``redis-server`` of its own, the paced upstream (:mod:`bench.pacer`) and
 Daphne workers with ``REDIS_URL`` set, as in production (the sample project then puts Django's
 cache -- so the journal (``RESUME.CACHE``), admission leases and circuit state -- and the Channels
 layer on that Redis). Admission is on (``MAX_STREAMS_PER_USER`` high enough for the K streams, so
-each takes and gives back a lease) and every model has its circuit, as configured by default.
+each takes and gives back a lease).
 
 Each case runs K streams of N chunks, one every G seconds, all at once, on worker A, and reads
 Redis's ``INFO commandstats`` before the first request and after the last stream ended and the
@@ -15,7 +15,10 @@ journal wrote it out (``INFO`` itself is not counted):
 * ``quiet``: nobody resumes the streams (their clients read worker A's memory);
 * ``resumed``: each stream, once started, is also resumed on worker B from its first event
   (``GET /chat/stream/<id>/``): B replays from the store and tails live over the channel layer,
-  while the original client keeps reading A.
+  while the original client keeps reading A;
+* ``quiet, fallbacks``: as ``quiet``, on a third worker whose models all have a fallback
+  (``BENCH_FALLBACKS``), so each stream also reads its target's circuit (without fallbacks no
+  circuit is consulted).
 
 Commands per stream = calls / K; per stream-second = calls / (K x N x G). The ``quiet`` counts
 depend on the journal's intervals, not on the machine's speed (within a flush or two). The
@@ -36,7 +39,7 @@ from typing import Any
 
 from bench import procs
 
-CASES = ("idle", "quiet", "resumed")
+CASES = ("idle", "quiet", "resumed", "quiet, fallbacks")
 
 
 def commandstats(client: Any) -> dict[str, int]:
@@ -144,11 +147,11 @@ def run(streams: int = 50, chunks: int = 40, gap: float = 0.05, pacer: procs.Pac
             wait_until(lambda: redis_ping(port), "redis", [redis_proc], timeout=10)
             env = {"REDIS_URL": f"redis://127.0.0.1:{port}/0",
                    "CHATPROXY_LIMITS": json.dumps({"MAX_STREAMS_PER_USER": 2 * streams + 10})}
-            for _ in range(2):
-                server = procs.Server("daphne", upstream=pacer.base_url, env=env, databases=databases)
+            for extra in ({}, {}, {"BENCH_FALLBACKS": "1"}):
+                server = procs.Server("daphne", upstream=pacer.base_url, env={**env, **extra}, databases=databases)
                 servers.append(server)
                 server.warm_up()
-            a, b = servers
+            a, b, c = servers
             stats = redis.Redis(host="127.0.0.1", port=port)
             for case in CASES:
                 _settle(stats)
@@ -157,7 +160,8 @@ def run(streams: int = 50, chunks: int = 40, gap: float = 0.05, pacer: procs.Pac
                     time.sleep(seconds)
                     outcomes: dict[str, int] = {}
                 else:
-                    outcomes = asyncio.run(_streams(a, b if case == "resumed" else None, streams, chunks, gap))
+                    origin = c if case == "quiet, fallbacks" else a
+                    outcomes = asyncio.run(_streams(origin, b if case == "resumed" else None, streams, chunks, gap))
                 _settle(stats)
                 calls = delta(before, commandstats(stats))
                 total = sum(calls.values())
@@ -181,7 +185,7 @@ def table(result: dict[str, Any]) -> list[str]:
     rows = result["rows"]
     commands = list(dict.fromkeys(name for row in rows for name in row["calls"]))
     lines = [f"{result['streams']} streams of {result['chunks']} chunks every {result['gap']:g} s "
-             f"({result['chunks'] * result['gap']:g} s each), all at once, on one of two Daphne workers; "
+             f"({result['chunks'] * result['gap']:g} s each), all at once, on one Daphne worker (resumed on another); "
              "commands per stream (per stream-second in brackets):", "",
              "| case | streams ended `done` | all commands | " + " | ".join(commands) + " |",
              "|---|--:|--:|" + "--:|" * len(commands)]
