@@ -40,7 +40,7 @@ if os.environ.get("BENCH_NO_JOURNAL") == "1":
 
 if os.environ.get("BENCH_DIAG") == "1":
     # Diagnostics for the harness, served at GET /_bench/diag (before Django): CPU time spent in the
-    # cyclic garbage collector per generation, the number of tracked objects, with
+    # cyclic garbage collector per generation, the number of tracked objects and their commonest types, with
     # BENCH_GC_GARBAGE=1 the types of the objects that collections freed, and with
     # BENCH_TRACEMALLOC=1 Python heap growth since the previous call (the first call takes the
     # baseline snapshot).
@@ -74,8 +74,12 @@ if os.environ.get("BENCH_DIAG") == "1":
     _baseline: list[tracemalloc.Snapshot] = []
 
     def _diag() -> dict:
-        out: dict = {"gc": {str(k): v for k, v in _gc_stats.items()}, "gc_objects": len(gc.get_objects()),
-                     "time": time.monotonic()}
+        tracked = gc.get_objects()
+        out: dict = {"gc": {str(k): v for k, v in _gc_stats.items()}, "gc_objects": len(tracked),
+                     "time": time.monotonic(),
+                     "gc_types": collections.Counter(
+                         f"{type(o).__module__}.{type(o).__qualname__}" for o in tracked).most_common(30)}
+        del tracked
         if gc.get_debug() & gc.DEBUG_SAVEALL:
             kinds = collections.Counter(f"{type(o).__module__}.{type(o).__qualname__}" for o in gc.garbage)
             out["garbage"] = kinds.most_common(40)
@@ -114,10 +118,10 @@ async def application(scope, receive, send):  # type: ignore[no-redef,no-untyped
         import json as _json
 
         from chatproxy.conf import get_config
-        from chatproxy.upstream import detect_sdk
+        from chatproxy.upstream import resolve_sdk
 
         upstream = get_config()["UPSTREAM"]
-        sdk = detect_sdk() if upstream["SDK"] == "auto" else upstream["SDK"]
+        sdk = resolve_sdk(upstream["SDK"])
         body = _json.dumps({"sdk": sdk, "http_client": upstream["HTTP_CLIENT"],
                             "openai": importlib.metadata.version("openai"),
                             "tasks": len(asyncio.all_tasks())}).encode()

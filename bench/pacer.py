@@ -48,6 +48,9 @@ class Stats:
         self.chunks = 0
 
 
+STATS = web.AppKey("stats", Stats)
+
+
 def _shape(messages: list[dict[str, Any]]) -> dict[str, float]:
     shape = dict(_DEFAULTS)
     last = next((m for m in reversed(messages) if m.get("role") == "user"), None)
@@ -61,7 +64,7 @@ def _shape(messages: list[dict[str, Any]]) -> dict[str, float]:
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
-    stats: Stats = request.app["stats"]
+    stats = request.app[STATS]
     body = orjson.loads(await request.read())
     messages = body.get("messages") or []
     shape = _shape(messages)
@@ -122,7 +125,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
 
 
 async def stats_handler(request: web.Request) -> web.Response:
-    s: Stats = request.app["stats"]
+    s = request.app[STATS]
     return web.json_response({"active": s.active, "streams": s.streams, "chunks": s.chunks})
 
 
@@ -130,12 +133,17 @@ async def models(request: web.Request) -> web.Response:
     return web.json_response({"object": "list", "data": [{"id": "gpt-4o-mini", "object": "model"}]})
 
 
-async def serve(host: str, port: int) -> None:
+def make_app() -> web.Application:
     app = web.Application()
-    app["stats"] = Stats()
+    app[STATS] = Stats()
     app.router.add_post("/v1/chat/completions", completions)
     app.router.add_get("/v1/models", models)
     app.router.add_get("/stats", stats_handler)
+    return app
+
+
+async def serve(host: str, port: int) -> None:
+    app = make_app()
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=0.1)
     await runner.setup()
     site = web.TCPSite(runner, host, port, backlog=4096)

@@ -37,10 +37,11 @@ from typing import Any
 from bench import procs
 
 # name -> (server kind, environment). The sample project as shipped: ``DirectStreams`` serves the
-# streams, ``gc.freeze()`` after start-up, ``UPSTREAM.SDK = "none"`` (the API over aiohttp), the
+# streams, ``gc.freeze()`` after start-up, ``UPSTREAM.SDK`` left at ``"auto"`` (the API over aiohttp), the
 # journal on, ``DEBUG`` off. uvicorn runs with httptools (what ``pip install uvicorn[standard]`` adds;
 # ``--http httptools``) and the asyncio loop unless the name says otherwise.
 UVICORN = {"BENCH_HTTP": "httptools"}
+CURRENT_SDK = {"BENCH_SDK": "current"}
 CONFIGS: dict[str, tuple[str, dict[str, str]]] = {
     "floor": ("floor", {}),
     "daphne": ("daphne", {}),
@@ -52,9 +53,11 @@ CONFIGS: dict[str, tuple[str, dict[str, str]]] = {
     "uvicorn, no journal": ("uvicorn", {**UVICORN, "BENCH_NO_JOURNAL": "1"}),
     # Every model has a fallback target: its chain and circuit are looked at once per stream, never per chunk.
     "uvicorn, fallbacks": ("uvicorn", {**UVICORN, "BENCH_FALLBACKS": "1"}),
-    "uvicorn, current SDK over aiohttp": ("uvicorn", {**UVICORN, "BENCH_SDK": "auto", "BENCH_HTTP_CLIENT": "aiohttp"}),
-    # UPSTREAM's defaults (docs/reference.md): SDK "auto", HTTP_CLIENT "httpx".
-    "uvicorn, current SDK over httpx2": ("uvicorn", {**UVICORN, "BENCH_SDK": "auto", "BENCH_HTTP_CLIENT": "httpx"}),
+    "uvicorn, current SDK over aiohttp": ("uvicorn", {**UVICORN, **CURRENT_SDK, "BENCH_HTTP_CLIENT": "aiohttp"}),
+    # The current SDK with its default transport (HTTP_CLIENT "httpx").
+    "uvicorn, current SDK over httpx2": ("uvicorn", {**UVICORN, **CURRENT_SDK, "BENCH_HTTP_CLIENT": "httpx"}),
+    # What SDK "auto" drove before it took the SDK-less wire: the default path of openai users until then.
+    "daphne, current SDK over httpx2": ("daphne", {**CURRENT_SDK, "BENCH_HTTP_CLIENT": "httpx"}),
     # The stream requests through Django's handler and middleware (RequestSizeGuard alone).
     "uvicorn, Django path": ("uvicorn", {**UVICORN, "BENCH_DJANGO_PATH": "1"}),
     "daphne, Django path": ("daphne", {"BENCH_DJANGO_PATH": "1"}),
@@ -62,11 +65,14 @@ CONFIGS: dict[str, tuple[str, dict[str, str]]] = {
     "uvicorn, h11": ("uvicorn", {"BENCH_HTTP": "h11"}),
     "uvicorn, gc not frozen": ("uvicorn", {**UVICORN, "BENCH_GC_UNFREEZE": "1"}),
     "daphne, no journal": ("daphne", {"BENCH_NO_JOURNAL": "1"}),
+    "daphne, gc 10000,50,100": ("daphne", {"BENCH_GC_THRESHOLD": "10000,50,100"}),
+    "daphne, gc 700,10,100": ("daphne", {"BENCH_GC_THRESHOLD": "700,10,100"}),
 }
 DEFAULT_CONFIGS = [
     "floor", "daphne", "uvicorn", "floor, uvloop", "uvicorn, uvloop",
     "uvicorn, no journal", "uvicorn, fallbacks", "uvicorn, current SDK over aiohttp",
-    "uvicorn, current SDK over httpx2", "uvicorn, Django path", "daphne, Django path",
+    "uvicorn, current SDK over httpx2", "daphne, current SDK over httpx2", "uvicorn, Django path",
+    "daphne, Django path",
 ]
 SECONDARY_CONFIGS = frozenset(DEFAULT_CONFIGS[5:])
 

@@ -12,6 +12,12 @@ TARGET_P99_MS = 50.0
 TARGET_IDLE_KIB = 64.0
 TARGET_STALL_OVERHEAD = 0.5
 HELD_DELIVERED = 0.98
+# The path users get (Daphne, SDK "auto", journal on) and uvicorn: tighter ratios to the floor, and
+# the peak memory per concurrent stream of the default path; across workers, p99 added at 600 streams.
+TARGET_RATIO_BY_CONFIG = {"daphne": 1.6, "uvicorn": 1.3}
+TARGET_PEAK_KIB = {"daphne": 48.0}
+TARGET_WORKERS_P99_MS = 100.0
+TARGET_WORKERS_STREAMS = 600
 
 
 def _f(value: Any, digits: int = 0, suffix: str = "") -> str:
@@ -67,6 +73,18 @@ def targets(out: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
             rows.append((f"≤ {TARGET_RATIO:g}× the floor ({base}), same run: **{config}**",
                          ", ".join(f"{ratio:.2f}× ({r['users']})" for r, ratio in ratios),
                          all(ratio <= TARGET_RATIO for _, ratio in ratios)))
+        tight = TARGET_RATIO_BY_CONFIG.get(config)
+        wide = [(r, ratio) for r, ratio in ratios if r["users"] >= 200]
+        if tight is not None and wide:
+            rows.append((f"≤ {tight:g}× the floor at 200 and 400 streams: **{config}**",
+                         ", ".join(f"{ratio:.2f}× ({r['users']})" for r, ratio in wide),
+                         all(ratio <= tight for _, ratio in wide)))
+        peak = TARGET_PEAK_KIB.get(config)
+        judged = [r["peak_kib_per_stream"] <= peak for r in mine if r["users"] >= 200] if peak is not None else []
+        if peak is not None:
+            rows.append((f"≤ {peak:g} KiB peak per concurrent stream: **{config}**",
+                         ", ".join(f"{_f(r['peak_kib_per_stream'])} ({r['users']})" for r in mine),
+                         all(judged) if judged else None))
     top = max((r["users"] for r in chatproxy), default=None)
     if top is not None:
         for config in configs:
@@ -82,6 +100,14 @@ def targets(out: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
         rows.append((f"≤ {TARGET_IDLE_KIB:g} KiB per idle stream: **{r['config']}**",
                      f"{_f(r['kib_per_idle_stream'], 1)} KiB ({r['held']} streams)",
                      r["kib_per_idle_stream"] <= TARGET_IDLE_KIB))
+    for r in out.get("workers") or []:
+        if r["users"] >= TARGET_WORKERS_STREAMS:
+            rows.append((f"{r['users']} streams across workers, all delivered, p99 added < "
+                         f"{TARGET_WORKERS_P99_MS:g} ms: **{r['config']}**",
+                         f"delivered {(r['delivered'] or 0):.1%}, p99 added {_f(r['added_p99_ms'], 1)} ms, "
+                         f"errors {sum(r['errors'].values())}",
+                         (r["delivered"] or 0) >= HELD_DELIVERED and not r["errors"]
+                         and r["added_p99_ms"] is not None and r["added_p99_ms"] < TARGET_WORKERS_P99_MS))
     stall = out.get("stall") or {}
     for r in stall.get("chatproxy", []):
         over = (r.get("overhead") or {}).get("max")
@@ -304,6 +330,12 @@ def _admission_table(out: dict[str, Any]) -> list[str]:
     return table(out["admission"])
 
 
+def _ttfb_tables(out: dict[str, Any]) -> list[str]:
+    from bench.ttfb import table
+
+    return table(out["ttfb"])
+
+
 def _workers_tables(out: dict[str, Any]) -> list[str]:
     lines = ["| configuration | streams | delivered | added p50 / p99 ms | workers' CPU us per chunk | "
              "Redis calls per stream-second | Redis CPU us per stream-second | errors |",
@@ -317,7 +349,28 @@ def _workers_tables(out: dict[str, Any]) -> list[str]:
     for r in out["workers"]:
         top = ", ".join(f"{name} {n:.2f}" for name, n in list(r["redis_by_command"].items())[:8])
         lines.append(f"| {r['config']} | {r['users']} | {top} |")
+    lines += ["", f"Capacity from these counts (docs/deploy.md, \"Scaling past one machine\"): each core kept "
+              f"at {SCALING_UTILISATION:.0%} busy, streams of 20 chunks/s:", "",
+              "| configuration | streams | streams per worker core | streams per Redis core | "
+              "Redis commands/s at that load | worker cores one Redis core serves |", "|---|--:|--:|--:|--:|--:|"]
+    for r in out["workers"]:
+        per_core = scaling(r)
+        lines.append(f"| {r['config']} | {r['users']} | {_f(per_core['worker'])} | {_f(per_core['redis'])} | "
+                     f"{_f(per_core['redis_commands_per_s'])} | {_f(per_core['workers_per_redis'], 1)} |")
     return lines
+
+
+SCALING_UTILISATION = 0.7  # the share of a core one plans to use: headroom for bursts and GC pauses
+
+
+def scaling(r: dict[str, Any], chunks_per_s: float = 20.0) -> dict[str, float | None]:
+    """Streams one worker core and one Redis core carry, from a workers run's per-chunk and
+    per-stream-second costs (Redis runs commands on one thread: one core is its ceiling)."""
+    worker = SCALING_UTILISATION * 1e6 / (r["us_per_chunk"] * chunks_per_s) if r.get("us_per_chunk") else None
+    redis = SCALING_UTILISATION * 1e6 / r["redis_cpu_us_per_stream_s"] if r.get("redis_cpu_us_per_stream_s") else None
+    return {"worker": worker, "redis": redis,
+            "redis_commands_per_s": redis * r["redis_calls_per_stream_s"] if redis else None,
+            "workers_per_redis": redis / worker if redis and worker else None}
 
 
 def _redisops_table(out: dict[str, Any]) -> list[str]:
@@ -392,7 +445,8 @@ def markdown(out: dict[str, Any], png_name: str) -> str:
         ("admission", "## 7. Admission (one thread, per new stream; O(1) cache calls whatever the limit)",
          _admission_table),
         ("fallback", "## 10. Fallbacks: what they cost the stream core", _fallback_table),
-        ("redisops", "## 11. Redis commands per stream (journal, admission, circuit, channel layer)",
+        ("ttfb", "## 11. A new stream: time to first byte and first token (open loop, new streams/s)", _ttfb_tables),
+        ("redisops", "## 12. Redis commands per stream (journal, admission, circuit, channel layer)",
          _redisops_table),
     ]
     for part, title, tables in sections:

@@ -18,6 +18,9 @@ Parts (``--parts``, default all):
                   default parts);
 * ``open``     -- what opening a stream costs: CPU per new stream and OS threads per open stream,
                   DirectStreams versus Django's handler (bench/relay.py; not in the default parts).
+* ``ttfb``     -- the latency a new stream adds (time to first byte, to first token) at 50 new streams/s,
+                  open loop, and the CPU per new stream: floor, Daphne and uvicorn interleaved
+                  (bench/ttfb.py).
 * ``redisops`` -- the Redis commands a stream costs (journal, admission, circuit, channel layer), by
                   command, quiet and resumed on another worker (bench/redisops.py; not in the default parts).
 * ``fallback`` -- what fallbacks cost: the stream core's CPU per chunk and per stream with none,
@@ -59,8 +62,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a ~2 minute smoke run")
-    parser.add_argument("--parts", help="comma-separated (default relay,idle,stall,adapters,admission,"
-                                        "profile,memprofile; quick: the first five; also: workers, soak, open, "
+    parser.add_argument("--parts", help="comma-separated (default relay,idle,stall,adapters,admission,ttfb,"
+                                        "profile,memprofile; quick: the first six; also: workers, soak, open, "
                                         "fallback, redisops)")
     parser.add_argument("--levels", help="concurrent streams, comma-separated (default 100,200,400; quick: 100)")
     parser.add_argument("--configs", type=lambda text: [c.strip() for c in text.split(";")],
@@ -87,6 +90,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--workers-kinds", default="daphne,uvicorn", help="server kinds of the workers part")
     parser.add_argument("--redisops-streams", type=int, default=50, help="concurrent streams of the redisops part")
     parser.add_argument("--redisops-chunks", type=int, default=100, help="chunks per stream of the redisops part")
+    parser.add_argument("--ttfb-rate", type=float, default=50.0, help="new streams per second of the ttfb part")
+    parser.add_argument("--ttfb-direct-rate", type=float, default=10.0,
+                        help="new streams per second straight to the pacer in the ttfb part (its baseline)")
+    parser.add_argument("--ttfb-arrivals", choices=("even", "poisson"), default="even",
+                        help="ttfb arrivals: evenly spaced (default) or a Poisson process")
+    parser.add_argument("--ttfb-chunks", type=int, default=20, help="chunks per stream of the ttfb part (at --rate)")
+    parser.add_argument("--ttfb-measure", type=float, help="seconds per ttfb window (default 5; quick 3)")
+    parser.add_argument("--ttfb-repeats", type=int, help="ttfb windows per configuration, interleaved (default 2; "
+                                                         "quick 1)")
     parser.add_argument("--soak-minutes", type=float, default=30.0)
     parser.add_argument("--soak-streams", type=int, default=200)
     parser.add_argument("--soak-config", default="daphne", help="server configuration of the soak (default daphne)")
@@ -116,7 +128,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.setup_chunks = 0
     args.idle_streams = args.idle_streams or (100 if quick else 400)
     args.stall_runs = args.stall_runs or (3 if quick else 12)
-    default_parts = "relay,idle,stall,adapters,admission" + ("" if quick else ",profile,memprofile")
+    args.ttfb_measure = args.ttfb_measure or (3.0 if quick else 5.0)
+    args.ttfb_repeats = args.ttfb_repeats or (1 if quick else 2)
+    default_parts = "relay,idle,stall,adapters,admission,ttfb" + ("" if quick else ",profile,memprofile")
     args.parts = [x.strip() for x in (args.parts or default_parts).split(",")]
     args.gap = 1.0 / args.rate
     args.spread = 2.0
@@ -241,6 +255,12 @@ def part_open(args: argparse.Namespace, pacer: procs.Pacer, dbs: procs.Databases
                 f"{row['other_load_cores']:.2f} cores" + (f", errors {row['errors']}" if row["errors"] else ""))
 
 
+def part_ttfb(args: argparse.Namespace, pacer: procs.Pacer, dbs: procs.Databases, out: dict[str, Any]) -> None:
+    from bench import ttfb
+
+    out["ttfb"] = ttfb.run(args, pacer, dbs, log, quiet=lambda ours: _quiet(args, ours))
+
+
 def part_fallback(args: argparse.Namespace, out: dict[str, Any]) -> None:
     from bench import fallback
 
@@ -277,7 +297,7 @@ def part_workers(args: argparse.Namespace, pacer: procs.Pacer, dbs: procs.Databa
 def part_redisops(args: argparse.Namespace, pacer: procs.Pacer, dbs: procs.Databases, out: dict[str, Any]) -> None:
     from bench import redisops
 
-    log(f"redisops: {args.redisops_streams} streams of {args.redisops_chunks} chunks on 2 Daphne workers + Redis")
+    log(f"redisops: {args.redisops_streams} streams of {args.redisops_chunks} chunks on Daphne workers + Redis")
     out["redisops"] = redisops.run(args.redisops_streams, args.redisops_chunks, args.gap, pacer, dbs)
     for row in out["redisops"]["rows"]:
         log(f"  {row['case']}: {row['per_stream']:.1f} Redis commands per stream, "
@@ -473,6 +493,8 @@ def main(argv: list[str] | None = None) -> None:
                     part_open(args, pacer, dbs, out)
                 elif part == "fallback":
                     part_fallback(args, out)
+                elif part == "ttfb":
+                    part_ttfb(args, pacer, dbs, out)
                 else:
                     raise SystemExit(f"unknown part {part!r}")
             except Exception:

@@ -154,10 +154,10 @@ def run(*, runs: int, scale: float, legacy_python: str | None, databases: procs.
                  "--runs", str(max(2, runs // 3))], cwd=procs.ROOT, env=procs._child_env(),
                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)))
         adapters = [("no SDK (aiohttp)", sys.executable, {"BENCH_SDK": "none"}),
-                    ("current/httpx", sys.executable, {"BENCH_SDK": "auto", "BENCH_HTTP_CLIENT": "httpx"}),
-                    ("current/aiohttp", sys.executable, {"BENCH_SDK": "auto", "BENCH_HTTP_CLIENT": "aiohttp"})]
+                    ("current/httpx", sys.executable, {"BENCH_SDK": "current", "BENCH_HTTP_CLIENT": "httpx"}),
+                    ("current/aiohttp", sys.executable, {"BENCH_SDK": "current", "BENCH_HTTP_CLIENT": "aiohttp"})]
         if legacy_python:
-            adapters.append(("legacy 0.27.6", legacy_python, {"BENCH_SDK": "auto"}))
+            adapters.append(("legacy 0.27.6", legacy_python, {"BENCH_SDK": "legacy"}))
         for label, python, env in adapters:
             log(f"  stall recovery through chatproxy ({label})")
             setup = LONG_PROFILE.format(deadline=1800 / scale)

@@ -61,7 +61,8 @@ async def main() -> None:
     args = parser.parse_args()
     policy = Policy(stall=args.stall, first_token=5.0, deadline=60.0, backoff_initial=0.25, backoff_max=4.0)
     with SimulatorProcess(quiet=True) as sim:
-        upstream = build_upstream(sdk="auto", http_client=args.http_client, base_url=sim.base_url, api_key="sk-bench")
+        upstream = build_upstream(sdk=detect_sdk() or "none", http_client=args.http_client, base_url=sim.base_url,
+                                  api_key="sk-bench")
         try:
             gaps = [await one_run(upstream, policy, i) for i in range(args.n)]
         finally:

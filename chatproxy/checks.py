@@ -4,7 +4,7 @@
   (e.g. ``KEEPALIVE >= GATEWAY``, ``STALL >= DEADLINE``)
 * ``chatproxy.E002`` ``UPSTREAM.SDK`` / ``UPSTREAM.HTTP_CLIENT`` is not a known choice
 * ``chatproxy.E003`` the openai SDK generation asked for explicitly is not installed (or another one is),
-  or ``SDK`` "none" (also what "auto" picks without openai) or "anthropic" and aiohttp does not import
+  or ``SDK`` "none" (also what "auto" picks unless openai 0.27 is installed) or "anthropic" and aiohttp does not import
 * ``chatproxy.E004`` ``PERMISSION`` cannot be imported
 * ``chatproxy.E005`` ``CHATPROXY`` (or one of its sections) is not a dict
 * ``chatproxy.E006`` a ``LIMITS`` value is not a positive whole number (the per-user limits may be None: off),
@@ -45,15 +45,8 @@ from django.utils.module_loading import import_string
 
 from chatproxy import conf, fallbacks, policy, profiles
 from chatproxy.limits import WHEN_CACHE_DOWN_CHOICES
-from chatproxy.upstream import (
-    HTTP_CLIENT_CHOICES,
-    INSTALL_AIOHTTP,
-    INSTALL_CURRENT,
-    INSTALL_LEGACY,
-    SDK_CHOICES,
-    detect_sdk,
-    resolve_sdk,
-)
+from chatproxy.upstream import HTTP_CLIENT_CHOICES, SDK_CHOICES, detect_sdk, resolve_sdk
+from chatproxy.upstream.common import INSTALL_AIOHTTP, INSTALL_CURRENT, INSTALL_LEGACY
 
 SECTIONS = {key: conf.DEFAULTS[key] for key in conf.SECTIONS}
 PER_PROCESS_CACHES = (
@@ -185,7 +178,7 @@ def _check_timeouts() -> list[Any]:
 
 
 def _check_sdk(wanted: str) -> list[Any]:
-    if resolve_sdk(wanted) in ("none", "anthropic"):  # the SDK-less adapters ("auto" without openai too)
+    if resolve_sdk(wanted) in ("none", "anthropic"):  # the SDK-less adapters ("auto" unless openai 0.27)
         if importlib.util.find_spec("aiohttp") is not None:
             return []
         return [Error(f"CHATPROXY['UPSTREAM']['SDK'] is {wanted!r} (no SDK) but aiohttp is not installed.",

@@ -26,7 +26,7 @@ DEFAULTS: dict[str, Any] = {
         "API_KEY": None,  # None: os.environ["OPENAI_API_KEY"]
         "MODEL": "gpt-4o-mini",  # used when a request names no model
         "MODELS": None,  # allowed model names; None: any
-        "SDK": "auto",  # "auto" | "current" | "legacy" | "none" (no SDK: the API over aiohttp) | "anthropic"
+        "SDK": "auto",  # "auto" ("none", or "legacy" with openai 0.27) | "current" | "legacy" | "none" | "anthropic"
         "HTTP_CLIENT": "httpx",  # "httpx" | "aiohttp": the current SDK's transport
         "EXTRA_BODY": {},  # merged into every upstream request body
     },

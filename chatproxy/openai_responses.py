@@ -327,24 +327,6 @@ def _usage(usage: Any) -> dict[str, Any] | None:
     }
 
 
-async def _live_body(reader: Subscription, wire: ResponseEvents) -> AsyncIterator[bytes]:
-    """The SSE body of a live stream: events ready together leave in one write."""
-    encode = wire.encode
-    try:
-        yield sse.OPEN_COMMENT
-        async for event in reader:
-            chunk = encode(event)
-            more = reader.pending()
-            if more:
-                chunk = b"".join([chunk, *map(encode, more)])
-            if chunk:
-                yield chunk
-    finally:
-        # Client gone, end, or shutdown: a stored stream waits RESUME.GRACE for a resume (a
-        # background one goes on to its end); any other stops now.
-        reader.close()
-
-
 async def _replay_body(events: AsyncIterator[Event], wire: ResponseEvents) -> AsyncIterator[bytes]:
     """The SSE body of a resumed stream (``events`` from the journal, then live)."""
     yield sse.OPEN_COMMENT
@@ -400,7 +382,8 @@ async def create(request: HttpRequest) -> HttpResponseBase:
     response_id = ID_PREFIX + stream.stream_id
     if asked.stream:
         wire = ResponseEvents(response_id, model=stream.request.model, created_at=created)
-        return StreamingHttpResponse(_live_body(reader, wire), content_type="text/event-stream", headers=SSE_HEADERS)
+        body = sse.live_body(reader, wire.encode, sse.OPEN_COMMENT)  # a background stream goes on without it
+        return StreamingHttpResponse(body, content_type="text/event-stream", headers=SSE_HEADERS)
     quiet = ResponseEvents(response_id, model=stream.request.model, created_at=created, starting_after=_QUIET)
     if asked.background:
         reader.close()  # nobody reads it now: it goes on alone, and GET reads it

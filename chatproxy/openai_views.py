@@ -276,40 +276,40 @@ class _Wire(JsonAnswer):
         return {choice: others.get(choice, first) if choice else first
                 for choice in sorted(self._choices | set(others))}
 
-    async def chunks(self) -> AsyncIterator[bytes]:
-        yield sse.OPEN_COMMENT
-        try:
-            async for event in self.reader:
-                name = event.name
-                if name == "delta" and len(event.data) == 1:  # type: ignore[arg-type]
-                    yield self._delta_prefix + orjson.dumps(event.data["text"]) + self._delta_suffix  # type: ignore[index]
-                elif name in OUTPUT_EVENTS:
-                    yield self._part(event)
-                elif name == "keepalive":
-                    yield sse.KEEPALIVE
-                elif name == "start":
-                    self._use_model((event.data or {}).get("model") or self.model)
-                    yield self._chunk([{"index": 0, "delta": {"role": "assistant", "content": ""},
-                                        "logprobs": None, "finish_reason": None}])
-                elif name == "done":
-                    data = event.data or {}
-                    self._use_model(data.get("model") or self.model)
-                    reasons = self._finish_reasons(data)
-                    yield self._chunk([{"index": choice, "delta": {}, "logprobs": None, "finish_reason": reason}
-                                       for choice, reason in reasons.items()])
-                    if self.include_usage:
-                        yield self._chunk([], usage=data.get("usage"))
-                    yield b"data: [DONE]\n\n"
-                elif name == "error":
-                    yield openai_stream_error(final_code(event))
-                elif name == "retry":
-                    # Invisible here, but it restarted the stream's keepalive clock: a comment
-                    # keeps the client's connection warm instead. (reset cannot happen here.)
-                    if "fallback" in (event.data or {}):
-                        self._use_model(model_of(event.data["fallback"]))  # type: ignore[index]
-                    yield sse.KEEPALIVE
-        finally:
-            self.reader.close()  # not resumable: the stream stops and closes its upstream now
+    def chunks(self) -> AsyncIterator[bytes]:
+        """The SSE body (not resumable: when it ends, the stream stops and closes its upstream)."""
+        return sse.live_body(self.reader, self._encode, sse.OPEN_COMMENT)
+
+    def _encode(self, event: Event) -> bytes:
+        """What one event adds to the body (b"" for an event this wire does not show)."""
+        name = event.name
+        if name == "delta" and len(event.data) == 1:  # type: ignore[arg-type]
+            return self._delta_prefix + orjson.dumps(event.data["text"]) + self._delta_suffix  # type: ignore[index]
+        if name in OUTPUT_EVENTS:
+            return self._part(event)
+        if name == "keepalive":
+            return sse.KEEPALIVE
+        if name == "start":
+            self._use_model((event.data or {}).get("model") or self.model)
+            return self._chunk([{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                 "logprobs": None, "finish_reason": None}])
+        if name == "done":
+            data = event.data or {}
+            self._use_model(data.get("model") or self.model)
+            reasons = self._finish_reasons(data)
+            finish = self._chunk([{"index": choice, "delta": {}, "logprobs": None, "finish_reason": reason}
+                                  for choice, reason in reasons.items()])
+            usage = self._chunk([], usage=data.get("usage")) if self.include_usage else b""
+            return finish + usage + b"data: [DONE]\n\n"
+        if name == "error":
+            return openai_stream_error(final_code(event))
+        if name == "retry":
+            # Invisible here, but it restarted the stream's keepalive clock: a comment keeps the
+            # client's connection warm instead. (reset cannot happen here.)
+            if "fallback" in (event.data or {}):
+                self._use_model(model_of(event.data["fallback"]))  # type: ignore[index]
+            return sse.KEEPALIVE
+        return b""
 
     def _take(self, event: Event) -> None:
         if event.name in OUTPUT_EVENTS:

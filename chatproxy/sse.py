@@ -7,12 +7,13 @@ timer.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import orjson
 
 from chatproxy.codes import ErrorCode
-from chatproxy.core import Event
+from chatproxy.core import Event, Subscription
 from chatproxy.responses import error_event_data
 
 #: The first bytes of every stream: they leave at once, so the response headers leave too (Daphne
@@ -42,3 +43,21 @@ def encode(event: Event) -> bytes:
     else:
         payload = orjson.dumps(event_data(event))
     return b"id: %d\nevent: %s\ndata: %s\n\n" % (event.seq, event.name.encode(), payload)
+
+
+async def live_body(reader: Subscription, encode: Callable[[Event], bytes], opening: bytes) -> AsyncIterator[bytes]:
+    """The SSE body of a live stream read by ``reader``: ``opening``, then each event as ``encode``
+    renders it (``b""``: nothing to show). Events that are ready together leave as one write: when
+    the worker is busy, several wait by the time the reader runs, and each write costs the server
+    (Daphne: two epoll changes) and the network (a packet) whatever its size."""
+    try:
+        yield opening
+        async for event in reader:
+            more = reader.pending()
+            body = encode(event) if not more else b"".join([encode(event), *map(encode, more)])
+            if body:
+                yield body
+    finally:
+        # Normal end, client gone (Django cancels us), or server shutdown: what the stream does
+        # without this reader (a resumable one waits RESUME.GRACE for a resume) is its own.
+        reader.close()

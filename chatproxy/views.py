@@ -21,7 +21,7 @@ from django.views.decorators.csrf import csrf_exempt
 from chatproxy import limits, resume, sse
 from chatproxy.auth import AuthFailure, authorize
 from chatproxy.codes import ErrorCode
-from chatproxy.core import Event, Subscription
+from chatproxy.core import Event
 from chatproxy.responses import native_error
 from chatproxy.service import StreamNotStarted, open_stream
 from chatproxy.validation import InvalidRequest, max_body_bytes, parse_native_request
@@ -85,23 +85,8 @@ async def stream_view(request: HttpRequest) -> HttpResponseBase:
         return native_error(exc.code, exc.message, headers={"Retry-After": str(exc.retry_after)})
     except StreamNotStarted as exc:
         return native_error(exc.code)
-    return StreamingHttpResponse(_live_body(reader), content_type="text/event-stream", headers=SSE_HEADERS)
-
-
-async def _live_body(reader: Subscription) -> AsyncIterator[bytes]:
-    """The SSE body of a live stream. Events that are ready together leave as one write: when the
-    worker is busy, several wait by the time the reader runs, and each write costs the server
-    (Daphne: two epoll changes) and the network (a packet) whatever its size."""
-    encode = sse.encode
-    try:
-        yield sse.OPEN
-        async for event in reader:
-            more = reader.pending()
-            yield encode(event) if not more else b"".join([encode(event), *map(encode, more)])
-    finally:
-        # Normal end, client gone (Django cancels us), or server shutdown. A resumable stream
-        # keeps generating for RESUME.GRACE seconds waiting for a resume, then stops.
-        reader.close()
+    return StreamingHttpResponse(sse.live_body(reader, sse.encode, sse.OPEN), content_type="text/event-stream",
+                                 headers=SSE_HEADERS)
 
 
 def sse_response(events: AsyncIterator[Event]) -> StreamingHttpResponse:

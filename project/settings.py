@@ -18,9 +18,10 @@ Environment variables (all optional):
 ``OPENAI_BASE_URL``               an OpenAI-compatible server instead of the SDK's default
 ``CHATPROXY_MODEL``               model used with the real API, default "gpt-4o-mini"
 ``CHATPROXY_SIMULATOR_URL``       the simulator's base URL, default "http://127.0.0.1:8001/v1"
-``CHATPROXY_SDK``                 UPSTREAM.SDK: "none" (default here: no SDK, the API over aiohttp),
-                                  "auto", "current" or "legacy" (an openai SDK), "anthropic" (the
-                                  Messages API, which the simulator speaks too)
+``CHATPROXY_SDK``                 UPSTREAM.SDK: unset, the default "auto" (no SDK, the API over aiohttp;
+                                  the legacy SDK when openai 0.27 is installed), "none", "current" or
+                                  "legacy" (an openai SDK), "anthropic" (the Messages API, which the
+                                  simulator speaks too)
 ``CHATPROXY_HTTP_CLIENT``         the current SDK's transport, "aiohttp" (default here) or "httpx"
 ``CHATPROXY_RESUME``              a JSON object merged into CHATPROXY["RESUME"], e.g. '{"GRACE": 0.5}'
 ``CHATPROXY_TIMEOUTS``            a JSON object merged into CHATPROXY["TIMEOUTS"], e.g.
@@ -226,10 +227,11 @@ else:
         "MODEL": os.environ.get("CHATPROXY_MODEL", "").strip() or "gpt-4o-mini",
     }
 
-# The upstream path with the least CPU per chunk (bench/README.md): no SDK, the API over aiohttp
-# (UPSTREAM.SDK "none"). With CHATPROXY_SDK=auto, the installed openai SDK over aiohttp, which costs
-# about half the CPU per chunk of its default httpx2 transport.
-_upstream["SDK"] = os.environ.get("CHATPROXY_SDK", "").strip() or "none"
+# UPSTREAM.SDK "auto" (the default) is the upstream path with the least CPU per chunk (bench/README.md):
+# no SDK, the API over aiohttp. With CHATPROXY_SDK=current, the current openai SDK over aiohttp, which
+# costs about half the CPU per chunk of its default httpx2 transport.
+if os.environ.get("CHATPROXY_SDK", "").strip():
+    _upstream["SDK"] = os.environ["CHATPROXY_SDK"].strip()
 _upstream["HTTP_CLIENT"] = os.environ.get("CHATPROXY_HTTP_CLIENT", "").strip() or "aiohttp"
 
 CHATPROXY: dict[str, Any] = {

@@ -14,6 +14,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,9 +35,10 @@ class AppServer:
 
     def __init__(
         self, env: dict[str, str], *, server: str = "daphne", backlog: int = 1024, capture_stderr: bool = False,
-        send_buffer: int | None = None,
+        send_buffer: int | None = None, args: Sequence[str] = (),
     ) -> None:
         self.server = server
+        self.args = list(args)  # the server's own options (e.g. uvicorn's --timeout-keep-alive)
         self._sock = socket.socket()
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if send_buffer is not None:  # inherited by accepted connections: the kernel buffers little for a slow client
@@ -70,8 +72,9 @@ class AppServer:
     def command(self) -> list[str]:
         fd = str(self._sock.fileno())
         if self.server == "uvicorn":
-            return [sys.executable, "-m", "uvicorn", "--fd", fd, "--no-access-log", "project.asgi:application"]
-        return [sys.executable, "-m", "daphne", "--fd", fd, "project.asgi:application"]
+            return [sys.executable, "-m", "uvicorn", "--fd", fd, "--no-access-log", *self.args,
+                    "project.asgi:application"]
+        return [sys.executable, "-m", "daphne", "--fd", fd, *self.args, "project.asgi:application"]
 
     def start(self, timeout: float = 20.0) -> AppServer:
         self.manage("migrate", "--noinput", "--skip-checks")

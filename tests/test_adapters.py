@@ -34,7 +34,7 @@ pytestmark = pytest.mark.upstream
 SDK = detect_sdk()
 HTTP_CLIENTS = ["httpx", "aiohttp"] if SDK == "current" else ["aiohttp"]
 # (UPSTREAM.SDK, UPSTREAM.HTTP_CLIENT) of every adapter under test.
-ADAPTERS = [("auto", client) for client in HTTP_CLIENTS] + [("none", "aiohttp")]
+ADAPTERS = [(SDK, client) for client in HTTP_CLIENTS] + [("none", "aiohttp")]
 API_KEY = "sk-test-SECRET-4f1c9e2ab7d3"
 # How soon after aclose() the simulator must have seen the connection go (it polls nothing: its
 # handler is cancelled by the socket close itself).
@@ -394,6 +394,15 @@ def test_detect_sdk_matches_installed_openai() -> None:
     version = importlib.metadata.version("openai")
     expected = "legacy" if version.startswith("0.") else "current"
     assert expected == SDK
+
+
+def test_auto_drives_the_sdk_less_adapter_unless_openai_027_is_installed() -> None:
+    """"auto" takes the SDK-less wire with the current SDK installed (it sends the same request for
+    less CPU per chunk); with openai 0.27 the legacy adapter, which honours the module's own settings."""
+    built = build_upstream(sdk="auto", http_client="httpx", base_url="http://127.0.0.1:9/v1", api_key="k")
+    assert built.name == ("openai-legacy/aiohttp" if SDK == "legacy" else "raw/aiohttp")
+    forced = build_upstream(sdk=SDK, http_client="aiohttp", base_url="http://127.0.0.1:9/v1", api_key="k")
+    assert forced.name != "raw/aiohttp"
 
 
 def test_missing_sdk_generation_names_the_pip_extra() -> None:

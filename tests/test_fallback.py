@@ -3,7 +3,7 @@
 Two simulators play two providers: ``primary`` is ``UPSTREAM`` (the request's model
 ``gpt-4o-mini`` and its same-upstream fallback ``gpt-4o``), ``backup`` is the named upstream
 ``backup`` (``backup:gpt-4.1-mini``). Faults are the simulators' per-model rules, so each test says
-which target is down. The server runs the installed SDK (``UPSTREAM.SDK`` "auto"): this module is
+which target is down. The server runs the installed SDK (``UPSTREAM.SDK`` "current" / "legacy"): this module is
 marked ``upstream`` and also runs in the legacy-SDK virtualenv, where the OpenAI-compatible endpoint
 is driven by ``openai.ChatCompletion.acreate`` instead of ``AsyncOpenAI``.
 
@@ -30,6 +30,7 @@ import pytest
 import websockets
 
 from chatproxy.simulator.process import SimulatorProcess
+from chatproxy.upstream import detect_sdk
 from tests.fixtures_servers import LIVE_LIMITS, LIVE_TIMEOUTS
 from tests.servers import AppServer, simulator_env
 from tests.sseclient import read_sse
@@ -76,7 +77,7 @@ def server_env(primary: SimulatorProcess, backup: SimulatorProcess, cache_dir: P
     )
     # A file cache the test can wipe between tests (every circuit closed again), shared by the
     # processes of this machine as Redis is by workers; the installed SDK.
-    env.update({"DJANGO_CACHE_DIR": str(cache_dir), "REDIS_URL": "", "CHATPROXY_SDK": "auto"})
+    env.update({"DJANGO_CACHE_DIR": str(cache_dir), "REDIS_URL": "", "CHATPROXY_SDK": detect_sdk() or "none"})
     return env
 
 

@@ -334,14 +334,17 @@ def record_count(db_path: str, model: str) -> int:
         return int(db.execute("SELECT count(*) FROM chatproxy_streamrecord WHERE model = ?", (model,)).fetchone()[0])
 
 
+DB_WAIT = 2.0  # seconds a query waits for SQLite's lock (DJANGO_DB_TIMEOUT)
+
+
 async def test_locked_database_leaves_streams_alone(module_simulator) -> None:
-    """SQLite locked by another process for 3 s (longer than a query waits for it, 1 s): streams
+    """SQLite locked by another process for 4 s (longer than a query waits for it, 2 s): streams
     opened meanwhile start at once under the admin profile loaded before (not the settings'
     timeouts), finish exactly, and their records, refused once, are retried and written once the
     lock is gone. The log says so once per component, not per stream."""
     env = simulator_env(module_simulator.base_url, timeouts=TIMEOUTS, profiles={"REFRESH": 0.5},
                         limits={"MAX_STREAMS_PER_USER": 50})
-    app = AppServer({**env, "DJANGO_DB_TIMEOUT": "1.0"}, server="daphne", capture_stderr=True).start()
+    app = AppServer({**env, "DJANGO_DB_TIMEOUT": str(DB_WAIT)}, server="daphne", capture_stderr=True).start()
     db_path = app.env["DJANGO_DB_PATH"]
     try:
         app.manage("shell", "-c", "from chatproxy.models import TimeoutProfile; "
@@ -367,14 +370,15 @@ async def test_locked_database_leaves_streams_alone(module_simulator) -> None:
                 locked_at = time.monotonic()
                 await asyncio.sleep(0.6)  # the snapshot is now due for a re-read, which will fail
                 during = await asyncio.gather(*(ask() for _ in range(4)))
-                await asyncio.sleep(max(0.0, locked_at + 3.0 - time.monotonic()))
+                await asyncio.sleep(max(0.0, locked_at + 2 * DB_WAIT - time.monotonic()))
             finally:
                 locker.execute("ROLLBACK")
                 locker.close()
             for result, expected in during:
                 assert_complete(result, expected)
                 assert result.named("start")[0].data["profile"] == KEPT_PROFILE
-                assert result.first_byte is not None and result.first_byte - result.started < 1.0
+                # A stream that waited for the database would start only after DB_WAIT.
+                assert result.first_byte is not None and result.first_byte - result.started < DB_WAIT
 
             # Written by the worker's record thread once the lock is gone: polled (there is nothing to await).
             written = await asyncio.to_thread(wait_until, lambda: record_count(db_path, KEPT_MODEL) >= before + 4,

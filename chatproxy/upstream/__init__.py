@@ -5,8 +5,13 @@ Public API:
 * :func:`detect_sdk` -- which openai generation is installed: ``"current"`` (openai >= 1),
   ``"legacy"`` (openai 0.27 / 0.28) or ``None`` (not installed, or too old). It reads package
   metadata only; nothing is imported.
-* :func:`resolve_sdk` -- the adapter ``UPSTREAM.SDK`` stands for: ``"auto"`` is the installed
-  generation, or ``"none"`` (no SDK: plain aiohttp, a hard dependency) when no usable openai is installed.
+* :func:`resolve_sdk` -- the adapter ``UPSTREAM.SDK`` stands for. ``"auto"`` is ``"none"`` (no SDK: the
+  API over plain aiohttp, a hard dependency) unless the legacy generation is installed, then
+  ``"legacy"``: the SDK-less adapter sends the request the current SDK sends and reads the same
+  environment (``OPENAI_API_KEY``, ``OPENAI_BASE_URL``, ``OPENAI_ORG_ID``, ``OPENAI_PROJECT_ID``, the
+  proxy variables), so the current SDK would only add CPU per chunk; openai 0.27 projects configure
+  the module itself in code (``openai.api_key``, ``api_base``, ``organization``, ``proxy``), which
+  only the legacy adapter honours. ``"current"`` drives the current SDK.
 * :func:`build_upstream` -- the :class:`~chatproxy.upstream.base.Upstream` for the settings
   ``UPSTREAM.SDK`` / ``HTTP_CLIENT`` / ``BASE_URL`` / ``API_KEY``. A choice that cannot work here
   (SDK not installed, wrong generation installed, aiohttp extra missing, no API key for the
@@ -14,21 +19,26 @@ Public API:
   fixes it. The SDK is imported here, lazily, so importing chatproxy never needs openai.
 * :func:`build_named_upstream` -- the same for one of ``CHATPROXY["UPSTREAMS"]`` (fallback providers).
 
-The helpers below the public API are shared by the adapter modules; they keep what reaches an
-exception message to class names, status codes and short error codes, never keys or bodies.
+The helpers the adapter modules share are in :mod:`chatproxy.upstream.common`, which imports no
+adapter: the adapters are imported here lazily, so nothing imports in a circle.
 """
 
 from __future__ import annotations
 
 import importlib
 import importlib.metadata
-import os
 import re
 from collections.abc import Mapping
 from typing import Any
 
 from chatproxy.errors import ConfigurationError
 from chatproxy.upstream.base import Upstream
+from chatproxy.upstream.common import (
+    INSTALL_AIOHTTP,
+    INSTALL_CURRENT,
+    INSTALL_LEGACY,
+    PLACEHOLDER_API_KEY,
+)
 
 __all__ = [
     "HTTP_CLIENT_CHOICES", "SDK_CHOICES", "build_named_upstream", "build_upstream", "detect_sdk", "preload",
@@ -37,16 +47,6 @@ __all__ = [
 
 SDK_CHOICES = ("auto", "current", "legacy", "none", "anthropic")
 HTTP_CLIENT_CHOICES = ("httpx", "aiohttp")
-
-INSTALL_CURRENT = 'pip install -U openai (or "openai[aiohttp]" for HTTP_CLIENT "aiohttp")'
-INSTALL_CURRENT_AIOHTTP = 'pip install -U "openai[aiohttp]"'
-INSTALL_LEGACY = 'pip install "chatproxy[legacy]"'
-INSTALL_AIOHTTP = "pip install aiohttp"
-
-# Sent when no key is configured but BASE_URL points at a server of one's own (a local model
-# server, the simulator): the SDKs refuse to run without *some* key, and such servers ignore it.
-PLACEHOLDER_API_KEY = "chatproxy-no-key"
-
 
 def _openai_version() -> str | None:
     try:
@@ -74,9 +74,14 @@ def detect_sdk() -> str | None:
     return _generation(version) if version else None
 
 
+def _auto(installed: str | None) -> str:
+    return "legacy" if installed == "legacy" else "none"
+
+
 def resolve_sdk(sdk: str) -> str:
-    """``sdk`` with ``"auto"`` replaced by what it picks: :func:`detect_sdk`'s answer, else ``"none"``."""
-    return (detect_sdk() or "none") if sdk == "auto" else sdk
+    """``sdk`` with ``"auto"`` replaced by what it picks: ``"legacy"`` with openai 0.27 / 0.28
+    installed, else ``"none"`` (the module docstring says why)."""
+    return _auto(detect_sdk()) if sdk == "auto" else sdk
 
 
 def build_upstream(
@@ -88,8 +93,8 @@ def build_upstream(
 ) -> Upstream:
     """The adapter for ``sdk`` (``"none"``: no SDK, the API over aiohttp directly, see
     :mod:`chatproxy.upstream.raw`; ``"anthropic"``: Anthropic's Messages API over aiohttp, see
-    :mod:`chatproxy.upstream.anthropic`; ``"auto"``: the installed openai generation, else ``"none"``, so
-    a plain ``pip install chatproxy`` works with aiohttp alone).
+    :mod:`chatproxy.upstream.anthropic`; ``"auto"``: ``"legacy"`` with openai 0.27 / 0.28 installed, else
+    ``"none"``, see :func:`resolve_sdk`).
 
     ``http_client`` picks the current SDK's transport (``"httpx"``: the SDK default,
     ``"aiohttp"``: ``openai.DefaultAioHttpClient``); the legacy SDK and ``"none"`` always use aiohttp.
@@ -105,7 +110,7 @@ def build_upstream(
     version = _openai_version()
     installed = _generation(version) if version else None
     if sdk == "auto":
-        sdk = installed or "none"
+        sdk = _auto(installed)
     if sdk == "anthropic":  # Anthropic's Messages API over aiohttp (no SDK)
         try:
             from chatproxy.upstream.anthropic import AnthropicUpstream
@@ -173,75 +178,3 @@ def preload() -> None:
             importlib.import_module(f"chatproxy.upstream.{module}")
         except ImportError:
             pass
-
-
-# --- helpers shared by the adapters -------------------------------------------------------------
-
-# An upstream error "code"/"type" is an identifier such as "invalid_api_key" or
-# "context_length_exceeded": useful in a log line, and safe once it is known to look like one.
-_CODE_RE = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
-
-
-def error_code(body: object) -> str | None:
-    """The ``code`` (else ``type``) of an OpenAI error object, if it is a plain identifier."""
-    if isinstance(body, Mapping):
-        inner = body.get("error")
-        if isinstance(inner, Mapping):
-            body = inner
-        for key in ("code", "type"):
-            value = body.get(key)
-            if isinstance(value, (str, int)) and _CODE_RE.fullmatch(str(value)):
-                return str(value)
-    return None
-
-
-def describe(exc: BaseException, status: int | None = None, code: str | None = None) -> str:
-    """A log-safe detail: exception class, HTTP status and error code only."""
-    detail = type(exc).__name__
-    if status:
-        detail += f": HTTP {status}"
-    if code:
-        detail += f" ({code})"
-    return detail
-
-
-def describe_chain(exc: BaseException) -> str:
-    """``"ReadError from httpcore2.ReadError"``: the class and, if any, its cause's qualified class."""
-    cause = exc.__cause__
-    if cause is None:
-        return type(exc).__name__
-    cls = type(cause)
-    return f"{type(exc).__name__} from {cls.__module__.split('.')[0]}.{cls.__name__}"
-
-
-def request_body(params: Mapping[str, Any], extra_body: Mapping[str, Any]) -> tuple[dict[str, Any], bool]:
-    """The extra request fields and whether to ask for usage (``stream_options.include_usage``).
-
-    ``EXTRA_BODY`` wins over ``params``. ``EXTRA_BODY = {"stream_options": None}`` switches the usage
-    request off for servers that reject ``stream_options`` (older Azure API versions do).
-    """
-    body = {**params, **extra_body}
-    want_usage = True
-    if "stream_options" in body:
-        if body["stream_options"] is None:
-            del body["stream_options"]
-        want_usage = False  # the caller's own stream_options are sent as given
-    return body, want_usage
-
-
-def resolve_api_key(api_key: str | None, base_url: str | None, env_default: str | None) -> str:
-    """The key to send: the configured one, the SDK's environment default, or a placeholder.
-
-    The placeholder is only used with a ``base_url`` of one's own; the official API without a
-    key is a configuration error, reported now rather than as a 401 on every request.
-    """
-    key = api_key or env_default or os.environ.get("OPENAI_API_KEY")
-    if key:
-        return key
-    # The SDKs read their default base URL from these (current: OPENAI_BASE_URL, 0.27: OPENAI_API_BASE).
-    if base_url or os.environ.get("OPENAI_BASE_URL") or os.environ.get("OPENAI_API_BASE"):
-        return PLACEHOLDER_API_KEY
-    raise ConfigurationError(
-        "no upstream API key: set CHATPROXY['UPSTREAM']['API_KEY'] or OPENAI_API_KEY "
-        "(or set UPSTREAM.BASE_URL to a server that needs none)"
-    )

@@ -52,9 +52,10 @@ import orjson
 
 import chatproxy
 from chatproxy.errors import ConfigurationError, RateLimited, UpstreamDisconnected, UpstreamError, UpstreamStatusError
-from chatproxy.upstream import PLACEHOLDER_API_KEY, error_code
 from chatproxy.upstream.base import Item, PerLoop, UpstreamRequest
+from chatproxy.upstream.common import PLACEHOLDER_API_KEY, error_code
 from chatproxy.upstream.raw import RawStream, RawUpstream, _new_session, _proxy_for
+from chatproxy.upstream.sse import EventSplitter
 
 __all__ = ["AnthropicUpstream"]
 
@@ -80,8 +81,6 @@ _REQUEST_ERRORS = {
     "not_found_error": 404,
     "request_too_large": 413,
 }
-# An event is a few hundred bytes; one beyond this is a broken (or hostile) server.
-_MAX_EVENT_BYTES = 4 * 1024 * 1024
 _MALFORMED = (orjson.JSONDecodeError, AttributeError, TypeError, KeyError)
 
 
@@ -177,22 +176,10 @@ class AnthropicStream(RawStream):
     async def _iterate(self) -> AsyncGenerator[Item, None]:
         chunks = self._body_chunks()
         take = self._take
-        buf = b""
-        data: bytes | None = None  # the data field of the event being read
+        split = EventSplitter().feed  # "event:" lines are skipped: the data names its type too
         try:
             async for raw in chunks:
-                buf = buf + raw if buf else raw
-                start = 0
-                while (end := buf.find(b"\n", start)) >= 0:
-                    line = buf[start:end].rstrip(b"\r")
-                    start = end + 1
-                    if line.startswith(b"data:"):
-                        value = line[6:] if line.startswith(b"data: ") else line[5:]
-                        data = value if data is None else data + b"\n" + value
-                        continue
-                    if line or data is None:
-                        continue  # "event:" (the data names its type too), a comment, or a blank line
-                    payload, data = data, None
+                for payload in split(raw):
                     item = take(payload)
                     if item is not None:
                         yield item
@@ -200,9 +187,6 @@ class AnthropicStream(RawStream):
                         break
                 if self._stopped:
                     break
-                buf = buf[start:]
-                if len(buf) > _MAX_EVENT_BYTES or (data is not None and len(data) > _MAX_EVENT_BYTES):
-                    raise UpstreamDisconnected("event too large")
             if self._stopped:
                 await self._drain(chunks)
                 return

@@ -52,7 +52,8 @@ from chatproxy.errors import (
     parse_retry_after,
     status_error,
 )
-from chatproxy.upstream import (
+from chatproxy.upstream.base import PerLoop, UpstreamRequest
+from chatproxy.upstream.common import (
     INSTALL_CURRENT_AIOHTTP,
     describe,
     describe_chain,
@@ -60,7 +61,6 @@ from chatproxy.upstream import (
     request_body,
     resolve_api_key,
 )
-from chatproxy.upstream.base import PerLoop, UpstreamRequest
 from chatproxy.upstream.sse import SSEStream
 
 __all__ = ["CurrentUpstream"]

@@ -64,7 +64,8 @@ from chatproxy.errors import (
     parse_retry_after,
     status_error,
 )
-from chatproxy.upstream import (
+from chatproxy.upstream.base import BodyStream, Item, PerLoop, UpstreamRequest
+from chatproxy.upstream.common import (
     INSTALL_LEGACY,
     describe,
     describe_chain,
@@ -72,7 +73,6 @@ from chatproxy.upstream import (
     request_body,
     resolve_api_key,
 )
-from chatproxy.upstream.base import BodyStream, Item, PerLoop, UpstreamRequest
 
 if TYPE_CHECKING:
     import aiohttp

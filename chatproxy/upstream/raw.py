@@ -49,8 +49,8 @@ from chatproxy.errors import (
     parse_retry_after,
     status_error,
 )
-from chatproxy.upstream import describe_chain, error_code, request_body, resolve_api_key
 from chatproxy.upstream.base import PerLoop, UpstreamRequest
+from chatproxy.upstream.common import describe_chain, error_code, request_body, resolve_api_key
 from chatproxy.upstream.sse import SSEStream
 
 __all__ = ["RawUpstream"]

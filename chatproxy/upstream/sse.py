@@ -25,16 +25,62 @@ from typing import Any
 import orjson
 
 from chatproxy.errors import UpstreamDisconnected, UpstreamError, UpstreamStatusError
-from chatproxy.upstream import error_code
 from chatproxy.upstream.base import BodyStream, Item
+from chatproxy.upstream.common import error_code
 
-__all__ = ["SSEStream"]
+__all__ = ["EventSplitter", "SSEStream"]
 
 # After ``data: [DONE]`` the body normally ends within the same read; waiting this long for the end
 # lets the connection go back to the pool, and a server that keeps the body open costs no more.
 _DRAIN_SECONDS = 0.25
 # A chunk is a few hundred bytes; an event or line beyond this is a broken (or hostile) server.
 _MAX_EVENT_BYTES = 4 * 1024 * 1024
+
+
+class EventSplitter:
+    """Cuts a Server-Sent Events byte stream into the data of its events, as the bytes arrive.
+
+    :meth:`feed` takes the next bytes and returns the data of every event they complete (its
+    ``data:`` lines joined by newlines; an event ends at a blank line); comments and other fields
+    are skipped. An event or a line past 4 MiB raises ``UpstreamDisconnected``: the buffer stays
+    bounded whatever the server sends.
+    """
+
+    __slots__ = ("_buf", "unfinished")
+
+    def __init__(self) -> None:
+        self._buf = b""
+        #: The data of the event being read (no blank line after it yet), None between events.
+        self.unfinished: bytes | None = None
+
+    def feed(self, raw: bytes) -> list[bytes]:
+        buf = self._buf
+        search = len(buf)  # what is left of buf holds no newline
+        buf = buf + raw if buf else raw
+        data = self.unfinished
+        events: list[bytes] = []
+        start = 0
+        while (end := buf.find(b"\n", search)) >= 0:
+            line = buf[start:end]
+            start = search = end + 1
+            if line.endswith(b"\r"):
+                line = line[:-1]
+            if line.startswith(b"data:"):
+                value = line[6:] if line.startswith(b"data: ") else line[5:]
+                if data is None:
+                    data = value
+                else:  # several data lines make one event, joined by newlines
+                    data += b"\n" + value
+                    if len(data) > _MAX_EVENT_BYTES:
+                        raise UpstreamDisconnected("event too large")
+            elif not line and data is not None:  # a blank line ends the event
+                events.append(data)
+                data = None
+        self.unfinished = data
+        self._buf = buf = buf[start:] if start else buf
+        if len(buf) > _MAX_EVENT_BYTES:
+            raise UpstreamDisconnected("line too long")
+        return events
 
 
 class SSEStream(BodyStream):
@@ -59,32 +105,12 @@ class SSEStream(BodyStream):
         loads = orjson.loads
         malformed = (orjson.JSONDecodeError, AttributeError, TypeError, IndexError, KeyError)
         chunks = self._body_chunks()
-        buf = b""
-        data: bytes | None = None  # the data field of the event being read
+        events = EventSplitter()
+        split = events.feed
         done = False
         try:
             async for raw in chunks:
-                search = len(buf)  # what is left of buf holds no newline
-                buf = buf + raw if buf else raw
-                start = 0
-                while (end := buf.find(b"\n", search)) >= 0:
-                    line = buf[start:end]
-                    start = search = end + 1
-                    if line.endswith(b"\r"):
-                        line = line[:-1]
-                    if line.startswith(b"data:"):
-                        value = line[6:] if line.startswith(b"data: ") else line[5:]
-                        if data is None:
-                            data = value
-                        else:  # SSE: several data lines make one event, joined by newlines
-                            data += b"\n" + value
-                            if len(data) > _MAX_EVENT_BYTES:
-                                raise UpstreamDisconnected("event too large")
-                        continue
-                    if line or data is None:
-                        continue  # a comment (":..."), another field, or a blank line between events
-                    # A blank line ends the event: dispatch its data.
-                    payload, data = data, None
+                for payload in split(raw):
                     if payload == b"[DONE]":
                         done = True
                         break
@@ -105,10 +131,7 @@ class SSEStream(BodyStream):
                         yield item
                 if done:
                     break
-                buf = buf[start:]
-                if len(buf) > _MAX_EVENT_BYTES:
-                    raise UpstreamDisconnected("line too long")
-            if done or data == b"[DONE]":
+            if done or events.unfinished == b"[DONE]":
                 await self._drain(chunks)
                 return
             if self.finish_reason is None:

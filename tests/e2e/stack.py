@@ -324,6 +324,7 @@ http {{
                    'upstream=$upstream_addr upstream_status=$upstream_status '
                    'request_time=$request_time upstream_time=$upstream_response_time';
 
+{http_extra}
     map $http_upgrade $connection_upgrade {{
         default upgrade;
         ''      close;
@@ -362,10 +363,11 @@ NGINX_SERVER = """\
 
 
 def write_nginx_conf(tmp: Path, sites: dict[str, tuple[int, list[int]]], worker_connections: int = 512,
-                     read_timeout: float = NGINX_READ_TIMEOUT, server_params: str = "") -> Path:
+                     read_timeout: float = NGINX_READ_TIMEOUT, server_params: str = "", http_extra: str = "") -> Path:
     """``sites``: kind -> (nginx port, worker ports). Each proxied request holds two of nginx's
     ``worker_connections`` (client and worker side). ``server_params`` go on each upstream
-    ``server`` line (e.g. ``max_fails=0``)."""
+    ``server`` line (e.g. ``max_fails=0``); ``http_extra`` are directives for the ``http`` block
+    (e.g. ``client_header_timeout 1s;``)."""
     for sub in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
         (tmp / "nginx-tmp" / sub).mkdir(parents=True, exist_ok=True)
     servers = "\n".join(
@@ -378,7 +380,8 @@ def write_nginx_conf(tmp: Path, sites: dict[str, tuple[int, list[int]]], worker_
     # As root, nginx's workers would switch to "nobody", who cannot write into our temp dir.
     user = "user root;" if os.geteuid() == 0 else ""
     conf = tmp / "nginx.conf"
-    conf.write_text(NGINX_CONF.format(user=user, tmp=tmp, servers=servers, worker_connections=worker_connections))
+    conf.write_text(NGINX_CONF.format(user=user, tmp=tmp, servers=servers, worker_connections=worker_connections,
+                                     http_extra=http_extra))
     return conf
 
 
