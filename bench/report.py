@@ -373,6 +373,12 @@ def scaling(r: dict[str, Any], chunks_per_s: float = 20.0) -> dict[str, float | 
             "workers_per_redis": redis / worker if redis and worker else None}
 
 
+def _redisops_table(out: dict[str, Any]) -> list[str]:
+    from bench import redisops
+
+    return redisops.table(out["redisops"])
+
+
 def _soak_tables(out: dict[str, Any]) -> list[str]:
     lines = ["| configuration | streams | minutes | delivered | errors | when | RSS MiB | fds | threads | "
              "asyncio tasks |", "|---|--:|--:|--:|--:|---|--:|--:|--:|--:|"]
@@ -440,6 +446,8 @@ def markdown(out: dict[str, Any], png_name: str) -> str:
          _admission_table),
         ("fallback", "## 10. Fallbacks: what they cost the stream core", _fallback_table),
         ("ttfb", "## 11. A new stream: time to first byte and first token (open loop, new streams/s)", _ttfb_tables),
+        ("redisops", "## 12. Redis commands per stream (journal, admission, circuit, channel layer)",
+         _redisops_table),
     ]
     for part, title, tables in sections:
         if out.get(part):

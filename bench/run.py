@@ -21,6 +21,8 @@ Parts (``--parts``, default all):
 * ``ttfb``     -- the latency a new stream adds (time to first byte, to first token) at 50 new streams/s,
                   open loop, and the CPU per new stream: floor, Daphne and uvicorn interleaved
                   (bench/ttfb.py).
+* ``redisops`` -- the Redis commands a stream costs (journal, admission, circuit, channel layer), by
+                  command, quiet and resumed on another worker (bench/redisops.py; not in the default parts).
 * ``fallback`` -- what fallbacks cost: the stream core's CPU per chunk and per stream with none,
                   with fallbacks configured, and answered by a fallback (bench/fallback.py). The
                   relay part's ``uvicorn, fallbacks`` row is the same under a real server.
@@ -62,7 +64,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="a ~2 minute smoke run")
     parser.add_argument("--parts", help="comma-separated (default relay,idle,stall,adapters,admission,ttfb,"
                                         "profile,memprofile; quick: the first six; also: workers, soak, open, "
-                                        "fallback)")
+                                        "fallback, redisops)")
     parser.add_argument("--levels", help="concurrent streams, comma-separated (default 100,200,400; quick: 100)")
     parser.add_argument("--configs", type=lambda text: [c.strip() for c in text.split(";")],
                         help="relay configurations, ';'-separated, e.g. 'floor;uvicorn;uvicorn, gc.freeze' "
@@ -86,6 +88,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--workers-streams", default="600",
                         help="concurrent streams of the workers part, comma-separated (default 600)")
     parser.add_argument("--workers-kinds", default="daphne,uvicorn", help="server kinds of the workers part")
+    parser.add_argument("--redisops-streams", type=int, default=50, help="concurrent streams of the redisops part")
+    parser.add_argument("--redisops-chunks", type=int, default=100, help="chunks per stream of the redisops part")
     parser.add_argument("--ttfb-rate", type=float, default=50.0, help="new streams per second of the ttfb part")
     parser.add_argument("--ttfb-direct-rate", type=float, default=10.0,
                         help="new streams per second straight to the pacer in the ttfb part (its baseline)")
@@ -290,6 +294,16 @@ def part_workers(args: argparse.Namespace, pacer: procs.Pacer, dbs: procs.Databa
                 + (f", errors {row['errors']}" if row["errors"] else ""))
 
 
+def part_redisops(args: argparse.Namespace, pacer: procs.Pacer, dbs: procs.Databases, out: dict[str, Any]) -> None:
+    from bench import redisops
+
+    log(f"redisops: {args.redisops_streams} streams of {args.redisops_chunks} chunks on Daphne workers + Redis")
+    out["redisops"] = redisops.run(args.redisops_streams, args.redisops_chunks, args.gap, pacer, dbs)
+    for row in out["redisops"]["rows"]:
+        log(f"  {row['case']}: {row['per_stream']:.1f} Redis commands per stream, "
+            f"{row['per_stream_s']:.2f} per stream-second")
+
+
 def part_soak(args: argparse.Namespace, pacer: procs.Pacer, dbs: procs.Databases, out: dict[str, Any]) -> None:
     from bench import soak
 
@@ -469,6 +483,8 @@ def main(argv: list[str] | None = None) -> None:
                     part_memprofile(args, pacer, dbs, out)
                 elif part == "workers":
                     part_workers(args, pacer, dbs, out)
+                elif part == "redisops":
+                    part_redisops(args, pacer, dbs, out)
                 elif part == "soak":
                     part_soak(args, pacer, dbs, out)
                 elif part == "admission":

@@ -1,7 +1,8 @@
 """Django settings for benchmark servers: the sample project's, with what a load test needs.
 
 * ``LIMITS.MAX_STREAMS_PER_USER`` is off: every load-generator connection comes from 127.0.0.1,
-  and anonymous users are limited per client address (all of them would share 4 slots).
+  and anonymous users are limited per client address (all of them would share 4 slots); unless
+  ``CHATPROXY_LIMITS`` sets it (``bench.redisops`` counts admission's Redis commands).
 * ``PERMISSION`` is ``allow_any``: the load generator does not log in (the harness runs the
   server with ``DJANGO_DEBUG=0``, as in production; CSRF still applies).
 * ``BENCH_SDK`` sets ``UPSTREAM.SDK`` (``none``: no SDK, the API over aiohttp).
@@ -15,12 +16,14 @@ Everything else (``DJANGO_DEBUG``, ``DJANGO_SECRET_KEY``, ``CHATPROXY_TIMEOUTS``
 ``CHATPROXY_SIMULATOR_URL``, ``DJANGO_DB_PATH``) is read by ``project.settings`` as usual.
 """
 
+import json
 import os
 
 from project.settings import *  # noqa: F403
 from project.settings import CHATPROXY
 
-CHATPROXY["LIMITS"] = {**CHATPROXY.get("LIMITS", {}), "MAX_STREAMS_PER_USER": None}
+if "MAX_STREAMS_PER_USER" not in json.loads(os.environ.get("CHATPROXY_LIMITS") or "{}"):
+    CHATPROXY["LIMITS"] = {**CHATPROXY.get("LIMITS", {}), "MAX_STREAMS_PER_USER": None}
 CHATPROXY["PERMISSION"] = "chatproxy.permissions.allow_any"  # the load generator does not log in
 if os.environ.get("BENCH_SDK"):
     CHATPROXY["UPSTREAM"] = {**CHATPROXY["UPSTREAM"], "SDK": os.environ["BENCH_SDK"]}

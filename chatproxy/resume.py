@@ -5,7 +5,8 @@ process (not per stream, not per chunk) that every ``FLUSH_INTERVAL`` takes the 
 the tracked streams that are due -- a stream some other worker is resuming (listening to) or one
 that has finished every time, any other one every ``QUIET_FLUSH_INTERVAL`` -- and writes them to
 the Django cache ``RESUME.CACHE`` in a single ``set_many`` (one thread hop and, with Redis, one
-round trip for all streams; no hop for an in-process cache), with ``TTL``. A batch is stored as
+round trip for all streams -- one ``SET ... EX`` per key with Django's ``RedisCache``, see
+:func:`chatproxy.cachecalls.set_many`; no hop for an in-process cache), with ``TTL``. A batch is stored as
 one JSON byte string, which costs the cache next to nothing to pickle. Keys, for stream ``S``::
 
     chatproxy:s:S          meta: owner, model, keepalive, created and deadline (epoch); rewritten every TTL/4
@@ -272,7 +273,7 @@ class Journal:
         if cachecalls.in_process(cache):
             self.expiry.sweep(cache)
         if writes:
-            await cachecalls.run(cache, cache.set_many, writes, ttl)  # raises while the cache is down
+            await cachecalls.run(cache, cachecalls.set_many, cache, writes, ttl)  # raises while the cache is down
             if cachecalls.in_process(cache):
                 self.expiry.wrote(list(writes), ttl)
             for tracked in writers:
