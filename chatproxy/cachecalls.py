@@ -7,19 +7,52 @@ directly on the event loop; any other backend (Redis, Memcached, database, file)
 thread, and every call site batches its work into one such hop.
 
 :func:`set_many` writes many keys with one expiry in the fewest commands the backend allows.
+
+:func:`cache` is the cache object chatproxy's own calls use: one per process for Django's
+``RedisCache``. Django gives every request (every async context) a cache object of its own, and a
+``RedisCache`` object has its own connection pool: each stream opened a Redis connection (TCP
+connect, ``HELLO``) for its admission and journal calls, left for the garbage collector to close.
+redis-py's pool is thread-safe, so one object serves the event loop and the threads the calls run in.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 from asgiref.sync import sync_to_async
+from django.core.cache import caches
 from django.core.cache.backends.dummy import DummyCache
 from django.core.cache.backends.locmem import LocMemCache
 from django.core.cache.backends.redis import RedisCache, RedisCacheClient
 
 T = TypeVar("T")
+
+_shared: dict[str, Any] = {}
+_shared_lock = threading.Lock()
+
+
+def cache(alias: str) -> Any:
+    """The Django cache ``alias`` for chatproxy's calls: a process-wide object for Django's own
+    ``RedisCache`` (one connection pool per process), Django's per-context object otherwise."""
+    shared = _shared.get(alias)
+    if shared is not None:
+        return shared
+    current = caches[alias]
+    if type(current) is not RedisCache:
+        return current
+    with _shared_lock:
+        if alias not in _shared:
+            _shared[alias] = caches.create_connection(alias)  # Django never closes it: nor does anyone need to
+        return _shared[alias]
+
+
+def forget_shared(**kwargs: Any) -> None:
+    """Drop the process-wide cache objects (``CACHES`` changed: connected to ``setting_changed``)."""
+    if kwargs.get("setting", "CACHES") == "CACHES":
+        with _shared_lock:
+            _shared.clear()
 
 
 def in_process(cache: Any) -> bool:

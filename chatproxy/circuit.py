@@ -122,16 +122,15 @@ class CacheBreaker:
 @cache
 def get_breaker() -> CacheBreaker:
     """The breaker ``CHATPROXY["CIRCUIT"]`` configures, on the ``RESUME.CACHE`` cache (cached per process)."""
-    from django.core.cache import caches
-
+    from chatproxy import cachecalls
     from chatproxy.conf import circuit_settings, get_config
 
     failures, cooldown = circuit_settings()
-    return CacheBreaker(caches[get_config()["RESUME"]["CACHE"]], failures=failures, cooldown=cooldown,
+    return CacheBreaker(cachecalls.cache(get_config()["RESUME"]["CACHE"]), failures=failures, cooldown=cooldown,
                         probe_lease=cooldown)
 
 
 def forget(**kwargs: Any) -> None:
     """Drop the cached breaker (``setting_changed`` receiver)."""
-    if kwargs.get("setting") in (None, "CHATPROXY"):
+    if kwargs.get("setting") in (None, "CHATPROXY", "CACHES"):
         get_breaker.cache_clear()

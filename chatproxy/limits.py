@@ -75,8 +75,6 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from django.core.cache import caches
-
 from chatproxy import cachecalls, outage
 from chatproxy.codes import ErrorCode
 from chatproxy.conf import get_config
@@ -133,7 +131,7 @@ def identity_of(request_or_scope: Any) -> str:
 
 
 def _cache() -> Any:
-    return caches[get_config()["RESUME"]["CACHE"]]
+    return cachecalls.cache(get_config()["RESUME"]["CACHE"])
 
 
 def _outage() -> outage.Outage:

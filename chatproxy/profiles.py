@@ -196,10 +196,10 @@ def forget(**kwargs: Any) -> None:
 
 def bump_version() -> None:
     """Tell every process the profiles changed (a new token in the cache)."""
-    from django.core.cache import caches
+    from chatproxy import cachecalls
 
     try:
-        caches[CACHE_ALIAS].set(VERSION_KEY, uuid.uuid4().hex, None)
+        cachecalls.cache(CACHE_ALIAS).set(VERSION_KEY, uuid.uuid4().hex, None)
     except Exception:
         logger.warning("could not publish a timeout-profile change to the cache %r", CACHE_ALIAS, exc_info=True)
 
@@ -213,11 +213,9 @@ def changed() -> None:
 
 
 def _read_version() -> str | None:
-    from django.core.cache import caches
+    from chatproxy import cachecalls, outage
 
-    from chatproxy import outage
-
-    cache = caches[CACHE_ALIAS]
+    cache = cachecalls.cache(CACHE_ALIAS)
     try:
         outage.of_cache(CACHE_ALIAS).check()
         version = cache.get(VERSION_KEY)
@@ -387,11 +385,9 @@ def _read_rows() -> list[dict[str, Any]]:
 
 
 async def _aread_version() -> str | None:
-    from django.core.cache import caches
-
     from chatproxy import cachecalls
 
-    return await cachecalls.run(caches[CACHE_ALIAS], _read_version)
+    return await cachecalls.run(cachecalls.cache(CACHE_ALIAS), _read_version)
 
 
 def _in_event_loop() -> bool:

@@ -47,7 +47,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
-from django.core.cache import caches
 
 from chatproxy import cachecalls, outage
 from chatproxy.codes import ErrorCode
@@ -102,7 +101,7 @@ def owner_of(user: Any) -> str:
 
 
 def _cache() -> Any:
-    return caches[get_config()["RESUME"]["CACHE"]]
+    return cachecalls.cache(get_config()["RESUME"]["CACHE"])
 
 
 def _outage() -> outage.Outage:

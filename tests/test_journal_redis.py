@@ -118,3 +118,22 @@ def test_set_many_raises_while_redis_is_down() -> None:
     down = RedisCache(f"redis://127.0.0.1:{port}/0", {"OPTIONS": {"socket_connect_timeout": 0.5}})
     with pytest.raises(redis.ConnectionError):
         cachecalls.set_many(down, {"a": 1}, TTL)
+
+
+async def test_requests_share_one_redis_connection_pool(stats: redis.Redis) -> None:
+    """Django gives every async context (every request) a cache object of its own, and each
+    ``RedisCache`` object its own connection pool: admission, journal and circuit calls opened a
+    Redis connection per stream. chatproxy's calls share one object per process."""
+    from chatproxy import circuit, limits
+
+    before = int(stats.info("stats")["total_connections_received"])
+
+    async def one_request(index: int) -> None:  # a task: a new async context, as a request has
+        for cache in (limits._cache(), resume._cache(), circuit.get_breaker().cache):
+            await cachecalls.run(cache, cache.get, f"k{index}")
+
+    for index in range(10):  # one after the other: a connection is free again each time
+        await asyncio.ensure_future(one_request(index))
+    opened = int(stats.info("stats")["total_connections_received"]) - before
+    assert opened <= 1, opened  # one for all of them (it was one per request or more)
+    assert limits._cache() is resume._cache() and type(resume._cache()) is RedisCache
