@@ -65,14 +65,15 @@ CONFIGS: dict[str, tuple[str, dict[str, str]]] = {
     "uvicorn, h11": ("uvicorn", {"BENCH_HTTP": "h11"}),
     "uvicorn, gc not frozen": ("uvicorn", {**UVICORN, "BENCH_GC_UNFREEZE": "1"}),
     "daphne, no journal": ("daphne", {"BENCH_NO_JOURNAL": "1"}),
-    "daphne, gc 10000,50,100": ("daphne", {"BENCH_GC_THRESHOLD": "10000,50,100"}),
-    "daphne, gc 700,10,100": ("daphne", {"BENCH_GC_THRESHOLD": "700,10,100"}),
+    # Python's default GC thresholds instead of the sample project's (700, 10, 10 against 50000, 20, 100).
+    "daphne, gc default": ("daphne", {"BENCH_GC_THRESHOLD": "700,10,10"}),
+    "uvicorn, gc default": ("uvicorn", {**UVICORN, "BENCH_GC_THRESHOLD": "700,10,10"}),
 }
 DEFAULT_CONFIGS = [
     "floor", "daphne", "uvicorn", "floor, uvloop", "uvicorn, uvloop",
     "uvicorn, no journal", "uvicorn, fallbacks", "uvicorn, current SDK over aiohttp",
     "uvicorn, current SDK over httpx2", "daphne, current SDK over httpx2", "uvicorn, Django path",
-    "daphne, Django path",
+    "daphne, Django path", "daphne, gc default", "daphne, no journal",
 ]
 SECONDARY_CONFIGS = frozenset(DEFAULT_CONFIGS[5:])
 
