@@ -65,7 +65,7 @@ CONFIGS: dict[str, tuple[str, dict[str, str]]] = {
     "uvicorn, h11": ("uvicorn", {"BENCH_HTTP": "h11"}),
     "uvicorn, gc not frozen": ("uvicorn", {**UVICORN, "BENCH_GC_UNFREEZE": "1"}),
     "daphne, no journal": ("daphne", {"BENCH_NO_JOURNAL": "1"}),
-    # Python's default GC thresholds instead of the sample project's (700, 10, 10 against 50000, 20, 100).
+    # Python's default GC thresholds instead of the sample project's (700, 10, 10 against 10000, 50, 100).
     "daphne, gc default": ("daphne", {"BENCH_GC_THRESHOLD": "700,10,10"}),
     "uvicorn, gc default": ("uvicorn", {**UVICORN, "BENCH_GC_THRESHOLD": "700,10,10"}),
 }
