@@ -18,6 +18,7 @@ from django.utils import timezone
 
 from chatproxy import profiles
 from chatproxy.models import AccessKey, StreamRecord, TimeoutProfile
+from chatproxy.upstream import detect_sdk
 from chatproxy.validation import max_body_bytes
 from project.asgi import application
 from tests.asgi_calls import CSRF_TOKEN, call
@@ -364,7 +365,9 @@ DRIVEN = [  # (way in, body or frame directive): every kind of ending, including
 async def test_upstream_key_never_reaches_a_client_or_a_log(chat_settings, sim, caplog, monkeypatch):
     chat_settings.CHATPROXY = {
         **chat_settings.CHATPROXY,
-        "UPSTREAM": {"BASE_URL": sim.base_url, "API_KEY": CANARY},
+        # The installed SDK ("auto" would take the SDK-less wire with the current one), whose own
+        # debug logs must not carry the key either.
+        "UPSTREAM": {"BASE_URL": sim.base_url, "API_KEY": CANARY, "SDK": detect_sdk() or "none"},
         "TIMEOUTS": {"FIRST_TOKEN": 0.5, "STALL": 0.3, "KEEPALIVE": 0.2, "GATEWAY": 2.0, "MAX_ATTEMPTS": 2,
                      "BACKOFF_INITIAL": 0.01, "BACKOFF_MAX": 0.02},
         "RECORDS": {"ENABLED": True},
