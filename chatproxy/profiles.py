@@ -377,10 +377,11 @@ def _reader() -> ThreadPoolExecutor:
 def _read_rows() -> list[dict[str, Any]]:
     from django.db import connections
 
+    query = _query()
     try:
-        return list(_query())
+        return list(query)
     except Exception:
-        connections[_query().db].close()  # a connection the database dropped is replaced next time
+        connections[query.db].close()  # a connection the database dropped is replaced next time
         raise
 
 
