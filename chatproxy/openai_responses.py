@@ -37,7 +37,7 @@ from __future__ import annotations
 import contextlib
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import orjson
@@ -70,10 +70,12 @@ class ResponseEvents:
     :meth:`response` is the response object as it stands.
     """
 
-    def __init__(self, response_id: str, *, model: str, created_at: float, starting_after: int = 0) -> None:
+    def __init__(self, response_id: str, *, model: str, created_at: float, starting_after: int = 0,
+                 echo: Mapping[str, Any] | None = None) -> None:
         self.id = response_id
         self.model = model
         self.created_at = int(created_at)
+        self._echo = echo if echo is not None else _DEFAULT_ECHO
         self.seq = 0
         self.status = "queued"
         self._after = starting_after
@@ -286,13 +288,22 @@ class ResponseEvents:
             "incomplete_details": self._incomplete,
             "model": self.model,
             "output": output,
-            "parallel_tool_calls": True,
-            "tool_choice": "auto",
-            "tools": [],
-            "text": {"format": {"type": "text"}},
+            **self._echo,
             "usage": self._usage,
-            "metadata": {},
         }
+
+    @classmethod
+    def of_stored(cls, response_id: str, meta: Mapping[str, Any], starting_after: int = 0) -> ResponseEvents:
+        """The fold for a stored response, from its journal meta (:func:`journal_meta`)."""
+        return cls(response_id, model=meta["model"], created_at=float(meta.get("created") or 0),
+                   starting_after=starting_after, echo=meta.get("echo"))
+
+
+#: What a response object says of a request that set nothing (a stored response older than the echo).
+_DEFAULT_ECHO: Mapping[str, Any] = {
+    "parallel_tool_calls": True, "tool_choice": "auto", "tools": [], "text": {"format": {"type": "text"}},
+    "metadata": {},
+}
 
 
 def _refusal_item(refusal: dict[str, Any], status: str) -> dict[str, Any]:
@@ -373,7 +384,8 @@ async def create(request: HttpRequest) -> HttpResponseBase:
     asked = await admit_json(request, parse_responses_request)
     if isinstance(asked, HttpResponseBase):
         return asked
-    reader = await start(request, asked.chat, resumable=asked.store, background=asked.background)
+    reader = await start(request, asked.chat, resumable=asked.store, background=asked.background,
+                         meta={"echo": asked.echo})
     if isinstance(reader, HttpResponseBase):
         return reader
     stream = reader.stream
@@ -381,10 +393,11 @@ async def create(request: HttpRequest) -> HttpResponseBase:
     created = meta["created"] if meta is not None else time.time()  # what a resume will say too
     response_id = ID_PREFIX + stream.stream_id
     if asked.stream:
-        wire = ResponseEvents(response_id, model=stream.request.model, created_at=created)
+        wire = ResponseEvents(response_id, model=stream.request.model, created_at=created, echo=asked.echo)
         body = sse.live_body(reader, wire.encode, sse.OPEN_COMMENT)  # a background stream goes on without it
         return StreamingHttpResponse(body, content_type="text/event-stream", headers=SSE_HEADERS)
-    quiet = ResponseEvents(response_id, model=stream.request.model, created_at=created, starting_after=_QUIET)
+    quiet = ResponseEvents(response_id, model=stream.request.model, created_at=created, starting_after=_QUIET,
+                           echo=asked.echo)
     if asked.background:
         reader.close()  # nobody reads it now: it goes on alone, and GET reads it
         return JsonResponse(quiet.response())
@@ -418,8 +431,7 @@ async def retrieve(request: HttpRequest, response_id: str) -> HttpResponseBase:
     except resume.JournalUnavailable as exc:
         return _unavailable(exc)
     if streaming == "true":
-        wire = ResponseEvents(response_id, model=meta["model"], created_at=float(meta.get("created") or 0),
-                              starting_after=int(raw))
+        wire = ResponseEvents.of_stored(response_id, meta, starting_after=int(raw))
         return StreamingHttpResponse(_replay_body(events, wire), content_type="text/event-stream", headers=SSE_HEADERS)
     return _snapshot(response_id, meta, snapshot)
 
@@ -452,8 +464,7 @@ def _unavailable(exc: resume.JournalUnavailable) -> JsonResponse:
 
 def _snapshot(response_id: str, meta: dict[str, Any], events: list[Event]) -> JsonResponse:
     """The response object after ``events`` (a stored stream's, ``meta`` its journal meta)."""
-    quiet = ResponseEvents(response_id, model=meta["model"], created_at=float(meta.get("created") or 0),
-                           starting_after=_QUIET)
+    quiet = ResponseEvents.of_stored(response_id, meta, starting_after=_QUIET)
     for event in events:
         quiet.encode(event)
     return JsonResponse(quiet.response())

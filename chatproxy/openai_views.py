@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any, TypeVar
 
 import orjson
@@ -153,13 +153,14 @@ async def admit_json(request: HttpRequest, parse: Callable[[Any], T]) -> T | Htt
 
 
 async def start(
-    request: HttpRequest, chat_request: ChatRequest, *, resumable: bool = False, background: bool = False
+    request: HttpRequest, chat_request: ChatRequest, *, resumable: bool = False, background: bool = False,
+    meta: Mapping[str, Any] | None = None,
 ) -> Subscription | HttpResponseBase:
     """Open the stream for an admitted request (no ``reset``: these wires cannot express one); its
     first reader, or the 429 refusal when a per-user limit is reached."""
     try:
         return await open_stream(chat_request, user=request.user, allow_reset=False, resumable=resumable,
-                                 background=background, who=limits.identity_of(request))
+                                 background=background, who=limits.identity_of(request), meta=meta)
     except limits.LimitExceeded as exc:
         return openai_error(exc.code, exc.message, headers={"Retry-After": str(exc.retry_after)})
     except StreamNotStarted as exc:

@@ -42,7 +42,7 @@ import logging
 import math
 import time
 import weakref
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -188,8 +188,9 @@ class Journal:
         self._next_control = 0.0
         self.expiry = _InProcessExpiry()
 
-    def track(self, stream: ChatStream, owner: str) -> None:
+    def track(self, stream: ChatStream, owner: str, extra: Mapping[str, Any] | None = None) -> None:
         meta = {
+            **(extra or {}),
             "owner": owner,
             "model": stream.request.model,
             "keepalive": stream.policy.keepalive,
@@ -332,10 +333,10 @@ def journal() -> Journal:
     return found
 
 
-async def track(stream: ChatStream, user: Any) -> None:
-    """Make ``stream`` resumable: its meta is written now, its events as they come."""
+async def track(stream: ChatStream, user: Any, extra: Mapping[str, Any] | None = None) -> None:
+    """Make ``stream`` resumable: its meta (with ``extra``'s entries) is written now, its events as they come."""
     j = journal()
-    j.track(stream, owner_of(user))
+    j.track(stream, owner_of(user), extra)
     cache = _cache()
     tracked = j.tracked[stream.stream_id]
     try:

@@ -25,6 +25,7 @@ import functools
 import logging
 import sys
 import weakref
+from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
 
@@ -197,6 +198,7 @@ async def open_stream(
     background: bool = False,
     options: dict[str, Any] | None = None,
     who: str | None = None,
+    meta: Mapping[str, Any] | None = None,
 ) -> Subscription:
     """Start a :class:`ChatStream` for ``user``'s ``request``; returns its first client's reader.
 
@@ -213,6 +215,8 @@ async def open_stream(
     default: ``user``'s identity). Raises :class:`chatproxy.limits.LimitExceeded` (answer 429) before
     anything starts when a limit is reached; the lease taken is given back when the stream ends.
     Raises :class:`StreamNotStarted` when the settings name an upstream that cannot be built.
+    ``meta``: more of what a resume must know that the events do not say (kept in the journal's
+    meta of a resumable stream, read back by :func:`chatproxy.resume.stream_meta`).
     """
     await profiles.arefresh()  # at most one cache read; a query only after a profile changed
     policy = profiles.resolve_policy(request.model, options)
@@ -240,7 +244,7 @@ async def open_stream(
     if resumable:
         from chatproxy import resume
 
-        await resume.track(stream, user)
+        await resume.track(stream, user, meta)
     return reader
 
 

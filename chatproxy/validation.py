@@ -443,6 +443,9 @@ class ResponsesRequest:
     stream: bool
     background: bool
     store: bool
+    #: The request's settings the response object repeats (``tools``, ``metadata`` ...), as given
+    #: or their defaults, in the Responses API's shapes.
+    echo: dict[str, Any]
 
 
 def _flag(body: Mapping[str, Any], name: str, default: bool) -> bool:
@@ -615,4 +618,45 @@ def parse_responses_request(body: Any) -> ResponsesRequest:
         params=params,
         extra_body=get_config()["UPSTREAM"]["EXTRA_BODY"] or {},
     )
-    return ResponsesRequest(chat=chat, stream=_flag(body, "stream", False), background=background, store=store)
+    echo = _responses_echo(body, params, background=background, store=store)
+    return ResponsesRequest(chat=chat, stream=_flag(body, "stream", False), background=background, store=store,
+                            echo=echo)
+
+
+def _responses_echo(body: Mapping[str, Any], params: Mapping[str, Any], *, background: bool,
+                    store: bool) -> dict[str, Any]:
+    """What a response object says of its request (checked already, or checked here: ``metadata``
+    and ``user`` are not sent on, but they are kept and shown again)."""
+    metadata = body.get("metadata")
+    if metadata is not None:
+        _metadata(metadata)
+    user = body.get("user")
+    if user is not None:
+        OPENAI_PASSED["user"](user)
+    choice = body.get("tool_choice")
+    return {
+        "background": background,
+        "instructions": body.get("instructions"),
+        "max_output_tokens": params.get("max_tokens"),
+        "metadata": metadata or {},
+        "parallel_tool_calls": _flag(body, "parallel_tool_calls", True),
+        "store": store,
+        "temperature": params.get("temperature", 1.0),
+        "text": {"format": {"type": "text"}},
+        "tool_choice": choice if choice is not None else "auto",
+        "tools": [{"type": "function", "name": tool["function"]["name"],
+                   "description": tool["function"].get("description"),
+                   "parameters": tool["function"].get("parameters"),
+                   "strict": tool["function"].get("strict")} for tool in params.get("tools", ())],
+        "top_p": params.get("top_p", 1.0),
+        "user": user,
+    }
+
+
+def _metadata(value: Any) -> None:
+    """Up to 16 string pairs, keys of at most 64 characters and values of at most 512."""
+    if not isinstance(value, dict) or len(value) > 16 or not all(
+        isinstance(k, str) and len(k) <= 64 and isinstance(v, str) and len(v) <= 512 for k, v in value.items()
+    ):
+        raise InvalidRequest("'metadata' must be an object of at most 16 string pairs (keys of at most 64 "
+                             "characters, values of at most 512).", param="metadata")

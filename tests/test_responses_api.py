@@ -269,6 +269,9 @@ async def test_stored_false_is_not_kept(oai: Any, sim: Any) -> None:
     ({"temperature": 3}, "temperature"),
     ({"background": True, "store": False}, "background"),
     ({"text": {"format": {"type": "json_object"}}}, "text"),
+    ({"metadata": {"k": 1}}, "metadata"),
+    ({"metadata": {f"k{n}": "v" for n in range(17)}}, "metadata"),
+    ({"user": 7}, "user"),
 ])
 async def test_bad_requests_are_clear_400s(oai: Any, sim: Any, fields: dict[str, Any], param: str) -> None:
     body = {"model": "gpt-4o-mini", "input": "hello", **fields}
@@ -285,6 +288,34 @@ async def test_retrieval_from_the_store_after_the_stream_ended(oai: Any, sim: An
     replay = await collect(await oai.responses.retrieve(events[0].response.id, stream=True, starting_after=3))
     assert [(e.type, e.sequence_number) for e in replay] == [(e.type, e.sequence_number) for e in events[3:]]
     assert (await oai.responses.retrieve(events[0].response.id)).output_text == expected
+
+
+async def test_the_response_object_repeats_what_the_request_set(oai: Any, sim: Any) -> None:
+    """As OpenAI's: instructions, tools, tool_choice, metadata, sampling settings and flags are
+    shown again, in the object of a non-streamed answer, of the stream's events and of a retrieval."""
+    question, _ = ask()
+    asked: dict[str, Any] = dict(
+        model="gpt-4o-mini", input=question, instructions="Answer briefly.", tools=[WEATHER, TIME],
+        tool_choice="none", parallel_tool_calls=False, metadata={"ticket": "T-1", "team": "ops"},
+        temperature=0.4, top_p=0.9, max_output_tokens=500, user="u-42",
+    )
+
+    def assert_repeats(response: Any) -> None:
+        assert response.instructions == "Answer briefly." and response.tool_choice == "none"
+        assert [tool.model_dump(exclude_none=True) for tool in response.tools] == [WEATHER, TIME]
+        assert response.metadata == {"ticket": "T-1", "team": "ops"} and response.user == "u-42"
+        assert (response.temperature, response.top_p, response.max_output_tokens) == (0.4, 0.9, 500)
+        assert response.parallel_tool_calls is False and response.store is True and response.background is False
+
+    answered = await oai.responses.create(**asked)
+    assert_repeats(answered)
+    assert_repeats(await oai.responses.retrieve(answered.id))
+    events = await collect(await oai.responses.create(**asked, stream=True))
+    assert_repeats(events[0].response)
+    assert_repeats(events[-1].response)
+    plain = await oai.responses.create(model="gpt-4o-mini", input=ask()[0])
+    assert (plain.tools, plain.tool_choice, plain.metadata, plain.temperature, plain.instructions) == \
+        ([], "auto", {}, 1.0, None)
 
 
 @pytest.fixture(scope="module")
