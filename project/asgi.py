@@ -42,9 +42,6 @@ application = ProtocolTypeRouter(
 # this worker meanwhile (the pause is measured in bench/README.md, "Where the CPU goes").
 gc.collect()
 gc.freeze()
-# And collect less often: a young-generation collection every 10,000 allocations (not 700), a
-# middle one every 50 of those (not 10), a full one every 100 middle ones (not 10). A relay's
-# per-chunk objects die young and its streams make little cyclic garbage, while each collection
-# walks every live stream's objects; the CPU and the latency this saves, and the memory it costs
-# (garbage waits longer), are measured in bench/README.md.
-gc.set_threshold(10_000, 50, 100)
+# Python's collection thresholds are kept: raising them (e.g. 10,000 / 50 / 100) saves CPU per
+# chunk, but cyclic garbage then waits far longer for a full collection, and memory (and the
+# sockets such garbage still holds) grows with it; both are measured in docs/deploy.md.
