@@ -35,6 +35,7 @@ request without ``stream`` is answered at once with the ``queued`` response, to 
 from __future__ import annotations
 
 import contextlib
+import functools
 import sys
 import time
 from collections.abc import AsyncIterator, Mapping
@@ -294,7 +295,7 @@ class ResponseEvents:
 
     @classmethod
     def of_stored(cls, response_id: str, meta: Mapping[str, Any], starting_after: int = 0) -> ResponseEvents:
-        """The fold for a stored response, from its journal meta (:func:`journal_meta`)."""
+        """The fold for a stored response, from its journal meta (:func:`chatproxy.resume.stream_meta`)."""
         return cls(response_id, model=meta["model"], created_at=float(meta.get("created") or 0),
                    starting_after=starting_after, echo=meta.get("echo"))
 
@@ -392,12 +393,13 @@ async def create(request: HttpRequest) -> HttpResponseBase:
     meta = resume.journal().local_meta(stream.stream_id) if asked.store else None
     created = meta["created"] if meta is not None else time.time()  # what a resume will say too
     response_id = ID_PREFIX + stream.stream_id
+    fold = functools.partial(ResponseEvents, response_id, model=stream.request.model, created_at=created,
+                             echo=asked.echo)
     if asked.stream:
-        wire = ResponseEvents(response_id, model=stream.request.model, created_at=created, echo=asked.echo)
+        wire = fold()
         body = sse.live_body(reader, wire.encode, sse.OPEN_COMMENT)  # a background stream goes on without it
         return StreamingHttpResponse(body, content_type="text/event-stream", headers=SSE_HEADERS)
-    quiet = ResponseEvents(response_id, model=stream.request.model, created_at=created, starting_after=_QUIET,
-                           echo=asked.echo)
+    quiet = fold(starting_after=_QUIET)
     if asked.background:
         reader.close()  # nobody reads it now: it goes on alone, and GET reads it
         return JsonResponse(quiet.response())
